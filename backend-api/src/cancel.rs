@@ -1,0 +1,108 @@
+//! Cancellation: a pollable signal that the runner wants the operation to stop.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::unistd::pipe;
+
+/// The runner's request to stop: becomes readable (and stays readable) once
+/// the process received SIGTERM.
+///
+/// A backend polls [`Cancel::as_fd`] next to what it waits for, or calls
+/// [`Cancel::is_cancelled`] between steps, and returns
+/// [`Failure::Cancelled`](crate::Failure::Cancelled) promptly after undoing
+/// what it can. `berth` creates it; tests use [`Cancel::pair`].
+#[derive(Debug)]
+pub struct Cancel {
+    read: OwnedFd,
+    // Keeps the write end open for `Cancel::never`, so the read end never sees EOF.
+    _keep: Option<OwnedFd>,
+}
+
+/// The sending side of a [`Cancel`] made with [`Cancel::pair`].
+#[derive(Debug)]
+pub struct CancelTrigger {
+    write: OwnedFd,
+}
+
+impl Cancel {
+    /// A cancel signal backed by `read`, the read end of a pipe that something
+    /// (a signal handler) writes to on SIGTERM.
+    pub fn from_fd(read: OwnedFd) -> Self {
+        Cancel { read, _keep: None }
+    }
+
+    /// A cancel signal and the trigger that fires it.
+    pub fn pair() -> std::io::Result<(Cancel, CancelTrigger)> {
+        let (read, write) = pipe()?;
+        Ok((Cancel { read, _keep: None }, CancelTrigger { write }))
+    }
+
+    /// A cancel signal that never fires.
+    pub fn never() -> std::io::Result<Cancel> {
+        let (read, write) = pipe()?;
+        Ok(Cancel { read, _keep: Some(write) })
+    }
+
+    /// Whether the runner asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.wait(Duration::ZERO)
+    }
+
+    /// Sleeps until cancelled or until `timeout` passed; true when cancelled.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+impl AsFd for Cancel {
+    /// The descriptor that becomes readable on cancel; poll it for `POLLIN`.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+}
+
+impl AsRawFd for Cancel {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.read.as_raw_fd()
+    }
+}
+
+impl CancelTrigger {
+    /// Fires the cancel signal.
+    pub fn fire(&self) {
+        // A full pipe is already readable, so a failed write changes nothing.
+        let _ = nix::unistd::write(&self.write, b"x");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_once_triggered_and_stays_fired() {
+        let (cancel, trigger) = Cancel::pair().unwrap();
+        assert!(!cancel.is_cancelled());
+        trigger.fire();
+        assert!(cancel.is_cancelled());
+        assert!(cancel.is_cancelled());
+        assert!(cancel.wait(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn never_does_not_fire() {
+        let cancel = Cancel::never().unwrap();
+        assert!(!cancel.wait(Duration::from_millis(20)));
+    }
+}

@@ -1,0 +1,111 @@
+//! What a backend is and what it supports.
+
+use serde::{Deserialize, Serialize};
+
+/// How strongly a backend separates a job from the host and from other jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Isolation {
+    /// Nothing runs (dry-run).
+    None,
+    /// Scripts run on the host with no separation (test fixtures only).
+    Host,
+    /// A private root filesystem and process namespace, shared kernel and devices (chroot, bwrap).
+    Filesystem,
+    /// A container: namespaces for everything, its own init (nspawn).
+    Container,
+    /// A virtual machine.
+    VirtualMachine,
+}
+
+/// What a backend supports; the conformance suite checks what is declared and
+/// skips, with the reason, what is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Stage scripts really run (false for dry-run).
+    pub executes_scripts: bool,
+    /// SIGTERM stops a running stage promptly.
+    pub cancel: bool,
+    /// `reap` removes environments of jobs that are gone.
+    pub reap: bool,
+    /// Jobs choose among admin-provided images with `image:`.
+    pub images: bool,
+    /// Two jobs can run at the same time without seeing each other.
+    pub concurrent_jobs: bool,
+}
+
+impl Capabilities {
+    /// No capabilities.
+    pub fn none() -> Self {
+        Self::default()
+    }
+    /// With `executes_scripts`.
+    pub fn executes_scripts(mut self, yes: bool) -> Self {
+        self.executes_scripts = yes;
+        self
+    }
+    /// With `cancel`.
+    pub fn cancel(mut self, yes: bool) -> Self {
+        self.cancel = yes;
+        self
+    }
+    /// With `reap`.
+    pub fn reap(mut self, yes: bool) -> Self {
+        self.reap = yes;
+        self
+    }
+    /// With `images`.
+    pub fn images(mut self, yes: bool) -> Self {
+        self.images = yes;
+        self
+    }
+    /// With `concurrent_jobs`.
+    pub fn concurrent_jobs(mut self, yes: bool) -> Self {
+        self.concurrent_jobs = yes;
+        self
+    }
+}
+
+/// A backend's description: the `driver` line of the job log and the input
+/// of the conformance suite (`berth describe --json` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Description {
+    /// Short name, e.g. `nspawn`.
+    pub name: String,
+    /// The backend's version.
+    pub version: String,
+    /// One line saying what it does.
+    pub summary: String,
+    /// How strongly jobs are separated.
+    pub isolation: Isolation,
+    /// What it supports.
+    pub capabilities: Capabilities,
+}
+
+impl Description {
+    /// A description with no capabilities and no isolation.
+    pub fn new(name: impl Into<String>, version: impl Into<String>, summary: impl Into<String>) -> Self {
+        Description {
+            name: name.into(),
+            version: version.into(),
+            summary: summary.into(),
+            isolation: Isolation::None,
+            capabilities: Capabilities::none(),
+        }
+    }
+
+    /// With this isolation level.
+    pub fn isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// With these capabilities.
+    pub fn capabilities(mut self, capabilities: Capabilities) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+}

@@ -1,0 +1,158 @@
+//! Running a host process to its end, or until the runner cancels.
+
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::Cancel;
+
+/// How a process run with [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited by itself with this code (128+N when killed by signal N).
+    Exited(i32),
+    /// The cancel fired; the process group got SIGTERM (then SIGKILL after the
+    /// grace period) and has exited.
+    Cancelled,
+}
+
+/// The shell-style exit code of `status`: the code, or 128+N for signal N.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Runs `cmd` in a process group of its own until it exits or `cancel` fires.
+///
+/// When the process exits, whatever it left running in its group is killed,
+/// so no background process outlives it holding the job log. On cancel the
+/// group gets SIGTERM, and SIGKILL if it is still there after `grace`.
+pub fn run(cmd: &mut Command, cancel: &Cancel, grace: Duration) -> io::Result<Ended> {
+    cmd.process_group(0);
+    let mut child = cmd.spawn()?;
+    let group = Pid::from_raw(child.id() as i32);
+    let exited = wait_exit(&mut child, Some(cancel), None)?;
+    if !exited {
+        let _ = killpg(group, Signal::SIGTERM);
+        if !wait_exit(&mut child, None, Some(grace))? {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
+    // The leader is a zombie until reaped, so its pid (the group id) cannot be
+    // reused yet: the group kill below reaches only its own leftovers.
+    let _ = killpg(group, Signal::SIGKILL);
+    let status = child.wait()?;
+    Ok(if exited { Ended::Exited(exit_code(status)) } else { Ended::Cancelled })
+}
+
+/// Waits, without reaping, until `child` exits (true), `cancel` fires or
+/// `timeout` passes (false).
+fn wait_exit(child: &mut Child, cancel: Option<&Cancel>, timeout: Option<Duration>) -> io::Result<bool> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let Some(pidfd) = pidfd_open(child.id()) else {
+        return poll_exit(child, cancel, deadline);
+    };
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            return Ok(false);
+        }
+        let timeout = left.map_or(PollTimeout::NONE, |l| {
+            PollTimeout::try_from(l.as_millis().clamp(1, i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+        });
+        let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        if let Some(cancel) = cancel {
+            fds.push(PollFd::new(cancel.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(0) => continue,
+            Ok(_) => {
+                if fds[0].any().unwrap_or(false) {
+                    return Ok(true);
+                }
+                if fds.get(1).and_then(|f| f.any()).unwrap_or(false) {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// Fallback for kernels without pidfd: polls every 5 ms.
+fn poll_exit(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instant>) -> io::Result<bool> {
+    loop {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+        // SAFETY: waitid with WNOWAIT only inspects the child's state; `info` is a
+        // valid, zeroed siginfo_t that the kernel fills in.
+        let rc = unsafe {
+            libc::waitid(libc::P_PID, child.id(), info.as_mut_ptr(), libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel initialised `info` (zeroed when nothing changed).
+        if unsafe { info.assume_init().si_pid() } != 0 {
+            return Ok(true);
+        }
+        if cancel.is_some_and(Cancel::is_cancelled) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_exact() {
+        let cancel = Cancel::never().unwrap();
+        for code in [0, 1, 42, 255] {
+            let ended = run(Command::new("sh").args(["-c", &format!("exit {code}")]), &cancel, Duration::from_secs(1)).unwrap();
+            assert_eq!(ended, Ended::Exited(code));
+        }
+        let ended = run(Command::new("sh").args(["-c", "kill -9 $$"]), &cancel, Duration::from_secs(1)).unwrap();
+        assert_eq!(ended, Ended::Exited(137));
+    }
+
+    #[test]
+    fn cancel_stops_the_group_and_leftovers_are_killed() {
+        let (cancel, trigger) = Cancel::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        let script = format!("sleep 300 & echo $! > {}; exec sleep 300", pidfile.display());
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            trigger.fire();
+        });
+        let ended = run(Command::new("sh").args(["-c", &script]), &cancel, Duration::from_secs(2)).unwrap();
+        thread.join().unwrap();
+        assert_eq!(ended, Ended::Cancelled);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let bg: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // Gone, or a zombie waiting for a reaper that is not ours.
+        let stat = std::fs::read_to_string(format!("/proc/{bg}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|rest| rest.chars().next());
+        assert!(matches!(state, None | Some('Z')), "background process {bg} survived: {stat}");
+    }
+}

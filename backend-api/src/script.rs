@@ -1,0 +1,165 @@
+//! The stage-script format GitLab Runner writes for bash
+//! (custom-executor-protocol.md §4), and bash's `$'...'` quoting it relies on.
+//!
+//! ```text
+//! #!/usr/bin/env bash
+//!
+//! trap 'exit 1' TERM
+//!
+//! case "$(set -o)" in *"pipefail"*) set -o pipefail;; esac; set -o errexit
+//! set +o noclobber
+//! (trap 'exit 1' TERM; eval $'<stage body>') < /dev/null
+//! exit 0
+//! ```
+
+/// The runner's script around a stage `body`.
+pub fn render(body: &str) -> String {
+    format!(
+        "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\ncase \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",
+        quote(body)
+    )
+}
+
+/// The stage body of a script in the runner's format: the decoded argument of
+/// its `eval $'...'`. `None` when the text is not in that format.
+pub fn body(script: &str) -> Option<String> {
+    let start = script.find("eval $'")? + "eval $'".len();
+    decode(&script[start..]).map(|(body, _)| body)
+}
+
+/// `text` quoted for bash as `$'...'`, the way GitLab Runner quotes:
+/// `\\`, `\'`, the named control escapes, and `\xHH` for other control bytes.
+pub fn quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str("$'");
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\x07' => out.push_str("\\a"),
+            '\x08' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\x0b' => out.push_str("\\v"),
+            '\x0c' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Decodes the inside of a `$'...'` string that starts at `text` (just after
+/// the opening quote), as bash does. Returns the decoded text and the number
+/// of bytes consumed including the closing quote; `None` if it is unterminated.
+pub fn decode(text: &str) -> Option<(String, usize)> {
+    let bytes = text.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\'' {
+            return Some((String::from_utf8_lossy(&out).into_owned(), i + 1));
+        }
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let esc = *bytes.get(i + 1)?;
+        i += 2;
+        match esc {
+            b'a' => out.push(7),
+            b'b' => out.push(8),
+            b'e' | b'E' => out.push(0x1b),
+            b'f' => out.push(0x0c),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(0x0b),
+            b'\\' | b'\'' | b'"' | b'?' => out.push(esc),
+            b'x' | b'u' | b'U' => {
+                let max = match esc {
+                    b'x' => 2,
+                    b'u' => 4,
+                    _ => 8,
+                };
+                let digits = hex_run(&bytes[i..], max);
+                if digits == 0 {
+                    out.extend_from_slice(&[b'\\', esc]);
+                    continue;
+                }
+                let value = u32::from_str_radix(&text[i..i + digits], 16).ok()?;
+                i += digits;
+                if esc == b'x' {
+                    out.push(value as u8);
+                } else {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(char::from_u32(value).unwrap_or('\u{fffd}').encode_utf8(&mut buf).as_bytes());
+                }
+            }
+            b'0'..=b'7' => {
+                let mut value = u32::from(esc - b'0');
+                let mut n = 1;
+                while n < 3 && i < bytes.len() && (b'0'..=b'7').contains(&bytes[i]) {
+                    value = value * 8 + u32::from(bytes[i] - b'0');
+                    i += 1;
+                    n += 1;
+                }
+                out.push(value as u8);
+            }
+            b'c' => {
+                let c = *bytes.get(i)?;
+                i += 1;
+                out.push(c & 0x1f);
+            }
+            other => out.extend_from_slice(&[b'\\', other]),
+        }
+    }
+    None
+}
+
+fn hex_run(bytes: &[u8], max: usize) -> usize {
+    bytes.iter().take(max).take_while(|b| b.is_ascii_hexdigit()).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_then_decode_is_identity() {
+        for text in ["", "plain", "it's \"q\" \\ back", "line1\nline2\ttab", "\x1b[32;1m$ ls\x1b[0;m", "ünïcødé ☃", "\x01\x7f"] {
+            let quoted = quote(text);
+            let (decoded, used) = decode(&quoted[2..]).unwrap();
+            assert_eq!(decoded, text);
+            assert_eq!(used, quoted.len() - 2);
+        }
+    }
+
+    #[test]
+    fn decodes_the_fixture_build_script() {
+        let script = include_str!("../../testdata/fixtures/script-build_script.sh");
+        let body = body(script).unwrap();
+        assert!(body.starts_with("export CI_JOB_ID=$'48151623'\n"), "{body}");
+        assert!(body.contains("export DEPLOY_TOKEN=$'glpat-not-a-real-token'\n"));
+        assert!(body.contains("\necho \"$GREETING from $(hostname)\"\n"));
+        assert!(body.ends_with("\nmake test\n"));
+        assert!(body.contains("echo $'\\x1b[32;1m$ make test\\x1b[0;m'"));
+    }
+
+    #[test]
+    fn render_matches_the_runner_layout() {
+        let fixture = include_str!("../../testdata/fixtures/script-prepare_script.sh");
+        assert_eq!(render(&body(fixture).unwrap()), fixture);
+    }
+
+    #[test]
+    fn decodes_bash_escapes() {
+        assert_eq!(decode(r"\x41\101\u263a\cA\e\q'").unwrap().0, "AA☺\x01\x1b\\q");
+        assert!(decode("unterminated").is_none());
+        assert!(body("echo hi").is_none());
+    }
+}

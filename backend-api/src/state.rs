@@ -1,0 +1,332 @@
+//! The per-job state area: what prepare made, found again by run, cleanup and reap.
+//!
+//! Layout under the state directory (default `/var/lib/berth`):
+//!
+//! ```text
+//! jobs/<key>.lock   flock(2) lock file of the job (exists while the job has state)
+//! jobs/<key>/       the job's directory: job.json (the record) and the backend's files
+//! ```
+//!
+//! Every operation on a job holds its lock, so a cleanup that arrives while a
+//! killed `run` is still exiting waits for it instead of racing it.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::JobKey;
+
+/// Errors of the state area.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// A filesystem operation failed.
+    #[error("failed to {action} {path}")]
+    Io {
+        /// What was being done ("create", "lock", "read", ...).
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A state file holds something unreadable.
+    #[error("failed to parse {path} (remove the job with `berth cleanup` or `berth reap`)")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `run` was called for a job that prepare never set up.
+    #[error("job {0} has no environment: prepare did not run or did not finish, or cleanup already removed it")]
+    NotPrepared(JobKey),
+    /// The file name is not a plain file name.
+    #[error("{0:?} is not a valid state file name")]
+    BadName(String),
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {
+    move |source| StateError::Io { action, path: path.to_owned(), source }
+}
+
+/// The record every job state starts with (`job.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct JobRecord {
+    /// The job.
+    pub key: JobKey,
+    /// The backend that prepared it.
+    pub backend: String,
+    /// When prepare started, in seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The runner's per-job temporary directory; the runner removes it when
+    /// the job ends, so its absence tells reap the job is gone.
+    pub runner_tmpdir: Option<PathBuf>,
+    /// The job timeout in seconds.
+    pub timeout_secs: Option<u64>,
+}
+
+impl JobRecord {
+    /// A record of `key` prepared now by `backend`.
+    pub fn new(key: JobKey, backend: impl Into<String>) -> Self {
+        let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        JobRecord { key, backend: backend.into(), created_unix, runner_tmpdir: None, timeout_secs: None }
+    }
+
+    /// With the runner's temporary directory.
+    pub fn runner_tmpdir(mut self, dir: Option<PathBuf>) -> Self {
+        self.runner_tmpdir = dir;
+        self
+    }
+
+    /// With the job timeout.
+    pub fn timeout_secs(mut self, secs: Option<u64>) -> Self {
+        self.timeout_secs = secs;
+        self
+    }
+}
+
+/// berth's state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    jobs: PathBuf,
+}
+
+/// How long to wait for a job's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Block,
+    NoWait,
+}
+
+impl StateDir {
+    /// The state directory at `root`; nothing is created until a job needs it.
+    pub fn new(root: impl AsRef<Path>) -> Self {
+        StateDir { jobs: root.as_ref().join("jobs") }
+    }
+
+    /// Creates and locks the state of a job about to be prepared, writing its
+    /// record. Any state left by an earlier attempt of the same job is kept:
+    /// the backend's prepare sees it through [`JobState::dir`].
+    pub fn create(&self, record: JobRecord) -> Result<JobState, StateError> {
+        let mut state = self.lock(&record.key, Wait::Block)?.expect("blocking lock");
+        mkdir_private(&state.dir)?;
+        state.save("job.json", &record)?;
+        state.record = Some(record);
+        Ok(state)
+    }
+
+    /// Locks the state of a prepared job (for `run`).
+    pub fn open(&self, key: &JobKey) -> Result<JobState, StateError> {
+        let state = self.lock(key, Wait::Block)?.expect("blocking lock");
+        if state.record.is_none() {
+            let key = key.clone();
+            // Never leave a lock file behind for a job that has no state.
+            state.remove()?;
+            return Err(StateError::NotPrepared(key));
+        }
+        Ok(state)
+    }
+
+    /// Locks the state of a job for cleanup, whether or not it was ever
+    /// prepared ([`JobState::record`] is `None` then).
+    pub fn open_for_cleanup(&self, key: &JobKey) -> Result<JobState, StateError> {
+        Ok(self.lock(key, Wait::Block)?.expect("blocking lock"))
+    }
+
+    /// Locks a job's state only if no hook holds it now (for reap).
+    pub fn try_open(&self, key: &JobKey) -> Result<Option<JobState>, StateError> {
+        self.lock(key, Wait::NoWait)
+    }
+
+    /// The jobs that have state here, sorted.
+    pub fn list(&self) -> Result<Vec<JobKey>, StateError> {
+        let entries = match fs::read_dir(&self.jobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &self.jobs)(e)),
+        };
+        let mut keys: Vec<JobKey> = entries
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                let name = name.strip_suffix(".lock").map(str::to_owned).unwrap_or(name);
+                JobKey::try_from(name).ok()
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    fn lock(&self, key: &JobKey, wait: Wait) -> Result<Option<JobState>, StateError> {
+        mkdir_private(&self.jobs)?;
+        let lock_path = self.jobs.join(format!("{key}.lock"));
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(io_err("create", &lock_path))?;
+            let arg = match wait {
+                Wait::Block => FlockArg::LockExclusive,
+                Wait::NoWait => FlockArg::LockExclusiveNonblock,
+            };
+            let lock = match Flock::lock(file, arg) {
+                Ok(lock) => lock,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) if wait == Wait::NoWait => return Ok(None),
+                Err((_, errno)) => return Err(io_err("lock", &lock_path)(errno.into())),
+            };
+            // The holder we waited for may have removed the lock file (cleanup):
+            // our lock is then on a dead inode. Start again on the current file.
+            let held = lock.metadata().map_err(io_err("lock", &lock_path))?;
+            match fs::metadata(&lock_path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {}
+                _ => continue,
+            }
+            let dir = self.jobs.join(key.to_string());
+            let mut state = JobState { key: key.clone(), dir, lock_path, record: None, _lock: lock };
+            state.record = state.load("job.json")?;
+            return Ok(Some(state));
+        }
+    }
+}
+
+fn mkdir_private(path: &Path) -> Result<(), StateError> {
+    DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io_err("create", path))
+}
+
+/// The locked state of one job. The lock is released when it is dropped.
+#[derive(Debug)]
+pub struct JobState {
+    key: JobKey,
+    dir: PathBuf,
+    lock_path: PathBuf,
+    record: Option<JobRecord>,
+    _lock: Flock<File>,
+}
+
+impl JobState {
+    /// The job.
+    pub fn key(&self) -> &JobKey {
+        &self.key
+    }
+
+    /// The job's private directory (mode 0700). It exists once prepare started;
+    /// during cleanup of a job that was never prepared it does not.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The job's record; `None` when the job was never prepared.
+    pub fn record(&self) -> Option<&JobRecord> {
+        self.record.as_ref()
+    }
+
+    /// Stores `value` as JSON in file `name` of the job's directory, atomically.
+    pub fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        let path = self.file(name)?;
+        mkdir_private(&self.dir)?;
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StateError::Parse { path: path.clone(), source })?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("write", &tmp))?;
+        file.write_all(&bytes).map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("write", &path))
+    }
+
+    /// Reads file `name` of the job's directory; `None` if it does not exist.
+    pub fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.file(name)?;
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| StateError::Parse { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    fn file(&self, name: &str) -> Result<PathBuf, StateError> {
+        crate::child_path(&self.dir, name).ok_or_else(|| StateError::BadName(name.to_owned()))
+    }
+
+    /// Removes the job's directory and lock file (after the backend's cleanup).
+    pub fn remove(self) -> Result<(), StateError> {
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &self.dir)(e)),
+        }
+        match fs::remove_file(&self.lock_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &self.lock_path)(e)),
+        }
+        // The lock is released here, after the lock file is gone: a waiter
+        // notices it locked a removed file and starts again.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: u64) -> JobKey {
+        JobKey::new("demo", id).unwrap()
+    }
+
+    #[test]
+    fn prepare_run_cleanup_round_trip() {
+        let root = tempfile::tempdir().unwrap();
+        let states = StateDir::new(root.path());
+        assert!(matches!(states.open(&key(1)), Err(StateError::NotPrepared(_))));
+        assert!(states.list().unwrap().is_empty(), "a failed open leaves nothing behind");
+
+        let state = states.create(JobRecord::new(key(1), "fake")).unwrap();
+        state.save("machine.json", &"berth-demo-1").unwrap();
+        drop(state);
+
+        let state = states.open(&key(1)).unwrap();
+        assert_eq!(state.record().unwrap().backend, "fake");
+        assert_eq!(state.load::<String>("machine.json").unwrap().as_deref(), Some("berth-demo-1"));
+        assert!(state.load::<String>("../escape").is_err());
+        drop(state);
+        assert_eq!(states.list().unwrap(), vec![key(1)]);
+
+        states.open_for_cleanup(&key(1)).unwrap().remove().unwrap();
+        assert!(states.list().unwrap().is_empty());
+        let again = states.open_for_cleanup(&key(1)).unwrap();
+        assert!(again.record().is_none());
+        again.remove().unwrap();
+        assert_eq!(fs::read_dir(root.path().join("jobs")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_held_lock_makes_try_open_wait_and_survives_removal() {
+        let root = tempfile::tempdir().unwrap();
+        let states = StateDir::new(root.path());
+        let held = states.create(JobRecord::new(key(2), "fake")).unwrap();
+        assert!(states.try_open(&key(2)).unwrap().is_none());
+        let waiter = {
+            let states = states.clone();
+            std::thread::spawn(move || states.open_for_cleanup(&key(2)).unwrap().record().is_some())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        held.remove().unwrap();
+        assert!(!waiter.join().unwrap(), "the waiter sees the state as removed");
+    }
+}
