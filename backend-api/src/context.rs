@@ -165,6 +165,15 @@ pub struct JobInfo {
     pub project_full_path: String,
 }
 
+impl JobInfo {
+    /// Job `name` of stage `stage` in project `project_full_path` (`group/project`).
+    pub fn new(name: impl Into<String>, stage: impl Into<String>, project_full_path: impl Into<String>) -> Self {
+        let path: String = project_full_path.into();
+        let project_name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        JobInfo { name: name.into(), stage: stage.into(), project_id: 0, project_name, project_full_path: path }
+    }
+}
+
 /// `runner_info` of the job payload.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -44,5 +44,5 @@ pub use context::{
 };
 pub use describe::{Capabilities, Description, Isolation};
 pub use failure::Failure;
-pub use redact::Redactor;
+pub use redact::{Redactor, MASK};
 pub use state::{JobRecord, JobState, StateDir, StateError};

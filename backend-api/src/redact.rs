@@ -13,9 +13,19 @@ pub struct Redactor {
 pub const MASK: &str = "[MASKED]";
 
 impl Redactor {
-    /// A redactor for these secret values; empty values are ignored.
+    /// A redactor for these secret values; empty values are ignored. Each
+    /// secret is also hidden in the escaped form it takes inside bash's
+    /// `$'...'` quoting, which is how stage scripts carry variables.
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Self {
-        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        let mut secrets: Vec<String> = secrets
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .flat_map(|s| {
+                let quoted = crate::script::quote(&s);
+                let escaped = quoted[2..quoted.len() - 1].to_owned();
+                if escaped == s { vec![s] } else { vec![s, escaped] }
+            })
+            .collect();
         secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         secrets.dedup();
         Redactor { secrets }
@@ -54,5 +64,12 @@ mod tests {
         assert!(matches!(r.redact("nothing"), Cow::Borrowed(_)));
         assert!(r.leaks("..abcdefgh.."));
         assert!(!r.leaks("abcdefg"));
+    }
+
+    #[test]
+    fn secrets_are_also_hidden_in_their_script_quoted_form() {
+        let r = Redactor::new(["it's\nsecret\n".to_string()]);
+        let script = format!("export X={}", crate::script::quote("it's\nsecret\n"));
+        assert_eq!(r.redact(&script), "export X=$'[MASKED]'");
     }
 }

@@ -1,1 +1,180 @@
-//! stub
+//! A **test fixture**, not a backend for users: runs each stage script with
+//! bash directly on the host, in a per-job directory, with no isolation at
+//! all (like GitLab Runner's own test driver). berth's test suite uses it to
+//! drive the protocol with scripts that really run, and, through
+//! [`Settings::fault`], to prove that every conformance check catches the
+//! defect it is meant for.
+//!
+//! berth refuses to load it unless `BERTH_ALLOW_TEST_BACKENDS=1`.
+#![deny(missing_docs)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use berth_backend_api::process::{self, Ended};
+use berth_backend_api::{
+    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobState, NewBackend,
+    RunnerInfo,
+};
+use serde::Deserialize;
+
+/// A deliberate defect, for proving the conformance suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// Every failing script is reported with exit code 1.
+    LoseExitCode,
+    /// A failing script is reported as a system failure.
+    SystemForBuild,
+    /// cleanup fails when there is nothing left to clean.
+    CleanupNotIdempotent,
+    /// A cancel is ignored: the stage runs to its end.
+    IgnoreSigterm,
+    /// prepare leaves a process holding the job log.
+    DaemonHoldsLog,
+    /// cleanup leaves the job's directory behind.
+    LeakState,
+    /// Every stage starts in an empty project directory.
+    LoseFilesBetweenStages,
+    /// prepare writes the job's variables, masked ones too, to a state file.
+    LeakMasked,
+    /// run refuses stages it does not know.
+    RejectUnknownStage,
+    /// The job's directory is named after `CUSTOM_ENV_CI_JOB_ID`.
+    TrustUserJobId,
+}
+
+/// `[runners.NAME.settings]` of the fixture.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Where per-job directories go (default: `<state_dir>/host-test`).
+    pub root: Option<PathBuf>,
+    /// A deliberate defect.
+    pub fault: Option<Fault>,
+}
+
+/// The fixture backend.
+#[derive(Debug)]
+pub struct HostTest {
+    root: PathBuf,
+    fault: Option<Fault>,
+}
+
+impl NewBackend for HostTest {
+    type Settings = Settings;
+
+    fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
+        Ok(HostTest { root: settings.root.unwrap_or_else(|| runner.state_dir.join("host-test")), fault: settings.fault })
+    }
+}
+
+impl HostTest {
+    fn job_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn dir_for(&self, job: &JobContext) -> PathBuf {
+        match (self.fault, job.variable("CI_JOB_ID")) {
+            (Some(Fault::TrustUserJobId), Some(id)) => self.job_dir(&format!("{}-{id}", job.key().runner())),
+            _ => self.job_dir(&job.key().to_string()),
+        }
+    }
+
+    fn builds(&self, job: &JobContext) -> PathBuf {
+        self.dir_for(job).join("builds")
+    }
+}
+
+fn fs_failure(what: &str, path: &Path, e: std::io::Error) -> Failure {
+    Failure::system_with(format!("failed to {what} {}", path.display()), e)
+}
+
+impl Backend for HostTest {
+    fn describe(&self) -> Description {
+        Description::new("host-test", env!("CARGO_PKG_VERSION"), "test fixture: bash on the host, no isolation")
+            .isolation(Isolation::Host)
+            .capabilities(Capabilities::none().executes_scripts(true).cancel(true).concurrent_jobs(true))
+    }
+
+    fn config(&self, job: &JobContext) -> Result<ConfigOutput, Failure> {
+        let builds = self.builds(job);
+        Ok(ConfigOutput::with_dirs(builds.display().to_string(), self.root.join("cache").display().to_string()))
+    }
+
+    fn prepare(&self, job: &JobContext, state: &JobState, _cancel: &Cancel) -> Result<(), Failure> {
+        let builds = self.builds(job);
+        std::fs::create_dir_all(&builds).map_err(|e| fs_failure("create", &builds, e))?;
+        state.save("dir.json", &self.dir_for(job))?;
+        println!("host-test: job directory {}", self.dir_for(job).display());
+        match self.fault {
+            Some(Fault::DaemonHoldsLog) => {
+                // Inherits stdout and stderr and outlives the hook.
+                Command::new("sleep").arg("8").stdin(Stdio::null()).spawn().map_err(|e| Failure::system_with("spawn", e))?;
+            }
+            Some(Fault::LeakMasked) => {
+                let all: Vec<(String, String)> = job.variables().iter().map(|v| (v.key.clone(), v.value.clone())).collect();
+                state.save("variables.json", &all)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn run(&self, job: &JobContext, state: &JobState, script: &Path, stage: &str, cancel: &Cancel) -> Result<(), Failure> {
+        let dir: PathBuf = state.load("dir.json")?.ok_or_else(|| Failure::system("host-test: job directory not recorded"))?;
+        if self.fault == Some(Fault::RejectUnknownStage) && !["prepare_script", "get_sources", "build_script", "after_script"].contains(&stage) {
+            return Err(Failure::system(format!("unknown stage {stage}")));
+        }
+        if self.fault == Some(Fault::LoseFilesBetweenStages) {
+            let builds = self.builds(job);
+            let _ = std::fs::remove_dir_all(&builds);
+            std::fs::create_dir_all(&builds).map_err(|e| fs_failure("create", &builds, e))?;
+        }
+        let _ = std::io::stdout().flush();
+        let mut cmd = Command::new("bash");
+        cmd.arg(script)
+            .current_dir(&dir)
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", &dir)
+            .env("LANG", "C.UTF-8")
+            .stdin(Stdio::null());
+        let never;
+        let cancel = if self.fault == Some(Fault::IgnoreSigterm) {
+            never = Cancel::never().map_err(|e| Failure::system_with("cancel pipe", e))?;
+            &never
+        } else {
+            cancel
+        };
+        let ended = process::run(&mut cmd, cancel, Duration::from_secs(2))
+            .map_err(|e| Failure::system_with(format!("failed to run bash {}", script.display()), e))?;
+        match (ended, self.fault) {
+            (Ended::Exited(0), _) => Ok(()),
+            (Ended::Exited(_), Some(Fault::LoseExitCode)) => Err(Failure::script(1)),
+            (Ended::Exited(code), Some(Fault::SystemForBuild)) => Err(Failure::system(format!("script exited {code}"))),
+            (Ended::Exited(code), _) => Err(Failure::script(code)),
+            (Ended::Cancelled, _) => Err(Failure::Cancelled),
+        }
+    }
+
+    fn cleanup(&self, state: &JobState) -> Result<(), Failure> {
+        let dir = state.load::<PathBuf>("dir.json")?.unwrap_or_else(|| self.job_dir(&state.key().to_string()));
+        if self.fault == Some(Fault::LeakState) {
+            return Ok(());
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.fault == Some(Fault::CleanupNotIdempotent) {
+                    return Err(Failure::system(format!("{} is already gone", dir.display())));
+                }
+                Ok(())
+            }
+            Err(e) => Err(fs_failure("remove", &dir, e)),
+        }
+    }
+}

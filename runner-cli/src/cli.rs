@@ -1,0 +1,134 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// berth: a GitLab Runner custom-executor driver with pluggable isolation backends.
+///
+/// gitlab-runner calls `berth config`, `berth prepare`, `berth run SCRIPT STAGE`
+/// and `berth cleanup` for every job (`berth gitlab-config` prints the runner
+/// configuration that does so). `berth exec` runs a job of a .gitlab-ci.yml
+/// locally through the same protocol.
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// berth's configuration file.
+    #[arg(long, global = true, env = "BERTH_CONFIG", default_value = crate::config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// The runner (`[runners.NAME]`) to use; optional when the file defines one.
+    #[arg(long, global = true, env = "BERTH_RUNNER")]
+    pub runner: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Hook: print the driver's settings for the runner as JSON (config_exec).
+    Config,
+    /// Hook: create the job's environment (prepare_exec).
+    Prepare,
+    /// Hook: run one stage script inside the job's environment (run_exec).
+    Run(RunArgs),
+    /// Hook: remove everything of the job (cleanup_exec).
+    Cleanup,
+    /// Print the [[runners]] block to paste into gitlab-runner's config.toml.
+    GitlabConfig(GitlabConfigArgs),
+    /// Run one job of a .gitlab-ci.yml locally, through the full protocol.
+    Exec(ExecArgs),
+    /// Run the conformance suite against the runner's backend.
+    Conformance(ConformanceArgs),
+    /// Describe the runner's backend (name, version, capabilities).
+    Describe(DescribeArgs),
+    /// List the built-in backends.
+    Backends,
+    /// Remove environments of jobs that are gone (crashed runner, reboot, killed hook).
+    Reap(ReapArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The stage script the runner wrote (a bash program on this host).
+    pub script: PathBuf,
+    /// The stage name (`prepare_script`, `build_script`, ...; unknown names are accepted).
+    pub stage: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GitlabConfigArgs {
+    /// Path of the berth executable gitlab-runner should call (default: this one).
+    #[arg(long)]
+    pub berth: Option<PathBuf>,
+    /// The runner's `name` in gitlab-runner's config.toml (default: the berth runner's name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The job to run.
+    pub job: String,
+    /// The pipeline file.
+    #[arg(long, short, default_value = ".gitlab-ci.yml")]
+    pub file: PathBuf,
+    /// A variable for the job, KEY=VALUE (repeatable; overrides the file's).
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    /// A masked variable, KEY=VALUE (repeatable): kept out of logs like GitLab's masked variables.
+    #[arg(long = "masked-var", value_name = "KEY=VALUE")]
+    pub masked_vars: Vec<String>,
+    /// The project's files (default: the git work tree around the pipeline file).
+    #[arg(long)]
+    pub sources: Option<PathBuf>,
+    /// Do not copy any sources into the job.
+    #[arg(long, conflicts_with = "sources")]
+    pub no_sources: bool,
+    /// Use this built-in backend with its default settings instead of a configured runner.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Job timeout in seconds (default: the job's `timeout:`, else 3600).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Show cleanup's output (the runner keeps it for its own log).
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Pause between prepare attempts, in milliseconds (gitlab-runner: 3000).
+    #[arg(long, default_value_t = 3000, hide = true)]
+    pub retry_delay_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ConformanceArgs {
+    /// Run only these checks (by ID; repeatable).
+    #[arg(long = "check", value_name = "ID")]
+    pub checks: Vec<String>,
+    /// Skip these checks (by ID; repeatable).
+    #[arg(long = "skip", value_name = "ID")]
+    pub skips: Vec<String>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// List the checks and exit.
+    #[arg(long)]
+    pub list: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReapArgs {
+    /// Only jobs whose state is older than this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub grace: u64,
+    /// Show what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}

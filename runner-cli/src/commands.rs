@@ -1,0 +1,200 @@
+//! Dispatch of the subcommands.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use berth_backend_api::JobContext;
+use clap::Parser;
+
+use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs};
+use crate::config::{self, Runner};
+use crate::exit::{self, Codes};
+use crate::{exec, hooks, registry};
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Config | Command::Prepare | Command::Run(_) | Command::Cleanup => hook(&cli),
+        Command::Exec(args) => exec::main(&cli, args),
+        command => {
+            let default_log = if matches!(command, Command::Reap(_)) { "info" } else { "" };
+            init_tracing(default_log);
+            match tool(&cli) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+/// Installs the stderr subscriber when `BERTH_LOG` is set, or with `default`
+/// (an env-filter directive; empty: none, keeping hook start-up cheap).
+pub fn init_tracing(default: &str) {
+    let filter = match std::env::var("BERTH_LOG") {
+        Ok(filter) => filter,
+        Err(_) if default.is_empty() => return,
+        Err(_) => default.to_owned(),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn hook(cli: &Cli) -> ExitCode {
+    let codes = Codes::from_env();
+    // Cleanup's stderr goes to the runner's log: diagnostics belong there.
+    init_tracing(if matches!(cli.command, Command::Cleanup) { "info" } else { "" });
+    let mut exit_file = None;
+    let result = (|| -> Result<()> {
+        let runner = config::load(&cli.config, cli.runner.as_deref())?;
+        let backend = registry::load(&runner)?;
+        let job = JobContext::from_env(&runner.name)?;
+        exit_file = job.build_exit_code_file().map(Path::to_owned);
+        match &cli.command {
+            Command::Config => hooks::config(&runner, backend.as_ref(), &job),
+            Command::Prepare => hooks::prepare(&runner, backend.as_ref(), &job, &hooks::cancel_on_signals()?),
+            Command::Run(args) => {
+                hooks::run(&runner, backend.as_ref(), &job, &args.script, &args.stage, &hooks::cancel_on_signals()?)
+            }
+            Command::Cleanup => hooks::cleanup(&runner, backend.as_ref(), &job),
+            _ => unreachable!("not a hook"),
+        }
+    })();
+    if let Err(e) = &result {
+        match e.downcast_ref::<berth_backend_api::Failure>() {
+            // The script's own output already explains a script failure.
+            Some(berth_backend_api::Failure::Script { .. }) => {}
+            Some(berth_backend_api::Failure::Cancelled) => eprintln!("berth: stopped: the job was cancelled"),
+            _ => eprintln!("ERROR: berth: {e:#}"),
+        }
+    }
+    exit::exit_code(&result, codes, exit_file.as_deref())
+}
+
+fn load(cli: &Cli) -> Result<(Runner, Box<dyn berth_backend_api::Backend>)> {
+    let runner = config::load(&cli.config, cli.runner.as_deref())?;
+    let backend = registry::load(&runner)?;
+    Ok((runner, backend))
+}
+
+fn tool(cli: &Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::GitlabConfig(args) => gitlab_config(cli, args),
+        Command::Describe(args) => describe(cli, args),
+        Command::Backends => {
+            for builtin in registry::BUILT_IN.iter().filter(|b| !b.test_fixture) {
+                println!("{:<10} {}", builtin.name, builtin.summary);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reap(args) => {
+            let (runner, backend) = load(cli)?;
+            hooks::reap(&runner, backend.as_ref(), Duration::from_secs(args.grace), args.dry_run)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Conformance(args) => conformance(cli, args),
+        _ => unreachable!("hooks and exec are dispatched in main"),
+    }
+}
+
+fn describe(cli: &Cli, args: &DescribeArgs) -> Result<ExitCode> {
+    let (runner, backend) = load(cli)?;
+    let description = backend.describe();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&description)?);
+    } else {
+        let caps = description.capabilities;
+        println!("runner:      {}", runner.name);
+        println!("backend:     {} {}", description.name, description.version);
+        println!("summary:     {}", description.summary);
+        println!("isolation:   {}", serde_json::to_value(description.isolation)?.as_str().unwrap_or("?"));
+        println!(
+            "supports:    executes scripts: {}, cancel: {}, reap: {}, images: {}, concurrent jobs: {}",
+            caps.executes_scripts, caps.cancel, caps.reap, caps.images, caps.concurrent_jobs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<ExitCode> {
+    let runner = config::load(&cli.config, cli.runner.as_deref())?;
+    let berth = match &args.berth {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("failed to find this executable's path; pass --berth")?,
+    };
+    let berth = toml_string(&berth.display().to_string());
+    let config = toml_string(&absolute(&cli.config).display().to_string());
+    let name = args.name.clone().unwrap_or_else(|| runner.name.clone());
+    let hook_args = |hook: &str| format!("[\"--config\", {config}, \"--runner\", {}, {}]", toml_string(&runner.name), toml_string(hook));
+    println!(
+        r#"# gitlab-runner config.toml: a runner that runs every job through berth runner {runner_name:?}.
+# Fill in url and token (from `gitlab-runner register`), then restart gitlab-runner.
+# builds_dir and cache_dir come from `berth config`; set them here only to override.
+[[runners]]
+  name = {name}
+  url = "https://gitlab.example.com"
+  token = "REPLACE-WITH-RUNNER-TOKEN"
+  executor = "custom"
+  [runners.custom]
+    config_exec = {berth}
+    config_args = {config_args}
+    config_exec_timeout = 60
+    prepare_exec = {berth}
+    prepare_args = {prepare_args}
+    prepare_exec_timeout = 600
+    run_exec = {berth}
+    run_args = {run_args}
+    cleanup_exec = {berth}
+    cleanup_args = {cleanup_args}
+    cleanup_exec_timeout = 300
+    graceful_kill_timeout = 30
+    force_kill_timeout = 10"#,
+        runner_name = runner.name,
+        name = toml_string(&name),
+        config_args = hook_args("config"),
+        prepare_args = hook_args("prepare"),
+        run_args = hook_args("run"),
+        cleanup_args = hook_args("cleanup"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
+    use berth_conformance::suite;
+    if args.list {
+        for check in suite::checks() {
+            println!("{:<28} {:<6} §{:<4} {}", check.id, check.level.as_str(), check.protocol, check.statement);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (runner, backend) = load(cli)?;
+    let exe = std::env::current_exe().context("failed to find this executable's path")?;
+    let mut hook_args: Vec<OsString> = vec!["--config".into(), absolute(&cli.config).into(), "--runner".into(), runner.name.clone().into()];
+    hook_args.shrink_to_fit();
+    let target = suite::Target::new(exe, hook_args, backend.describe(), Some(runner.state_dir.clone()));
+    drop(backend);
+    let filter = suite::Filter { only: args.checks.clone(), skip: args.skips.clone() };
+    let report = suite::run(&target, &filter).map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

@@ -1,0 +1,245 @@
+//! `berth exec`: one job of a .gitlab-ci.yml, run locally through the full
+//! custom-executor protocol, the way gitlab-runner would run it.
+
+mod pipeline;
+mod sources;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, ResponseVariable, Step};
+use berth_conformance::job::{Interrupts, JobSpec};
+use berth_conformance::runner::{Driver, Hook, Log, Stream};
+
+use crate::cli::{Cli, ExecArgs};
+use crate::config;
+
+pub fn main(cli: &Cli, args: &ExecArgs) -> ExitCode {
+    match exec(cli, args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The job log on this terminal.
+struct Terminal {
+    verbose: bool,
+    color: bool,
+}
+
+impl Log for Terminal {
+    fn runner(&self, line: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = if self.color {
+            let color = if line.starts_with("ERROR") { "31;1" } else if line.starts_with("WARNING") { "33;1" } else if line.starts_with("Job succeeded") { "32;1" } else { "36;1" };
+            writeln!(out, "\x1b[{color}m{line}\x1b[0;m")
+        } else {
+            writeln!(out, "{line}")
+        };
+        let _ = out.flush();
+    }
+
+    fn hook(&self, hook: Hook, stream: Stream, bytes: &[u8]) {
+        let show = match hook {
+            // config's stdout is its JSON answer, not log.
+            Hook::Config => stream == Stream::Stderr,
+            Hook::Prepare | Hook::Run => true,
+            Hook::Cleanup => self.verbose,
+        };
+        if !show {
+            return;
+        }
+        let _ = match stream {
+            Stream::Stdout => std::io::stdout().lock().write_all(bytes).and_then(|()| std::io::stdout().flush()),
+            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+        };
+    }
+}
+
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+static CANCEL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+static ABORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Ctrl-C (or SIGTERM) once cancels the job, twice aborts it.
+fn interrupts() -> Result<Interrupts> {
+    use std::os::fd::IntoRawFd;
+    let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
+    let (cancel, cancel_write) = nix::unistd::pipe2(flags).context("failed to create a pipe")?;
+    let (abort, abort_write) = nix::unistd::pipe2(flags).context("failed to create a pipe")?;
+    // The write ends live as long as the process: the handler may fire any time.
+    CANCEL_FD.store(cancel_write.into_raw_fd(), Ordering::SeqCst);
+    ABORT_FD.store(abort_write.into_raw_fd(), Ordering::SeqCst);
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // SAFETY: the handler only does async-signal-safe work: an atomic
+        // increment, atomic loads and write(2) of one byte.
+        unsafe {
+            signal_hook::low_level::register(signal, || {
+                let n = INTERRUPTS.fetch_add(1, Ordering::SeqCst);
+                let fd = if n == 0 { CANCEL_FD.load(Ordering::SeqCst) } else { ABORT_FD.load(Ordering::SeqCst) };
+                libc::write(fd, b"x".as_ptr().cast(), 1);
+            })
+        }
+        .context("failed to handle Ctrl-C")?;
+    }
+    Ok(Interrupts { cancel: Cancel::from_fd(cancel), abort: Cancel::from_fd(abort) })
+}
+
+fn split_var(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => bail!("--var/--masked-var takes KEY=VALUE, got {text:?}"),
+    }
+}
+
+fn local_state_dir() -> PathBuf {
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from(config::DEFAULT_STATE_DIR);
+    }
+    match std::env::var_os("XDG_STATE_HOME").or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state").into())) {
+        Some(dir) => Path::new(&dir).join("berth"),
+        None => std::env::temp_dir().join("berth-state"),
+    }
+}
+
+fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
+    let job = pipeline::load(&args.file, &args.job)?;
+    // The runner: a configured one, or an ad-hoc one for --backend.
+    let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
+    let (config_path, runner) = match &args.backend {
+        Some(backend) => {
+            let path = adhoc.path().join("config.toml");
+            let state = local_state_dir();
+            let text = format!("state_dir = {}\n[runners.local]\nbackend = {}\n", toml_str(&state.display().to_string()), toml_str(backend));
+            std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
+            let runner = config::load(&path, None)?;
+            (path, runner)
+        }
+        None => {
+            let runner = config::load(&cli.config, cli.runner.as_deref())?;
+            (std::fs::canonicalize(&cli.config).unwrap_or_else(|_| cli.config.clone()), runner)
+        }
+    };
+    crate::registry::load(&runner)?;
+
+    let sources = if args.no_sources {
+        None
+    } else {
+        let dir = match &args.sources {
+            Some(dir) => dir.clone(),
+            None => sources::work_tree(&args.file)?,
+        };
+        Some((sources::archive(&dir)?, dir))
+    };
+    let project = sources
+        .as_ref()
+        .and_then(|(_, dir)| std::fs::canonicalize(dir).ok())
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .map(|name| sanitize(&name))
+        .unwrap_or_else(|| "project".into());
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let id = 8_000_000_000_000 + (now.as_millis() as u64 % 1_000_000_000) * 1000 + u64::from(std::process::id() % 1000);
+    let timeout = args.timeout.or(job.timeout_secs).unwrap_or(3600);
+    let mut response = JobResponse::new(id);
+    response.token = format!("berth-exec-token-{id:x}{:x}", now.subsec_nanos());
+    response.job_info = JobInfo::new(job.name.clone(), job.stage.clone(), format!("local/{project}"));
+    response.runner_info.timeout = Some(timeout);
+    let mut vars = vec![
+        ("CI_JOB_ID", id.to_string()),
+        ("CI_JOB_NAME", job.name.clone()),
+        ("CI_JOB_STAGE", job.stage.clone()),
+        ("CI_PROJECT_PATH", format!("local/{project}")),
+        ("CI_PROJECT_NAME", project.clone()),
+        ("CI_PROJECT_ID", "0".into()),
+        ("CI_RUNNER_SHORT_TOKEN", "local".into()),
+        ("CI_CONCURRENT_ID", "0".into()),
+        ("CI_CONCURRENT_PROJECT_ID", "0".into()),
+        ("CI_SERVER", "yes".into()),
+        ("CI", "true".into()),
+        ("GITLAB_CI", "true".into()),
+        ("CI_JOB_TIMEOUT", timeout.to_string()),
+        ("CI_SHARED_ENVIRONMENT", "true".into()),
+        ("CI_RUNNER_VERSION", format!("berth-exec {}", env!("CARGO_PKG_VERSION"))),
+    ];
+    if let Some(image) = &job.image {
+        vars.push(("CI_JOB_IMAGE", image.clone()));
+        response.image = Some(JobImage::new(image.clone()));
+    }
+    if let Some((_, dir)) = &sources {
+        vars.extend(sources::git_variables(dir));
+    }
+    response.variables = vars.into_iter().map(|(k, v)| ResponseVariable::new(k, v)).collect();
+    for (key, value) in &job.variables {
+        response.variables.push(ResponseVariable::new(key.clone(), value.clone()));
+    }
+    for text in &args.vars {
+        let (key, value) = split_var(text)?;
+        response.variables.push(ResponseVariable::new(key, value));
+    }
+    for text in &args.masked_vars {
+        let (key, value) = split_var(text)?;
+        response.variables.push(ResponseVariable::new(key, value).masked());
+    }
+    let mut script = job.before_script.clone();
+    script.extend(job.script.iter().cloned());
+    response.steps = vec![Step::new("script", script, "on_success")];
+    if !job.after_script.is_empty() {
+        response.steps.push(Step::new("after_script", job.after_script.clone(), "always"));
+    }
+    let spec = JobSpec {
+        response,
+        sources: sources.map(|(archive, _)| archive),
+        allow_failure_codes: job.allow_failure_exit_codes.clone(),
+        allow_failure: job.allow_failure,
+        timeout: Duration::from_secs(timeout),
+    };
+
+    let exe = std::env::current_exe().context("failed to find this executable's path")?;
+    let hook_args: Vec<OsString> = vec!["--config".into(), config_path.into(), "--runner".into(), runner.name.clone().into()];
+    let mut driver = Driver::new(exe, hook_args);
+    driver.timeouts.retry_delay = Duration::from_millis(args.retry_delay_ms);
+    let color = std::env::var_os("NO_COLOR").is_none() && nix::unistd::isatty(std::io::stdout()).unwrap_or(false);
+    let log: Arc<dyn Log> = Arc::new(Terminal { verbose: args.verbose, color });
+    log.runner(&format!(
+        "Running with berth exec {} (job {:?} of {}, runner {:?})",
+        env!("CARGO_PKG_VERSION"),
+        job.name,
+        args.file.display(),
+        runner.name
+    ));
+    let interrupts = interrupts()?;
+    let report = driver.run_job(&spec, &interrupts, &log);
+    if !args.verbose {
+        if let Some((_, cleanup)) = report.calls.iter().rev().find(|(_, r)| r.hook == Hook::Cleanup) {
+            if !cleanup.ok() {
+                log.runner(&format!("WARNING: cleanup failed: {:?}", cleanup.exit));
+                eprint!("{}", cleanup.output());
+            }
+        }
+    }
+    log.runner(&report.outcome.verdict());
+    Ok(ExitCode::from(report.outcome.exit_code() as u8))
+}
+
+fn toml_str(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+/// A project name usable in a path: keeps `a-z0-9._-`, maps the rest to `-`.
+fn sanitize(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let clean = clean.trim_start_matches('.').to_owned();
+    if clean.is_empty() { "project".into() } else { clean }
+}

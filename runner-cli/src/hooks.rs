@@ -1,0 +1,168 @@
+//! The four hooks gitlab-runner calls, plus `describe` and `reap`.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use berth_backend_api::{Backend, Cancel, ConfigOutput, JobContext, JobRecord, StateDir};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::Runner;
+
+/// A cancel signal that fires on SIGTERM (the runner's cancel) or SIGINT.
+pub fn cancel_on_signals() -> Result<Cancel> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .context("failed to create the cancel pipe")?;
+    let write2: OwnedFd = write.try_clone().context("failed to create the cancel pipe")?;
+    signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, write).context("failed to handle SIGTERM")?;
+    signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, write2).context("failed to handle SIGINT")?;
+    Ok(Cancel::from_fd(read))
+}
+
+#[derive(Serialize)]
+struct Driver<'a> {
+    name: &'a str,
+    version: &'a str,
+}
+
+#[derive(Serialize)]
+struct ConfigJson<'a> {
+    driver: Driver<'a>,
+    #[serde(flatten)]
+    output: &'a ConfigOutput,
+}
+
+/// `berth config`: one JSON object on stdout; warnings to the job log.
+pub fn config(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Result<()> {
+    let description = backend.describe();
+    let mut output = backend.config(job)?;
+    if runner.builds_dir.is_some() {
+        output.builds_dir = runner.builds_dir.clone();
+    }
+    if runner.cache_dir.is_some() {
+        output.cache_dir = runner.cache_dir.clone();
+    }
+    // gitlab-runner needs both; berth always answers so its config.toml need not set them.
+    output.builds_dir.get_or_insert_with(|| "/builds".to_owned());
+    output.cache_dir.get_or_insert_with(|| "/cache".to_owned());
+    for warning in &output.warnings {
+        eprintln!("WARNING: {warning}");
+    }
+    let json = ConfigJson { driver: Driver { name: &description.name, version: &description.version }, output: &output };
+    println!("{}", serde_json::to_string(&json).context("failed to encode config output")?);
+    Ok(())
+}
+
+/// `berth prepare`.
+pub fn prepare(runner: &Runner, backend: &dyn Backend, job: &JobContext, cancel: &Cancel) -> Result<()> {
+    let states = StateDir::new(&runner.state_dir);
+    let record = JobRecord::new(job.key().clone(), backend.describe().name)
+        .runner_tmpdir(job.tmpdir().map(Path::to_owned))
+        .timeout_secs(job.timeout());
+    let state = states.create(record)?;
+    info!(job = %job.key(), "prepare");
+    backend.prepare(job, &state, cancel)?;
+    Ok(())
+}
+
+/// `berth run SCRIPT STAGE`.
+pub fn run(runner: &Runner, backend: &dyn Backend, job: &JobContext, script: &Path, stage: &str, cancel: &Cancel) -> Result<()> {
+    let states = StateDir::new(&runner.state_dir);
+    let state = states.open(job.key())?;
+    info!(job = %job.key(), stage, "run");
+    backend.run(job, &state, script, stage, cancel)?;
+    Ok(())
+}
+
+/// `berth cleanup`: idempotent; works for a job never or half prepared.
+pub fn cleanup(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Result<()> {
+    let states = StateDir::new(&runner.state_dir);
+    let state = states.open_for_cleanup(job.key())?;
+    info!(job = %job.key(), prepared = state.record().is_some(), "cleanup");
+    backend.cleanup(&state)?;
+    state.remove()?;
+    Ok(())
+}
+
+/// `berth reap`: cleans up jobs whose runner is gone.
+pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bool) -> Result<()> {
+    let states = StateDir::new(&runner.state_dir);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut known = Vec::new();
+    let mut removed = 0;
+    for key in states.list()?.into_iter().filter(|k| k.runner() == runner.name) {
+        let Some(state) = states.try_open(&key)? else {
+            info!(job = %key, "busy: a hook is using it");
+            known.push(key);
+            continue;
+        };
+        let verdict = match state.record() {
+            None => Some("no record (prepare never started)".to_owned()),
+            Some(record) => gone(record, now, grace),
+        };
+        let Some(reason) = verdict else {
+            known.push(key);
+            continue;
+        };
+        if dry_run {
+            println!("would remove {key}: {reason}");
+            known.push(key);
+            continue;
+        }
+        match backend.cleanup(&state).map_err(anyhow::Error::from).and_then(|()| Ok(state.remove()?)) {
+            Ok(()) => {
+                println!("removed {key}: {reason}");
+                removed += 1;
+            }
+            Err(e) => {
+                warn!(job = %key, "reap failed: {e:#}");
+                eprintln!("failed to remove {key}: {e:#}");
+                known.push(key);
+            }
+        }
+    }
+    if !dry_run {
+        for line in backend.reap_orphans(&known)? {
+            println!("removed {line}");
+            removed += 1;
+        }
+    }
+    info!(removed, "reap done");
+    Ok(())
+}
+
+/// Why a job whose state is unlocked counts as gone, or `None` while it may run.
+fn gone(record: &JobRecord, now: u64, grace: Duration) -> Option<String> {
+    let age = now.saturating_sub(record.created_unix);
+    if age < grace.as_secs() {
+        return None;
+    }
+    if let Some(dir) = &record.runner_tmpdir {
+        if !dir.exists() {
+            return Some(format!("the runner removed its job directory {}", dir.display()));
+        }
+    }
+    let limit = record.timeout_secs.unwrap_or(24 * 3600) + grace.as_secs();
+    (age > limit).then(|| format!("older than the job timeout plus grace ({age} s)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_backend_api::JobKey;
+
+    #[test]
+    fn a_job_is_gone_when_its_runner_dir_vanished_or_it_outlived_its_timeout() {
+        let key = JobKey::new("demo", 1).unwrap();
+        let grace = Duration::from_secs(60);
+        let mut record = JobRecord::new(key, "x").runner_tmpdir(Some("/nonexistent/custom-executor1".into())).timeout_secs(Some(3600));
+        record.created_unix = 1_000_000;
+        assert!(gone(&record, 1_000_030, grace).is_none(), "within grace");
+        assert!(gone(&record, 1_000_100, grace).unwrap().contains("removed its job directory"));
+        record.runner_tmpdir = Some(std::env::temp_dir());
+        assert!(gone(&record, 1_000_100, grace).is_none(), "runner dir still there, within timeout");
+        assert!(gone(&record, 1_000_000 + 3600 + 61, grace).unwrap().contains("timeout"));
+    }
+}

@@ -1,0 +1,93 @@
+//! The backends built into berth, and building the one a runner chose.
+
+use berth_backend_api::{Backend, Failure, NewBackend, RunnerInfo};
+use berth_backend_dry_run::DryRun;
+use berth_backend_host_test::HostTest;
+
+use crate::config::{BackendChoice, ConfigError, Runner};
+
+/// Why a runner's backend could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("failed to set up backend {backend} of runner {runner}: {source}")]
+    Backend { backend: String, runner: String, source: Failure },
+}
+
+/// Environment variable that unlocks test-fixture backends.
+pub const TEST_BACKENDS_ENV: &str = "BERTH_ALLOW_TEST_BACKENDS";
+
+/// A backend compiled into berth.
+pub struct BuiltIn {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// A test fixture: not listed, and only usable with [`TEST_BACKENDS_ENV`]=1.
+    pub test_fixture: bool,
+    build: fn(&Runner, &RunnerInfo) -> Result<Box<dyn Backend>, LoadError>,
+}
+
+pub const BUILT_IN: &[BuiltIn] = &[
+    BuiltIn {
+        name: "dry-run",
+        summary: "executes nothing; shows what the runner sends, for debugging pipelines",
+        test_fixture: false,
+        build: build::<DryRun>,
+    },
+    BuiltIn {
+        name: "host-test",
+        summary: "TEST FIXTURE: runs scripts with bash on the host, no isolation",
+        test_fixture: true,
+        build: build::<HostTest>,
+    },
+];
+
+fn build<B: NewBackend + 'static>(runner: &Runner, info: &RunnerInfo) -> Result<Box<dyn Backend>, LoadError> {
+    let settings: B::Settings = serde_path_to_error::deserialize(toml::Value::Table(runner.settings.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        runner.settings_error(if path == "." { "" } else { &path }, message.trim_end().to_owned())
+    })?;
+    let backend = B::new(settings, info).map_err(|source| LoadError::Backend {
+        backend: info_backend_name(runner),
+        runner: runner.name.clone(),
+        source,
+    })?;
+    Ok(Box::new(backend))
+}
+
+fn info_backend_name(runner: &Runner) -> String {
+    match &runner.backend {
+        BackendChoice::BuiltIn(name) => name.clone(),
+        BackendChoice::Plugin(path) => path.display().to_string(),
+    }
+}
+
+/// Builds the backend `runner` chose.
+pub fn load(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
+    let mut info = RunnerInfo::new(runner.name.clone(), runner.state_dir.clone());
+    info.builds_dir = runner.builds_dir.clone();
+    info.cache_dir = runner.cache_dir.clone();
+    match &runner.backend {
+        BackendChoice::BuiltIn(name) => {
+            let listed = || BUILT_IN.iter().filter(|b| !b.test_fixture).map(|b| b.name).collect::<Vec<_>>().join(", ");
+            let Some(builtin) = BUILT_IN.iter().find(|b| b.name == name) else {
+                return Err(runner.backend_error(format!("unknown backend {name:?}; built in: {}", listed())).into());
+            };
+            if builtin.test_fixture && std::env::var(TEST_BACKENDS_ENV).as_deref() != Ok("1") {
+                return Err(runner
+                    .backend_error(format!(
+                        "{name:?} is a test fixture without isolation, usable only by berth's own tests ({TEST_BACKENDS_ENV}=1); built in: {}",
+                        listed()
+                    ))
+                    .into());
+            }
+            (builtin.build)(runner, &info)
+        }
+        BackendChoice::Plugin(path) => Err(LoadError::Backend {
+            backend: path.display().to_string(),
+            runner: runner.name.clone(),
+            source: Failure::system("plugin backends are not supported by this version of berth; use a built-in `backend`"),
+        }),
+    }
+}
