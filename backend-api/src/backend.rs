@@ -27,7 +27,17 @@ impl RunnerInfo {
     pub fn new(name: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
         RunnerInfo { name: name.into(), state_dir: state_dir.into(), builds_dir: None, cache_dir: None }
     }
+
+    /// `<state_dir>/logs`: where a backend keeps per-job records meant to
+    /// outlive the job (transcripts, boot logs). Everything else named after
+    /// a job must be gone after its cleanup; the conformance suite checks that.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.state_dir.join(LOGS_DIR)
+    }
 }
+
+/// The name of [`RunnerInfo::logs_dir`] below the state directory.
+pub const LOGS_DIR: &str = "logs";
 
 /// What `config` tells the runner (custom-executor-protocol.md §3); `berth`
 /// adds the `driver` field from [`Backend::describe`] and the runner's TOML

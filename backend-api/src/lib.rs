@@ -36,7 +36,7 @@ pub mod script;
 mod state;
 pub mod testing;
 
-pub use backend::{child_path, Backend, ConfigOutput, NewBackend, RunnerInfo};
+pub use backend::{child_path, Backend, ConfigOutput, NewBackend, RunnerInfo, LOGS_DIR};
 pub use cancel::{Cancel, CancelTrigger};
 pub use context::{
     ContextError, JobContext, JobImage, JobInfo, JobKey, JobResponse, ResponseVariable, RunnerLimits,

@@ -314,12 +314,17 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(12)..].join("\n")
 }
 
-/// Fails if anything under the state directory is named after job `id`.
+/// Fails if anything under the state directory is named after job `id`
+/// (except in its `logs` directory, for records meant to outlive the job).
 fn leak_check(target: &Target, id: u64) -> Result<(), String> {
     let Some(root) = &target.state_dir else { return Ok(()) };
     let needle = format!("-{id}");
+    let logs = root.join(berth_backend_api::LOGS_DIR);
     let mut leaks = Vec::new();
     walk(root, &mut |path| {
+        if path.starts_with(&logs) {
+            return;
+        }
         if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&needle)) {
             leaks.push(path.display().to_string());
         }

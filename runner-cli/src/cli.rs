@@ -70,7 +70,11 @@ pub struct GitlabConfigArgs {
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// The job to run.
-    pub job: String,
+    #[arg(required_unless_present = "list")]
+    pub job: Option<String>,
+    /// List the file's runnable jobs and exit.
+    #[arg(long)]
+    pub list: bool,
     /// The pipeline file.
     #[arg(long, short, default_value = ".gitlab-ci.yml")]
     pub file: PathBuf,

@@ -15,8 +15,14 @@
 //! fail_kind = "build"           # or "system"
 //! fail_exit_code = 42           # build failures only; default 1
 //! ```
+//!
+//! The job log shows a stage body folded: the `export` lines that repeat the
+//! variables listed at prepare become one line (exports with other values are
+//! still listed) and long heredocs (the sources in `get_sources`) their size.
+//! `full_scripts = true` shows every line; the transcript always has them all.
 #![deny(missing_docs)]
 
+mod fold;
 mod mask;
 mod report;
 mod transcript;
@@ -55,7 +61,7 @@ const DEFAULT_CACHE_DIR: &str = "/cache";
 #[non_exhaustive]
 pub struct Settings {
     /// Where transcripts are written, one `<job key>.jsonl` per job; an
-    /// absolute path. Default: `<state_dir>/dry-run`. Created (mode 0700) when
+    /// absolute path. Default: `<state_dir>/logs/dry-run`. Created (mode 0700) when
     /// needed; cleanup does not remove transcripts.
     #[serde(default)]
     pub transcript_dir: Option<PathBuf>,
@@ -70,6 +76,15 @@ pub struct Settings {
     /// Not allowed with `fail_kind = "system"`.
     #[serde(default)]
     pub fail_exit_code: Option<i32>,
+    /// Show each stage body in full in the job log. Default: false, which
+    /// folds the runs of `export NAME=...` lines that repeat the variables
+    /// listed at prepare into one line (still listing exports whose value
+    /// differs from prepare's or that prepare did not list, such as
+    /// `CI_JOB_STATUS` in `after_script`), and shows a heredoc of more than
+    /// three lines (the sources in `get_sources`) as its first line, its size
+    /// and its delimiter line. The transcript always has the full body.
+    #[serde(default)]
+    pub full_scripts: bool,
 }
 
 /// How a simulated failure fails (`settings.fail_kind`).
@@ -112,6 +127,7 @@ pub struct DryRun {
     fail: Option<(String, Simulated)>,
     builds_dir: String,
     cache_dir: String,
+    full_scripts: bool,
     log: JobLog,
 }
 
@@ -197,7 +213,7 @@ impl NewBackend for DryRun {
                 )))
             }
             Some(dir) => dir,
-            None => runner.state_dir.join("dry-run"),
+            None => runner.logs_dir().join("dry-run"),
         };
         Ok(DryRun {
             transcript_dir,
@@ -210,6 +226,7 @@ impl NewBackend for DryRun {
                 .cache_dir
                 .clone()
                 .unwrap_or_else(|| DEFAULT_CACHE_DIR.to_owned()),
+            full_scripts: settings.full_scripts,
             log: JobLog::default(),
         })
     }
@@ -288,7 +305,8 @@ impl Backend for DryRun {
         let parsed = Script::parse(&String::from_utf8_lossy(&bytes));
         let mask = Mask::for_job(job);
         let simulated = self.simulated(stage);
-        let mut text = report::stage(stage, &parsed, &mask);
+        let prepared = (!self.full_scripts).then(|| job.variables());
+        let mut text = report::stage(stage, &parsed, &mask, prepared);
         if let Some(simulated) = simulated {
             text.push_str(&report::simulated(stage, simulated));
         }

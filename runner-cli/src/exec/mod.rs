@@ -111,7 +111,14 @@ fn local_state_dir() -> PathBuf {
 }
 
 fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
-    let job = pipeline::load(&args.file, &args.job)?;
+    if args.list {
+        let text = std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
+        for name in pipeline::job_names(&text, &args.file)? {
+            println!("{name}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let job = pipeline::load(&args.file, args.job.as_deref().unwrap_or_default())?;
     // The runner: a configured one, or an ad-hoc one for --backend.
     let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
     let (config_path, runner) = match &args.backend {

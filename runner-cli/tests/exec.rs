@@ -1,0 +1,117 @@
+//! `berth exec`: whole jobs through the full protocol.
+
+use crate::util::*;
+
+fn exec(env: &Env, runner: &str, job: &str, extra: &[&str]) -> std::process::Output {
+    let file = repo().join("examples/hello/.gitlab-ci.yml");
+    env.berth(runner)
+        .args(["exec", "--file", file.to_str().unwrap(), "--sources", repo().join("examples/hello").to_str().unwrap(), "--retry-delay-ms", "50"])
+        .args(extra)
+        .arg(job)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_dry_run_job_shows_every_stage_decoded_and_succeeds() {
+    let env = Env::new(DRY_RUN);
+    let out = exec(&env, "demo", "test", &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    for stage in ["prepare_script", "get_sources", "build_script", "after_script"] {
+        assert!(log.contains(&format!("stage {stage}")), "{stage} missing:\n{log}");
+    }
+    assert!(log.contains("echo \"$GREETING from $TARGET on $(hostname)\""), "decoded commands:\n{log}");
+    assert!(!log.contains("eval $'"), "the script is shown decoded:\n{log}");
+    assert!(log.contains("Using Custom executor with driver dry-run"), "{log}");
+    assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with("Job succeeded"), "{log}");
+}
+
+#[test]
+fn a_dry_run_failure_of_42_is_reported_with_gitlabs_wording() {
+    let env = Env::new(DRY_RUN_FAIL_42);
+    let out = exec(&env, "fail42", "test", &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with("ERROR: Job failed: exit code 42"), "{log}");
+    assert!(log.contains("stage after_script"), "after_script still runs:\n{log}");
+}
+
+#[test]
+fn a_system_failure_in_prepare_is_retried_three_times_then_reported() {
+    let env = Env::new("[runners.sys]\nbackend = \"dry-run\"\n[runners.sys.settings]\nfail_stage = \"prepare\"\nfail_kind = \"system\"\n");
+    let out = exec(&env, "sys", "test", &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert_eq!(log.matches("Preparing environment").count(), 3, "{log}");
+    assert!(log.contains("ERROR: Job failed (system failure):"), "{log}");
+    assert!(!log.contains("stage build_script"), "{log}");
+}
+
+#[test]
+fn real_scripts_run_with_sources_and_exit_codes() {
+    let env = Env::new(HOST);
+    let out = exec(&env, "host", "test", &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("hello from berth"), "{log}");
+    assert!(log.contains("carried into the job by berth exec"), "sources arrived:\n{log}");
+    assert!(log.contains("after_script sees CI_JOB_STATUS=success"), "{log}");
+
+    let out = exec(&env, "host", "fails", &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("after_script sees CI_JOB_STATUS=failed"), "{log}");
+    assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with("ERROR: Job failed: exit code 42"), "{log}");
+    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "cleanup ran");
+}
+
+#[test]
+fn masked_variables_stay_out_of_the_log() {
+    let env = Env::new(DRY_RUN);
+    let out = exec(&env, "demo", "test", &["--masked-var", "DEPLOY_TOKEN=glpat-very-secret-123", "--var", "PLAIN=visible-value"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains("glpat-very-secret-123"), "{log}");
+    assert!(log.contains("DEPLOY_TOKEN=[MASKED]"), "{log}");
+    assert!(log.contains("PLAIN=visible-value"), "{log}");
+    let logs = env.state().join("logs/dry-run");
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let transcript = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!transcript.contains("glpat-very-secret-123"));
+    }
+}
+
+#[test]
+fn an_unknown_job_lists_the_available_ones() {
+    let env = Env::new(DRY_RUN);
+    let out = exec(&env, "demo", "nosuchjob", &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(log.contains("nosuchjob") && log.contains("test") && log.contains("fails"), "{log}");
+}
+
+#[test]
+fn ctrl_c_cancels_the_running_step_then_after_script_and_cleanup_run() {
+    let env = Env::new(HOST);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(".gitlab-ci.yml");
+    std::fs::write(&file, "slow:\n  script:\n    - echo started\n    - sleep 30\n  after_script:\n    - echo \"after=$CI_JOB_STATUS\"\n").unwrap();
+    let child = env
+        .berth("host")
+        .args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = text(&out);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}\n{log}", started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("after=canceled"), "{log}");
+    assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with("ERROR: Job failed: canceled"), "{log}");
+    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "cleanup ran:\n{log}");
+}

@@ -1,0 +1,7 @@
+//! berth's integration tests: the binary driven the way gitlab-runner drives it.
+
+mod util;
+
+mod conformance;
+mod exec;
+mod hooks;

@@ -1,0 +1,94 @@
+//! Helpers shared by berth's integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A scratch area with a berth configuration file.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// A config with `state_dir` inside the scratch dir and the given runner tables.
+    pub fn new(runners: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("state_dir = {:?}\n{runners}", dir.path().join("state").display().to_string());
+        std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        Env { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `berth --config CFG --runner RUNNER ARGS...`, test backends allowed.
+    pub fn berth(&self, runner: &str) -> Command {
+        let mut cmd = Command::new(BERTH);
+        cmd.arg("--config").arg(self.config()).arg("--runner").arg(runner).env("BERTH_ALLOW_TEST_BACKENDS", "1").env_remove("BERTH_LOG");
+        cmd
+    }
+
+    /// A runner's per-job temp dir with the fixture payload (job 48151623),
+    /// and the environment gitlab-runner gives every hook.
+    pub fn job(&self, name: &str) -> Job {
+        let tmp = self.dir.path().join(name);
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::copy(repo().join("testdata/fixtures/job-response.json"), tmp.join("response.json")).unwrap();
+        let mut env: Vec<(String, String)> = std::fs::read_to_string(repo().join("testdata/fixtures/hook-environment.env"))
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_owned(), serde_json::from_str::<String>(v).unwrap()))
+            .filter(|(k, _)| k.starts_with("CUSTOM_ENV_"))
+            .collect();
+        env.push(("TMPDIR".into(), tmp.display().to_string()));
+        env.push(("BUILD_FAILURE_EXIT_CODE".into(), "1".into()));
+        env.push(("SYSTEM_FAILURE_EXIT_CODE".into(), "2".into()));
+        env.push(("BUILD_EXIT_CODE_FILE".into(), tmp.join("build_exit_code").display().to_string()));
+        env.push(("JOB_RESPONSE_FILE".into(), tmp.join("response.json").display().to_string()));
+        Job { tmp, env }
+    }
+}
+
+pub struct Job {
+    pub tmp: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Job {
+    /// Calls a hook the way gitlab-runner does.
+    pub fn hook(&self, env: &Env, runner: &str, args: &[&str]) -> Output {
+        let out = env.berth(runner).args(args).envs(self.env.iter().cloned()).current_dir(&self.tmp).output().unwrap();
+        out
+    }
+
+    pub fn exit_code_file(&self) -> PathBuf {
+        self.tmp.join("build_exit_code")
+    }
+
+    /// Writes a stage script in the runner's format.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.tmp.join(name);
+        std::fs::write(&path, berth_backend_api::script::render(body)).unwrap();
+        path
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+pub const DRY_RUN: &str = "[runners.demo]\nbackend = \"dry-run\"\n";
+pub const DRY_RUN_FAIL_42: &str = "[runners.fail42]\nbackend = \"dry-run\"\n[runners.fail42.settings]\nfail_stage = \"build_script\"\nfail_exit_code = 42\n";
+pub const HOST: &str = "[runners.host]\nbackend = \"host-test\"\n";
