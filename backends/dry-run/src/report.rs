@@ -5,8 +5,12 @@
 
 use std::fmt::Write as _;
 
-use berth_backend_api::{script, JobContext};
+use std::borrow::Cow;
+use std::collections::HashMap;
 
+use berth_backend_api::{script, JobContext, Variable};
+
+use crate::fold::{self, Piece};
 use crate::mask::Mask;
 use crate::Simulated;
 
@@ -103,7 +107,18 @@ pub(crate) fn prepare(job: &JobContext, mask: &Mask) -> String {
 }
 
 /// The job log of one run stage: a header line and the script, indented.
-pub(crate) fn stage(stage: &str, script: &Script, mask: &Mask) -> String {
+///
+/// With the job's `prepared` variables (the ones prepare listed), a body in
+/// the runner's format is folded (see [`fold`](crate::fold::fold)): runs of
+/// exports whose values are the prepared ones become one line, and long
+/// heredoc bodies one line with their size. Without them (`full_scripts`), and
+/// for a script not in the runner's format, every line is shown.
+pub(crate) fn stage(
+    stage: &str,
+    script: &Script,
+    mask: &Mask,
+    prepared: Option<&[Variable]>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "── stage {} ──", one_line(stage));
     if let Script::Raw(_) = script {
@@ -114,11 +129,72 @@ pub(crate) fn stage(stage: &str, script: &Script, mask: &Mask) -> String {
         out.push_str("  (empty)\n");
         return out;
     }
-    // Split on '\n' only, so a '\r' before it is shown, not dropped.
-    for line in text.strip_suffix('\n').unwrap_or(&text).split('\n') {
-        let _ = writeln!(out, "  {}", visible(line));
+    let lines = body_lines(&text);
+    let prepared = match (script, prepared) {
+        (Script::Decoded(_), Some(prepared)) => prepared,
+        _ => {
+            for line in lines {
+                let _ = writeln!(out, "  {}", visible(line));
+            }
+            return out;
+        }
+    };
+    // Values are compared unmasked, line by line, unless masking joined lines
+    // (a secret with a newline): then as shown, with the values prepare showed.
+    let raw = body_lines(script.text());
+    let unmasked = raw.len() == lines.len();
+    let values: Vec<(&str, Cow<'_, str>)> = prepared
+        .iter()
+        .rev() // the first of duplicates wins, as in JobContext::variable
+        .map(|var| {
+            let value = if unmasked {
+                Cow::Borrowed(var.value.as_str())
+            } else if var.masked {
+                Cow::Borrowed(crate::MASKED)
+            } else {
+                mask.redact(&var.value)
+            };
+            (var.key.as_str(), value)
+        })
+        .collect();
+    let prepared: HashMap<&str, &str> = values.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+    let values = if unmasked { &raw } else { &lines };
+    for piece in fold::fold(&lines, values, &prepared) {
+        match piece {
+            Piece::Line(line) => {
+                let _ = writeln!(out, "  {}", visible(line));
+            }
+            Piece::Exports(count) => {
+                let _ = writeln!(
+                    out,
+                    "  export: {count} variables (values as listed at prepare)"
+                );
+            }
+            Piece::Data { lines, bytes } => {
+                let _ = writeln!(out, "  … {lines} lines of data ({}) …", size(bytes));
+            }
+        }
     }
     out
+}
+
+/// The lines of a body, split on '\n' only, so that a '\r' before it is
+/// shown, not dropped.
+fn body_lines(text: &str) -> Vec<&str> {
+    text.strip_suffix('\n')
+        .unwrap_or(text)
+        .split('\n')
+        .collect()
+}
+
+/// A size in KiB with one decimal, in bytes below 1 KiB.
+fn size(bytes: usize) -> String {
+    if bytes < 1024 {
+        format!("{bytes} bytes")
+    } else {
+        let kib = bytes as f64 / 1024.0;
+        format!("{kib:.1} KiB")
+    }
 }
 
 /// The job log line announcing a simulated failure of `stage`.
@@ -242,13 +318,14 @@ mod tests {
             "weird\nstage",
             &Script::Raw("echo hi\r\n".into()),
             &Mask::none(),
+            Some(&[]),
         );
         assert_eq!(
             shown,
             "── stage weird\\nstage ──\n(not in the runner's script format: showing the file as it is)\n  echo hi\\r\n"
         );
         assert_eq!(
-            stage("s", &Script::Decoded("\n".into()), &Mask::none()),
+            stage("s", &Script::Decoded("\n".into()), &Mask::none(), Some(&[])),
             "── stage s ──\n  (empty)\n"
         );
     }

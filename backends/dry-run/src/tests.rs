@@ -107,7 +107,7 @@ fn config_reports_dirs_and_prints_nothing() {
         ConfigOutput::with_dirs("/srv/builds", "/srv/cache")
     );
 
-    let lines = transcript_lines(&tmp.path().join("dry-run/demo-48151623.jsonl"));
+    let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["hook"], "config");
     assert_eq!(lines[1]["builds_dir"], "/srv/builds");
@@ -158,10 +158,12 @@ fn stage_report_decodes_and_masks_the_body() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
     let script = fs::read_to_string(fixture("script-build_script.sh")).unwrap();
+    // full_scripts: every line.
     let text = report::stage(
         "build_script",
         &Script::parse(&script),
         &Mask::for_job(&job),
+        None,
     );
     assert!(
         text.starts_with("── stage build_script ──\n  export CI_JOB_ID=$'48151623'\n"),
@@ -177,6 +179,214 @@ fn stage_report_decodes_and_masks_the_body() {
     );
     assert!(text.ends_with("\n  make test\n"), "{text}");
     assert!(!text.contains(SECRET));
+}
+
+#[test]
+fn stage_report_folds_the_fixture_preamble() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = fixture_job(tmp.path());
+    let script = fs::read_to_string(fixture("script-build_script.sh")).unwrap();
+    let text = report::stage(
+        "build_script",
+        &Script::parse(&script),
+        &Mask::for_job(&job),
+        Some(job.variables()),
+    );
+    // KUBECONFIG is exported as the file's path, not the contents prepare
+    // listed; the one export after it alone is not folded.
+    assert_eq!(
+        text,
+        "── stage build_script ──
+  export: 23 variables (values as listed at prepare)
+  mkdir -p '/builds/acme/widget.tmp'
+  printf '%s' $'apiVersion: v1\\nkind: Config\\n' > '/builds/acme/widget.tmp/KUBECONFIG'
+  export KUBECONFIG='/builds/acme/widget.tmp/KUBECONFIG'
+  export RUNNER_TEMP_PROJECT_DIR=$'/builds/acme/widget.tmp'
+  cd '/builds/acme/widget'
+  echo $'\\x1b[32;1m$ echo \"$GREETING from $(hostname)\"\\x1b[0;m'
+  echo \"$GREETING from $(hostname)\"
+  echo $'\\x1b[32;1m$ make test\\x1b[0;m'
+  make test
+"
+    );
+}
+
+/// A stage body like `berth exec`'s: the job's exports (some changed, one
+/// masked, some new), commands and the sources as a heredoc.
+fn exec_like_body(status: &str, token: &str) -> String {
+    let mut body = String::new();
+    for (key, value) in [
+        ("CI_JOB_ID", "48151623"),
+        ("GREETING", "hello"),
+        ("DEPLOY_TOKEN", token),
+        ("MULTI", "line one\nline two"),
+        ("CI_JOB_STATUS", status),
+        ("CI_PROJECT_NAME", "widget"),
+    ] {
+        body.push_str(&format!("export {key}={}\n", script::quote(value)));
+    }
+    body.push_str("cd '/builds/acme/widget'\n");
+    body.push_str("base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf - --no-same-owner\n");
+    for _ in 0..100 {
+        body.push_str(&"QUJD".repeat(19));
+        body.push('\n');
+    }
+    body.push_str("BERTH_SOURCES_EOF\necho \"after: $CI_JOB_STATUS\"\n");
+    body
+}
+
+#[test]
+fn stage_report_folds_exports_and_sources_but_keeps_changed_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = fixture_job(tmp.path());
+    let mask = Mask::for_job(&job);
+    let script = Script::parse(&script::render(&exec_like_body("failed", SECRET)));
+    let text = report::stage("after_script", &script, &mask, Some(job.variables()));
+    assert_eq!(
+        text,
+        "── stage after_script ──
+  export: 4 variables (values as listed at prepare)
+  export CI_JOB_STATUS=$'failed'
+  export CI_PROJECT_NAME=$'widget'
+  cd '/builds/acme/widget'
+  base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf - --no-same-owner
+  … 100 lines of data (7.5 KiB) …
+  BERTH_SOURCES_EOF
+  echo \"after: $CI_JOB_STATUS\"
+"
+    );
+
+    // A masked variable exported with another (masked) value is listed, masked.
+    let other_secret = "glpat-another-secret";
+    let mut response = JobResponse::new(48151623);
+    response.token = JOB_TOKEN.into();
+    for (key, value) in [("DEPLOY_TOKEN", SECRET), ("OTHER", other_secret)] {
+        response
+            .variables
+            .push(ResponseVariable::new(key, value).masked());
+    }
+    let response_path = tmp.path().join("masked.json");
+    fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
+    let job = JobContext::from_vars(
+        "demo",
+        custom_env().into_iter().chain([
+            ("CUSTOM_ENV_OTHER".to_owned(), other_secret.to_owned()),
+            (
+                "JOB_RESPONSE_FILE".to_owned(),
+                response_path.to_str().unwrap().to_owned(),
+            ),
+        ]),
+    )
+    .unwrap();
+    let script = Script::parse(&script::render(&exec_like_body("running", other_secret)));
+    let text = report::stage(
+        "build_script",
+        &script,
+        &Mask::for_job(&job),
+        Some(job.variables()),
+    );
+    assert!(
+        text.starts_with(
+            "── stage build_script ──\n  export: 4 variables (values as listed at prepare)\n  \
+             export DEPLOY_TOKEN=$'[MASKED]'\n  export CI_PROJECT_NAME=$'widget'\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains(SECRET) && !text.contains(other_secret),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_masked_value_with_a_newline_does_not_unfold_or_show() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "top\nsecret-line";
+    let mut response = JobResponse::new(9);
+    response
+        .variables
+        .push(ResponseVariable::new("ML", secret).masked());
+    let response_path = tmp.path().join("ml.json");
+    fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
+    let job = JobContext::from_vars(
+        "demo",
+        [
+            (
+                "JOB_RESPONSE_FILE".to_owned(),
+                response_path.to_str().unwrap().to_owned(),
+            ),
+            ("CUSTOM_ENV_ML".to_owned(), secret.to_owned()),
+            ("CUSTOM_ENV_A".to_owned(), "a".to_owned()),
+        ],
+    )
+    .unwrap();
+    let body = format!(
+        "export ML={}\nexport A=$'a'\ncat <<EOF\n{secret}\nEOF\n",
+        script::quote(secret)
+    );
+    let text = report::stage(
+        "build_script",
+        &Script::parse(&script::render(&body)),
+        &Mask::for_job(&job),
+        Some(job.variables()),
+    );
+    assert_eq!(
+        text,
+        "── stage build_script ──\n  export: 2 variables (values as listed at prepare)\n  cat <<EOF\n  [MASKED]\n  EOF\n"
+    );
+}
+
+#[test]
+fn the_full_scripts_setting_reaches_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = fixture_job(tmp.path());
+    let state = StateDir::new(tmp.path())
+        .create(JobRecord::new(job.key().clone(), "dry-run"))
+        .unwrap();
+    let cancel = Cancel::never().unwrap();
+    let script = fixture("script-build_script.sh");
+    let settings = Settings {
+        full_scripts: true,
+        ..Settings::default()
+    };
+    let (backend, log) = dry_run(settings, tmp.path());
+    backend
+        .run(&job, &state, &script, "build_script", &cancel)
+        .unwrap();
+    let full = take(&log);
+    assert!(
+        full.contains("\n  export DEPLOY_TOKEN=$'[MASKED]'\n") && !full.contains("  export: "),
+        "{full}"
+    );
+    let (backend, log) = dry_run(Settings::default(), tmp.path());
+    backend
+        .run(&job, &state, &script, "build_script", &cancel)
+        .unwrap();
+    let folded = take(&log);
+    assert!(!folded.contains("DEPLOY_TOKEN"), "{folded}");
+    for text in [&full, &folded] {
+        assert!(!text.contains(SECRET), "{text}");
+    }
+    // The transcript has the whole body either way.
+    for line in transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl")) {
+        let body = line["script_body"].as_str().unwrap();
+        assert!(body.contains("export DEPLOY_TOKEN=$'[MASKED]'\n"), "{body}");
+    }
+}
+
+#[test]
+fn full_scripts_shows_every_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = fixture_job(tmp.path());
+    let body = exec_like_body("failed", SECRET);
+    let script = Script::parse(&script::render(&body));
+    let text = report::stage("after_script", &script, &Mask::for_job(&job), None);
+    let expected: String = body
+        .replace(SECRET, MASKED)
+        .lines()
+        .map(|line| format!("  {line}\n"))
+        .collect();
+    assert_eq!(text, format!("── stage after_script ──\n{expected}"));
 }
 
 #[test]
@@ -211,7 +421,9 @@ fn a_whole_job_is_shown_and_recorded_without_secrets() {
     assert!(run_log.contains("── stage build_script ──\n"), "{run_log}");
     assert!(run_log.contains("\n  make test\n"), "{run_log}");
     assert!(
-        run_log.contains("export DEPLOY_TOKEN=$'[MASKED]'"),
+        run_log.contains(
+            "── stage build_script ──\n  export: 23 variables (values as listed at prepare)\n"
+        ),
         "{run_log}"
     );
 
@@ -225,7 +437,7 @@ fn a_whole_job_is_shown_and_recorded_without_secrets() {
         assert!(!text.contains(SECRET) && !text.contains(JOB_TOKEN));
     }
 
-    let dir = tmp.path().join("dry-run");
+    let dir = tmp.path().join("logs/dry-run");
     let path = dir.join("demo-48151623.jsonl");
     let raw = fs::read_to_string(&path).unwrap();
     assert!(!raw.contains(SECRET) && !raw.contains(JOB_TOKEN), "{raw}");
@@ -309,7 +521,7 @@ fn build_failure_of_a_stage_has_the_configured_code() {
         text.ends_with("  make test\nDry run: simulating a build failure of build_script with exit code 42 (settings.fail_stage).\n"),
         "{text}"
     );
-    let lines = transcript_lines(&tmp.path().join("dry-run/demo-48151623.jsonl"));
+    let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
     assert_eq!(
         lines[2]["simulated_failure"],
         serde_json::json!({"kind": "build", "exit_code": 42})
@@ -460,6 +672,13 @@ fn settings_deserialize_strictly() {
         Settings::default()
     );
     assert!(serde_json::from_str::<Settings>(r#"{"fail_kind": "System"}"#).is_err());
+    assert!(
+        serde_json::from_str::<Settings>(r#"{"full_scripts": true}"#)
+            .unwrap()
+            .full_scripts
+    );
+    assert!(!Settings::default().full_scripts);
+    assert!(serde_json::from_str::<Settings>(r#"{"full_script": true}"#).is_err());
     let err = serde_json::from_str::<Settings>(r#"{"fail_stages": "x"}"#).unwrap_err();
     assert!(
         err.to_string().contains("unknown field `fail_stages`"),
@@ -494,7 +713,7 @@ fn cleanup_without_prepare_succeeds_twice() {
         backend.cleanup(&state).unwrap();
         state.remove().unwrap();
     }
-    let lines = transcript_lines(&tmp.path().join("dry-run/demo-48151623.jsonl"));
+    let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
     assert_eq!(lines.len(), 2);
     assert!(lines
         .iter()
@@ -581,7 +800,7 @@ fn a_script_not_in_the_runner_format_is_shown_raw() {
         take(&log),
         "── stage build_script ──\n(not in the runner's script format: showing the file as it is)\n  #!/bin/sh\n  echo [MASKED]\n"
     );
-    let lines = transcript_lines(&tmp.path().join("dry-run/demo-48151623.jsonl"));
+    let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
     assert_eq!(lines[0]["runner_format"], false);
     assert_eq!(lines[0]["script_body"], "#!/bin/sh\necho [MASKED]\n");
 }
@@ -629,7 +848,7 @@ fn secrets_are_masked_in_their_shell_quoted_forms() {
         .run(&job, &state, &raw, "after_script", &cancel)
         .unwrap();
     let text = take(&log);
-    let transcript = fs::read_to_string(tmp.path().join("dry-run/demo-5.jsonl")).unwrap();
+    let transcript = fs::read_to_string(tmp.path().join("logs/dry-run/demo-5.jsonl")).unwrap();
     assert!(text.contains("  export QUOTED=$'[MASKED]'\n"), "{text}");
     assert!(text.contains("export QUOTED=$\\'[MASKED]\\'"), "{text}");
     for fragment in ["secret", "it's", "it\\'s", "job-token-5555"] {
