@@ -105,8 +105,14 @@ pub trait Backend {
     /// Runs one stage script (a bash program on the host, see [`crate::script`])
     /// inside the environment. `Ok(())` means the script exited 0; a non-zero exit
     /// is [`Failure::Script`]. Unknown stage names must be accepted.
-    fn run(&self, job: &JobContext, state: &JobState, script: &Path, stage: &str, cancel: &Cancel)
-        -> Result<(), Failure>;
+    fn run(
+        &self,
+        job: &JobContext,
+        state: &JobState,
+        script: &Path,
+        stage: &str,
+        cancel: &Cancel,
+    ) -> Result<(), Failure>;
 
     /// Removes everything of the job. Must succeed for a job that was never
     /// prepared, half prepared (a SIGKILLed prepare), or already cleaned, and must
@@ -135,9 +141,6 @@ pub trait NewBackend: Backend + Sized {
 /// The path of `name` below `dir`, refusing anything that is not a single
 /// plain path component (no `/`, no `..`, no NUL, not empty, not hidden).
 pub fn child_path(dir: &Path, name: &str) -> Option<PathBuf> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && !name.contains(['/', '\0'])
-        && name.len() <= 255;
+    let ok = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']) && name.len() <= 255;
     ok.then(|| dir.join(name))
 }

@@ -298,18 +298,16 @@ pub struct JobContext {
 }
 
 /// Variables the runner itself sets on every exec, which are not job variables.
-const RUNNER_KEYS: &[&str] = &[
-    "TMPDIR",
-    "BUILD_FAILURE_EXIT_CODE",
-    "SYSTEM_FAILURE_EXIT_CODE",
-    "BUILD_EXIT_CODE_FILE",
-    "JOB_RESPONSE_FILE",
-];
+const RUNNER_KEYS: &[&str] =
+    &["TMPDIR", "BUILD_FAILURE_EXIT_CODE", "SYSTEM_FAILURE_EXIT_CODE", "BUILD_EXIT_CODE_FILE", "JOB_RESPONSE_FILE"];
 
 impl JobContext {
     /// Builds the context of runner `runner` from this process's environment.
     pub fn from_env(runner: &str) -> Result<Self, ContextError> {
-        Self::from_vars(runner, std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))))
+        Self::from_vars(
+            runner,
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
     }
 
     /// Builds the context from explicit environment pairs (for tests and embedders).
@@ -329,8 +327,8 @@ impl JobContext {
         let response = match own.get("JOB_RESPONSE_FILE") {
             Some(path) if !path.is_empty() => {
                 let path = PathBuf::from(path);
-                let bytes = std::fs::read(&path)
-                    .map_err(|source| ContextError::ReadResponse { path: path.clone(), source })?;
+                let bytes =
+                    std::fs::read(&path).map_err(|source| ContextError::ReadResponse { path: path.clone(), source })?;
                 Some(
                     serde_json::from_slice::<JobResponse>(&bytes)
                         .map_err(|source| ContextError::ParseResponse { path, source })?,
@@ -342,10 +340,7 @@ impl JobContext {
             Some(response) => response.id,
             None => {
                 let shown = custom.get("CI_JOB_ID").map_or_else(|| "unset".to_owned(), |v| format!("{v:?}"));
-                custom
-                    .get("CI_JOB_ID")
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or(ContextError::NoIdentity(shown))?
+                custom.get("CI_JOB_ID").and_then(|v| v.parse::<u64>().ok()).ok_or(ContextError::NoIdentity(shown))?
             }
         };
         let key = JobKey::new(runner, id)?;

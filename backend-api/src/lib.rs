@@ -39,8 +39,7 @@ pub mod testing;
 pub use backend::{child_path, Backend, ConfigOutput, NewBackend, RunnerInfo, LOGS_DIR};
 pub use cancel::{Cancel, CancelTrigger};
 pub use context::{
-    ContextError, JobContext, JobImage, JobInfo, JobKey, JobResponse, ResponseVariable, RunnerLimits,
-    Step, Variable,
+    ContextError, JobContext, JobImage, JobInfo, JobKey, JobResponse, ResponseVariable, RunnerLimits, Step, Variable,
 };
 pub use describe::{Capabilities, Description, Isolation};
 pub use failure::Failure;

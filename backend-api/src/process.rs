@@ -126,7 +126,8 @@ mod tests {
     fn exit_codes_are_exact() {
         let cancel = Cancel::never().unwrap();
         for code in [0, 1, 42, 255] {
-            let ended = run(Command::new("sh").args(["-c", &format!("exit {code}")]), &cancel, Duration::from_secs(1)).unwrap();
+            let ended =
+                run(Command::new("sh").args(["-c", &format!("exit {code}")]), &cancel, Duration::from_secs(1)).unwrap();
             assert_eq!(ended, Ended::Exited(code));
         }
         let ended = run(Command::new("sh").args(["-c", "kill -9 $$"]), &cancel, Duration::from_secs(1)).unwrap();

@@ -23,7 +23,11 @@ impl Redactor {
             .flat_map(|s| {
                 let quoted = crate::script::quote(&s);
                 let escaped = quoted[2..quoted.len() - 1].to_owned();
-                if escaped == s { vec![s] } else { vec![s, escaped] }
+                if escaped == s {
+                    vec![s]
+                } else {
+                    vec![s, escaped]
+                }
             })
             .collect();
         secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));

@@ -131,7 +131,9 @@ mod tests {
 
     #[test]
     fn quote_then_decode_is_identity() {
-        for text in ["", "plain", "it's \"q\" \\ back", "line1\nline2\ttab", "\x1b[32;1m$ ls\x1b[0;m", "ünïcødé ☃", "\x01\x7f"] {
+        for text in
+            ["", "plain", "it's \"q\" \\ back", "line1\nline2\ttab", "\x1b[32;1m$ ls\x1b[0;m", "ünïcødé ☃", "\x01\x7f"]
+        {
             let quoted = quote(text);
             let (decoded, used) = decode(&quoted[2..]).unwrap();
             assert_eq!(decoded, text);

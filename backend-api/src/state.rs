@@ -238,7 +238,8 @@ impl JobState {
         let path = self.file(name)?;
         mkdir_private(&self.dir)?;
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StateError::Parse { path: path.clone(), source })?;
+        let bytes =
+            serde_json::to_vec_pretty(value).map_err(|source| StateError::Parse { path: path.clone(), source })?;
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)

@@ -45,7 +45,14 @@ impl Backend for FakeBackend {
         Ok(())
     }
 
-    fn run(&self, _job: &JobContext, _state: &JobState, _script: &Path, stage: &str, _cancel: &Cancel) -> Result<(), Failure> {
+    fn run(
+        &self,
+        _job: &JobContext,
+        _state: &JobState,
+        _script: &Path,
+        stage: &str,
+        _cancel: &Cancel,
+    ) -> Result<(), Failure> {
         self.record(format!("run {stage}"));
         match &self.fail_stage {
             Some(fail) if fail == stage => Err(Failure::script(self.fail_code)),

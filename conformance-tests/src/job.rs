@@ -59,7 +59,9 @@ impl Outcome {
     pub fn verdict(&self) -> String {
         match self {
             Outcome::Succeeded => "Job succeeded".into(),
-            Outcome::Failed { code, allowed: true } => format!("WARNING: Job failed: exit code {code} (allowed to fail)"),
+            Outcome::Failed { code, allowed: true } => {
+                format!("WARNING: Job failed: exit code {code} (allowed to fail)")
+            }
             Outcome::Failed { code, .. } => format!("ERROR: Job failed: exit code {code}"),
             Outcome::SystemFailure(reason) => format!("ERROR: Job failed (system failure): {reason}"),
             Outcome::Cancelled => "ERROR: Job failed: canceled".into(),
@@ -285,7 +287,11 @@ fn stage_plan(spec: &JobSpec) -> Vec<Stage> {
     let mut plan = vec![
         Stage { name: "prepare_script", header: None, body: prepare_body },
         Stage { name: "get_sources", header: Some("Getting source from Git repository"), body: sources_body },
-        Stage { name: "build_script", header: Some("Executing \"step_script\" stage of the job script"), body: script_body },
+        Stage {
+            name: "build_script",
+            header: Some("Executing \"step_script\" stage of the job script"),
+            body: script_body,
+        },
     ];
     if step(spec, "after_script").is_some_and(|s| !s.is_empty()) {
         plan.push(Stage { name: "after_script", header: Some("Running after_script"), body: after_body });
@@ -310,7 +316,8 @@ fn prepare_body(_: &JobSpec, _: &JobRun) -> String {
 
 fn is_name(key: &str) -> bool {
     let mut chars = key.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn single_quote(text: &str) -> String {
@@ -350,7 +357,10 @@ fn sources_body(spec: &JobSpec, job: &JobRun) -> String {
         out.push_str(&format!("mkdir -p {}\n", single_quote(&project)));
         return out;
     };
-    out.push_str(&format!("echo {}\n", quote(&format!("\x1b[32;1mCopying the local work tree into {project}\x1b[0;m"))));
+    out.push_str(&format!(
+        "echo {}\n",
+        quote(&format!("\x1b[32;1mCopying the local work tree into {project}\x1b[0;m"))
+    ));
     out.push_str(&format!("rm -rf {p}\nmkdir -p {p}\ncd {p}\n", p = single_quote(&project)));
     out.push_str("base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf - --no-same-owner\n");
     for chunk in archive.as_bytes().chunks(76) {
@@ -364,7 +374,8 @@ fn sources_body(spec: &JobSpec, job: &JobRun) -> String {
 fn commands(out: &mut String, commands: &[String]) {
     for command in commands {
         let shown = command.lines().next().unwrap_or_default();
-        let shown = if command.contains('\n') { format!("{shown} # collapsed multi-line command") } else { shown.to_owned() };
+        let shown =
+            if command.contains('\n') { format!("{shown} # collapsed multi-line command") } else { shown.to_owned() };
         out.push_str(&format!("echo {}\n", quote(&format!("\x1b[32;1m$ {shown}\x1b[0;m"))));
         out.push_str(command);
         out.push('\n');
@@ -404,7 +415,13 @@ mod tests {
             ResponseVariable::new("KUBECONFIG", "apiVersion: v1\n").file(),
         ];
         response.steps = vec![Step::new("script", vec!["echo $GREETING".into()], "on_success")];
-        JobSpec { response, sources: None, allow_failure_codes: vec![42], allow_failure: false, timeout: Duration::from_secs(60) }
+        JobSpec {
+            response,
+            sources: None,
+            allow_failure_codes: vec![42],
+            allow_failure: false,
+            timeout: Duration::from_secs(60),
+        }
     }
 
     #[test]

@@ -217,7 +217,8 @@ pub fn parse_config(stdout: &[u8]) -> Result<DriverConfig, String> {
     if text.trim().is_empty() {
         return Ok(DriverConfig::default());
     }
-    let config: DriverConfig = serde_json::from_str(text.trim()).map_err(|e| format!("config_exec output is not valid JSON: {e}"))?;
+    let config: DriverConfig =
+        serde_json::from_str(text.trim()).map_err(|e| format!("config_exec output is not valid JSON: {e}"))?;
     if config.builds_dir.as_deref() == Some("") || config.cache_dir.as_deref() == Some("") {
         return Err("config_exec returned an empty builds_dir or cache_dir".into());
     }
@@ -320,7 +321,13 @@ impl JobRun {
 impl Driver {
     /// A driver run as `program args...`.
     pub fn new(program: impl Into<PathBuf>, args: Vec<OsString>) -> Self {
-        Driver { program: program.into(), args, env: Vec::new(), timeouts: Timeouts::default(), exit_codes: (BUILD_FAILURE, SYSTEM_FAILURE) }
+        Driver {
+            program: program.into(),
+            args,
+            env: Vec::new(),
+            timeouts: Timeouts::default(),
+            exit_codes: (BUILD_FAILURE, SYSTEM_FAILURE),
+        }
     }
 
     fn env_for(&self, job: &JobRun) -> Vec<(OsString, OsString)> {
@@ -415,9 +422,15 @@ impl Driver {
                 },
                 Err(_) => Exit::Build { code: c, from_file: false },
             },
-            (Some(c), _) if c == self.exit_codes.1 => Exit::System(format!("{} exited with the system failure code {c}", hook.name())),
-            (Some(c), _) => Exit::System(format!("unknown Custom executor executable exit code {c}; executable {}", hook.name())),
-            (None, Some(s)) => Exit::System(format!("{} was killed by signal {}", hook.name(), s.signal().unwrap_or(0))),
+            (Some(c), _) if c == self.exit_codes.1 => {
+                Exit::System(format!("{} exited with the system failure code {c}", hook.name()))
+            }
+            (Some(c), _) => {
+                Exit::System(format!("unknown Custom executor executable exit code {c}; executable {}", hook.name()))
+            }
+            (None, Some(s)) => {
+                Exit::System(format!("{} was killed by signal {}", hook.name(), s.signal().unwrap_or(0)))
+            }
         };
         HookResult { hook, exit, status: code, stdout, stderr, elapsed, log_released_after, terminated }
     }
@@ -426,7 +439,11 @@ impl Driver {
     /// and the CI_BUILDS_DIR/CI_PROJECT_DIR variables computed from them).
     pub fn config(&self, job: &mut JobRun, log: &Arc<dyn Log>) -> (HookResult, Result<DriverConfig, String>) {
         let result = self.call(job, Hook::Config, &[], Some(self.timeouts.config), None, log);
-        let parsed = if result.ok() { parse_config(&result.stdout) } else { Err(format!("config_exec failed: {:?}", result.exit)) };
+        let parsed = if result.ok() {
+            parse_config(&result.stdout)
+        } else {
+            Err(format!("config_exec failed: {:?}", result.exit))
+        };
         if let Ok(config) = &parsed {
             job.config = config.clone();
             let builds = config.builds_dir.clone().unwrap_or_else(|| "/builds".into());
@@ -438,7 +455,14 @@ impl Driver {
     }
 
     /// Calls run for one stage with a script made from `body`.
-    pub fn run_stage(&self, job: &mut JobRun, stage: &str, body: &str, cancel: Option<&Cancel>, log: &Arc<dyn Log>) -> HookResult {
+    pub fn run_stage(
+        &self,
+        job: &mut JobRun,
+        stage: &str,
+        body: &str,
+        cancel: Option<&Cancel>,
+        log: &Arc<dyn Log>,
+    ) -> HookResult {
         match job.write_script(stage, body) {
             Ok(path) => self.call(job, Hook::Run, &[path.into(), stage.into()], None, cancel, log),
             Err(e) => HookResult {
@@ -483,7 +507,9 @@ fn wait_child(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Insta
         if left == Some(Duration::ZERO) {
             return Waited::Interrupted;
         }
-        let timeout = left.map_or(PollTimeout::NONE, |l| PollTimeout::try_from(l.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::MAX));
+        let timeout = left.map_or(PollTimeout::NONE, |l| {
+            PollTimeout::try_from(l.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::MAX)
+        });
         let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         if let Some(cancel) = cancel {
             fds.push(PollFd::new(cancel.as_fd(), PollFlags::POLLIN));

@@ -53,8 +53,12 @@ impl Needs {
     fn missing(self, caps: &Capabilities) -> Option<&'static str> {
         match self {
             Needs::Nothing => None,
-            Needs::ExecutesScripts if !caps.executes_scripts => Some("the backend does not execute scripts (executes_scripts = false)"),
-            Needs::Cancel if !caps.executes_scripts => Some("the backend does not execute scripts (executes_scripts = false)"),
+            Needs::ExecutesScripts if !caps.executes_scripts => {
+                Some("the backend does not execute scripts (executes_scripts = false)")
+            }
+            Needs::Cancel if !caps.executes_scripts => {
+                Some("the backend does not execute scripts (executes_scripts = false)")
+            }
             Needs::Cancel if !caps.cancel => Some("the backend does not declare cancel support (cancel = false)"),
             _ => None,
         }
@@ -88,7 +92,12 @@ pub struct Target {
 
 impl Target {
     /// A target whose hooks are `program args... HOOK`.
-    pub fn new(program: impl Into<PathBuf>, args: Vec<OsString>, description: Description, state_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        program: impl Into<PathBuf>,
+        args: Vec<OsString>,
+        description: Description,
+        state_dir: Option<PathBuf>,
+    ) -> Self {
         let mut driver = Driver::new(program, args);
         driver.timeouts = Timeouts {
             config: Duration::from_secs(60),
@@ -169,7 +178,13 @@ impl Report {
                 ("pass", _) => "pass",
                 _ => "skip",
             };
-            out.push_str(&format!("{verdict:<5} {:<26} {:<6} {:>6.2}s  {}\n", r.id, r.level.as_str(), r.seconds, r.statement));
+            out.push_str(&format!(
+                "{verdict:<5} {:<26} {:<6} {:>6.2}s  {}\n",
+                r.id,
+                r.level.as_str(),
+                r.seconds,
+                r.statement
+            ));
             if !r.detail.is_empty() {
                 for line in r.detail.lines() {
                     out.push_str(&format!("        {line}\n"));
@@ -196,7 +211,9 @@ pub fn run(target: &Target, filter: &Filter) -> Result<Report, String> {
     }
     let mut results = Vec::new();
     for check in CHECKS {
-        if (!filter.only.is_empty() && !filter.only.iter().any(|id| id == check.id)) || filter.skip.iter().any(|id| id == check.id) {
+        if (!filter.only.is_empty() && !filter.only.iter().any(|id| id == check.id))
+            || filter.skip.iter().any(|id| id == check.id)
+        {
             continue;
         }
         let started = Instant::now();
@@ -276,7 +293,8 @@ impl<'a> Case<'a> {
 
     fn prepare(&mut self) -> Result<HookResult, String> {
         self.config()?;
-        let result = self.driver.call(&self.job, Hook::Prepare, &[], Some(self.driver.timeouts.prepare), None, &self.log);
+        let result =
+            self.driver.call(&self.job, Hook::Prepare, &[], Some(self.driver.timeouts.prepare), None, &self.log);
         if !result.ok() {
             return Err(format!("prepare failed: {:?}\n{}", result.exit, tail(&result.output())));
         }
@@ -349,7 +367,12 @@ fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
 
 fn expect_exit(result: &HookResult, want: &Exit, what: &str) -> Result<(), String> {
     if &result.exit != want {
-        return Err(format!("{what}: expected {want:?}, got {:?} (exit status {:?})\n{}", result.exit, result.status, tail(&result.output())));
+        return Err(format!(
+            "{what}: expected {want:?}, got {:?} (exit status {:?})\n{}",
+            result.exit,
+            result.status,
+            tail(&result.output())
+        ));
     }
     Ok(())
 }
@@ -358,7 +381,8 @@ fn config_json(target: &Target) -> Result<(), String> {
     let mut case = Case::new(target)?;
     let result = case.config()?;
     let text = String::from_utf8_lossy(&result.stdout);
-    let value: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| format!("config output is not JSON ({e}): {text:?}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("config output is not JSON ({e}): {text:?}"))?;
     if !value.is_object() {
         return Err(format!("config output is not a JSON object: {text:?}"));
     }
@@ -482,7 +506,7 @@ fn background_process(target: &Target) -> Result<(), String> {
         _ => return Err("a background process left by the stage kept the job log open".into()),
     }
     if !result.output().contains("berth-started") {
-        return Err(format!("the stage's output is missing: {:?}", result.output()))
+        return Err(format!("the stage's output is missing: {:?}", result.output()));
     }
     case.finish()
 }
@@ -495,9 +519,13 @@ fn cancel(target: &Target) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(500));
         trigger.fire();
     });
-    let path = case.job.write_script("build_script", "echo berth-sleeping\nsleep 12\necho berth-not-cancelled\n").map_err(|e| e.to_string())?;
+    let path = case
+        .job
+        .write_script("build_script", "echo berth-sleeping\nsleep 12\necho berth-not-cancelled\n")
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let result = case.driver.call(&case.job, Hook::Run, &[path.into(), "build_script".into()], None, Some(&cancel), &case.log);
+    let result =
+        case.driver.call(&case.job, Hook::Run, &[path.into(), "build_script".into()], None, Some(&cancel), &case.log);
     let stopped = started.elapsed();
     let _ = fire.join();
     if result.ok() || result.output().contains("berth-not-cancelled") {
@@ -512,7 +540,10 @@ fn cancel(target: &Target) -> Result<(), String> {
 const SECRET_KEY: &str = "BERTH_CONFORMANCE_SECRET";
 
 fn masked(target: &Target) -> Result<(), String> {
-    let secret = format!("berth-masked-{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos()));
+    let secret = format!(
+        "berth-masked-{:x}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos())
+    );
     let mut case = Case::with(target, |r| r.variables.push(ResponseVariable::new(SECRET_KEY, &secret).masked()))?;
     let mut outputs = vec![case.prepare()?.output()];
     let body = format!("export {SECRET_KEY}={}\ntrue\n", berth_backend_api::script::quote(&secret));
@@ -550,7 +581,11 @@ fn identity(target: &Target) -> Result<(), String> {
     let cleaned = b.cleanup();
     expect_exit(&cleaned, &Exit::Success, "cleanup of the second job")?;
     let result = a.run("build_script", &format!("test \"$(cat '{project}/berth-identity')\" = a\n"));
-    expect_exit(&result, &Exit::Success, "the first job, after another job with the same CUSTOM_ENV_CI_JOB_ID was cleaned up")?;
+    expect_exit(
+        &result,
+        &Exit::Success,
+        "the first job, after another job with the same CUSTOM_ENV_CI_JOB_ID was cleaned up",
+    )?;
     b.finish()?;
     a.finish()
 }
@@ -561,7 +596,13 @@ fn job_spec(script: &[&str], after: &[&str]) -> JobSpec {
     if !after.is_empty() {
         response.steps.push(Step::new("after_script", after.iter().map(|s| s.to_string()).collect(), "always"));
     }
-    JobSpec { response, sources: None, allow_failure_codes: Vec::new(), allow_failure: false, timeout: Duration::from_secs(120) }
+    JobSpec {
+        response,
+        sources: None,
+        allow_failure_codes: Vec::new(),
+        allow_failure: false,
+        timeout: Duration::from_secs(120),
+    }
 }
 
 fn whole_job(target: &Target, spec: &JobSpec) -> Result<crate::job::Report, String> {
@@ -603,19 +644,124 @@ fn job_failure(target: &Target) -> Result<(), String> {
 }
 
 const CHECKS: &[Check] = &[
-    Check { id: "config.json", level: Level::Must, statement: "config prints one JSON object naming the driver, with absolute builds/cache dirs", protocol: "3", needs: Needs::Nothing, run: config_json },
-    Check { id: "cleanup.unprepared", level: Level::Must, statement: "cleanup of a job that was never prepared succeeds and leaves nothing", protocol: "5", needs: Needs::Nothing, run: cleanup_unprepared },
-    Check { id: "cleanup.idempotent", level: Level::Must, statement: "cleanup twice in a row succeeds both times", protocol: "5", needs: Needs::Nothing, run: cleanup_idempotent },
-    Check { id: "stage.unknown-name", level: Level::Must, statement: "run accepts stage names it does not know", protocol: "4", needs: Needs::Nothing, run: unknown_stage },
-    Check { id: "hook.releases-log", level: Level::Must, statement: "prepare, run and cleanup close the job log when they exit", protocol: "4", needs: Needs::Nothing, run: log_released },
-    Check { id: "secrets.masked", level: Level::Must, statement: "masked values reach no hook output and no state file", protocol: "2", needs: Needs::Nothing, run: masked },
-    Check { id: "job.success", level: Level::Must, statement: "a whole job succeeds through config, prepare, every stage and cleanup", protocol: "4", needs: Needs::Nothing, run: job_success },
-    Check { id: "exit.success", level: Level::Must, statement: "a script exiting 0 makes run exit 0 without BUILD_EXIT_CODE_FILE", protocol: "5", needs: Needs::ExecutesScripts, run: exit_success },
-    Check { id: "exit.codes", level: Level::Must, statement: "a script exiting 1/42/255 gives the build failure code and that code in BUILD_EXIT_CODE_FILE", protocol: "5", needs: Needs::ExecutesScripts, run: exit_codes },
-    Check { id: "exit.codes-from-env", level: Level::Must, statement: "exit codes follow BUILD_FAILURE_EXIT_CODE from the environment", protocol: "5", needs: Needs::ExecutesScripts, run: exit_codes_from_env },
-    Check { id: "job.failure", level: Level::Must, statement: "a failing script fails the job with its exit code, after_script runs with CI_JOB_STATUS=failed", protocol: "4", needs: Needs::ExecutesScripts, run: job_failure },
-    Check { id: "stage.state-persists", level: Level::Must, statement: "files written in one stage are visible in the next (each stage is a new process)", protocol: "2", needs: Needs::ExecutesScripts, run: state_persists },
-    Check { id: "stage.background-process", level: Level::Must, statement: "a background process left by a stage does not hold the job log", protocol: "4", needs: Needs::ExecutesScripts, run: background_process },
-    Check { id: "identity.trusted", level: Level::Must, statement: "the job's identity comes from JOB_RESPONSE_FILE, not the shadowable CUSTOM_ENV_CI_JOB_ID", protocol: "2", needs: Needs::ExecutesScripts, run: identity },
-    Check { id: "cancel.sigterm", level: Level::Must, statement: "SIGTERM to run's process group stops the stage within seconds; cleanup still works", protocol: "6", needs: Needs::Cancel, run: cancel },
+    Check {
+        id: "config.json",
+        level: Level::Must,
+        statement: "config prints one JSON object naming the driver, with absolute builds/cache dirs",
+        protocol: "3",
+        needs: Needs::Nothing,
+        run: config_json,
+    },
+    Check {
+        id: "cleanup.unprepared",
+        level: Level::Must,
+        statement: "cleanup of a job that was never prepared succeeds and leaves nothing",
+        protocol: "5",
+        needs: Needs::Nothing,
+        run: cleanup_unprepared,
+    },
+    Check {
+        id: "cleanup.idempotent",
+        level: Level::Must,
+        statement: "cleanup twice in a row succeeds both times",
+        protocol: "5",
+        needs: Needs::Nothing,
+        run: cleanup_idempotent,
+    },
+    Check {
+        id: "stage.unknown-name",
+        level: Level::Must,
+        statement: "run accepts stage names it does not know",
+        protocol: "4",
+        needs: Needs::Nothing,
+        run: unknown_stage,
+    },
+    Check {
+        id: "hook.releases-log",
+        level: Level::Must,
+        statement: "prepare, run and cleanup close the job log when they exit",
+        protocol: "4",
+        needs: Needs::Nothing,
+        run: log_released,
+    },
+    Check {
+        id: "secrets.masked",
+        level: Level::Must,
+        statement: "masked values reach no hook output and no state file",
+        protocol: "2",
+        needs: Needs::Nothing,
+        run: masked,
+    },
+    Check {
+        id: "job.success",
+        level: Level::Must,
+        statement: "a whole job succeeds through config, prepare, every stage and cleanup",
+        protocol: "4",
+        needs: Needs::Nothing,
+        run: job_success,
+    },
+    Check {
+        id: "exit.success",
+        level: Level::Must,
+        statement: "a script exiting 0 makes run exit 0 without BUILD_EXIT_CODE_FILE",
+        protocol: "5",
+        needs: Needs::ExecutesScripts,
+        run: exit_success,
+    },
+    Check {
+        id: "exit.codes",
+        level: Level::Must,
+        statement: "a script exiting 1/42/255 gives the build failure code and that code in BUILD_EXIT_CODE_FILE",
+        protocol: "5",
+        needs: Needs::ExecutesScripts,
+        run: exit_codes,
+    },
+    Check {
+        id: "exit.codes-from-env",
+        level: Level::Must,
+        statement: "exit codes follow BUILD_FAILURE_EXIT_CODE from the environment",
+        protocol: "5",
+        needs: Needs::ExecutesScripts,
+        run: exit_codes_from_env,
+    },
+    Check {
+        id: "job.failure",
+        level: Level::Must,
+        statement: "a failing script fails the job with its exit code, after_script runs with CI_JOB_STATUS=failed",
+        protocol: "4",
+        needs: Needs::ExecutesScripts,
+        run: job_failure,
+    },
+    Check {
+        id: "stage.state-persists",
+        level: Level::Must,
+        statement: "files written in one stage are visible in the next (each stage is a new process)",
+        protocol: "2",
+        needs: Needs::ExecutesScripts,
+        run: state_persists,
+    },
+    Check {
+        id: "stage.background-process",
+        level: Level::Must,
+        statement: "a background process left by a stage does not hold the job log",
+        protocol: "4",
+        needs: Needs::ExecutesScripts,
+        run: background_process,
+    },
+    Check {
+        id: "identity.trusted",
+        level: Level::Must,
+        statement: "the job's identity comes from JOB_RESPONSE_FILE, not the shadowable CUSTOM_ENV_CI_JOB_ID",
+        protocol: "2",
+        needs: Needs::ExecutesScripts,
+        run: identity,
+    },
+    Check {
+        id: "cancel.sigterm",
+        level: Level::Must,
+        statement: "SIGTERM to run's process group stops the stage within seconds; cleanup still works",
+        protocol: "6",
+        needs: Needs::Cancel,
+        run: cancel,
+    },
 ];

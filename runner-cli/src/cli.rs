@@ -35,7 +35,7 @@ pub enum Command {
     Run(RunArgs),
     /// Hook: remove everything of the job (cleanup_exec).
     Cleanup,
-    /// Print the [[runners]] block to paste into gitlab-runner's config.toml.
+    /// Print the `[[runners]]` block to paste into gitlab-runner's config.toml.
     GitlabConfig(GitlabConfigArgs),
     /// Run one job of a .gitlab-ci.yml locally, through the full protocol.
     Exec(ExecArgs),

@@ -141,7 +141,9 @@ fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<ExitCode> {
     let berth = toml_string(&berth.display().to_string());
     let config = toml_string(&absolute(&cli.config).display().to_string());
     let name = args.name.clone().unwrap_or_else(|| runner.name.clone());
-    let hook_args = |hook: &str| format!("[\"--config\", {config}, \"--runner\", {}, {}]", toml_string(&runner.name), toml_string(hook));
+    let hook_args = |hook: &str| {
+        format!("[\"--config\", {config}, \"--runner\", {}, {}]", toml_string(&runner.name), toml_string(hook))
+    };
     println!(
         r#"# gitlab-runner config.toml: a runner that runs every job through berth runner {runner_name:?}.
 # Fill in url and token (from `gitlab-runner register`), then restart gitlab-runner.
@@ -185,7 +187,8 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
     }
     let (runner, backend) = load(cli)?;
     let exe = std::env::current_exe().context("failed to find this executable's path")?;
-    let mut hook_args: Vec<OsString> = vec!["--config".into(), absolute(&cli.config).into(), "--runner".into(), runner.name.clone().into()];
+    let mut hook_args: Vec<OsString> =
+        vec!["--config".into(), absolute(&cli.config).into(), "--runner".into(), runner.name.clone().into()];
     hook_args.shrink_to_fit();
     let target = suite::Target::new(exe, hook_args, backend.describe(), Some(runner.state_dir.clone()));
     drop(backend);

@@ -94,7 +94,12 @@ impl Runner {
             BackendChoice::BuiltIn(_) => "backend",
             BackendChoice::Plugin(_) => "plugin",
         };
-        ConfigError::Key { path: self.path.clone(), line: self.backend_line, key: format!("runners.{}.{key}", self.name), message: message.into() }
+        ConfigError::Key {
+            path: self.path.clone(),
+            line: self.backend_line,
+            key: format!("runners.{}.{key}", self.name),
+            message: message.into(),
+        }
     }
 }
 
@@ -110,7 +115,8 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
 
 /// Parses configuration `text` (read from `path`) and resolves runner `name`.
 pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+    let raw: RawFile = toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
     let key_err = |span: std::ops::Range<usize>, key: String, message: String| ConfigError::Key {
         path: path.to_owned(),
         line: line_of(text, span.start),
@@ -119,14 +125,20 @@ pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, Conf
     };
     let defined = || raw.runners.keys().map(|k| k.get_ref().as_str()).collect::<Vec<_>>().join(", ");
     let (runner_name, runner) = match name {
-        Some(name) => raw.runners.iter().find(|(k, _)| k.get_ref() == name).ok_or_else(|| ConfigError::NoSuchRunner {
-            path: path.to_owned(),
-            name: name.to_owned(),
-            defined: if raw.runners.is_empty() { "none".into() } else { defined() },
-        })?,
+        Some(name) => {
+            raw.runners.iter().find(|(k, _)| k.get_ref() == name).ok_or_else(|| ConfigError::NoSuchRunner {
+                path: path.to_owned(),
+                name: name.to_owned(),
+                defined: if raw.runners.is_empty() { "none".into() } else { defined() },
+            })?
+        }
         None if raw.runners.len() == 1 => raw.runners.iter().next().expect("one runner"),
         None => {
-            return Err(ConfigError::WhichRunner { path: path.to_owned(), count: raw.runners.len(), defined: if raw.runners.is_empty() { "none".into() } else { defined() } })
+            return Err(ConfigError::WhichRunner {
+                path: path.to_owned(),
+                count: raw.runners.len(),
+                defined: if raw.runners.is_empty() { "none".into() } else { defined() },
+            })
         }
     };
     let prefix = format!("runners.{}", runner_name.get_ref());
@@ -141,19 +153,37 @@ pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, Conf
         (Some(backend), None) => BackendChoice::BuiltIn(backend.get_ref().clone()),
         (None, Some(plugin)) => {
             if !plugin.get_ref().is_absolute() {
-                return Err(key_err(plugin.span(), format!("{prefix}.plugin"), "must be an absolute path to the backend library".into()));
+                return Err(key_err(
+                    plugin.span(),
+                    format!("{prefix}.plugin"),
+                    "must be an absolute path to the backend library".into(),
+                ));
             }
             BackendChoice::Plugin(plugin.get_ref().clone())
         }
-        (Some(b), Some(_)) => return Err(key_err(b.span(), format!("{prefix}.backend"), "set either `backend` or `plugin`, not both".into())),
+        (Some(b), Some(_)) => {
+            return Err(key_err(
+                b.span(),
+                format!("{prefix}.backend"),
+                "set either `backend` or `plugin`, not both".into(),
+            ))
+        }
         (None, None) => {
-            return Err(key_err(runner_name.span(), prefix, "set `backend = \"NAME\"` (built in: see `berth backends`) or `plugin = \"/path/to/lib.so\"`".into()))
+            return Err(key_err(
+                runner_name.span(),
+                prefix,
+                "set `backend = \"NAME\"` (built in: see `berth backends`) or `plugin = \"/path/to/lib.so\"`".into(),
+            ))
         }
     };
     for (key, value) in [("builds_dir", &runner.builds_dir), ("cache_dir", &runner.cache_dir)] {
         if let Some(value) = value {
             if !value.get_ref().starts_with('/') {
-                return Err(key_err(value.span(), format!("{prefix}.{key}"), "must be an absolute path (as the job sees it)".into()));
+                return Err(key_err(
+                    value.span(),
+                    format!("{prefix}.{key}"),
+                    "must be an absolute path (as the job sees it)".into(),
+                ));
             }
         }
     }
@@ -175,7 +205,12 @@ pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, Conf
         runner_line: line_of(text, runner_name.span().start),
         backend_line: line_of(
             text,
-            runner.backend.as_ref().map(|b| b.span().start).or(runner.plugin.as_ref().map(|p| p.span().start)).unwrap_or(0),
+            runner
+                .backend
+                .as_ref()
+                .map(|b| b.span().start)
+                .or(runner.plugin.as_ref().map(|p| p.span().start))
+                .unwrap_or(0),
         ),
         path: path.to_owned(),
     })

@@ -50,7 +50,8 @@ pub fn config(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Resul
     for warning in &output.warnings {
         eprintln!("WARNING: {warning}");
     }
-    let json = ConfigJson { driver: Driver { name: &description.name, version: &description.version }, output: &output };
+    let json =
+        ConfigJson { driver: Driver { name: &description.name, version: &description.version }, output: &output };
     println!("{}", serde_json::to_string(&json).context("failed to encode config output")?);
     Ok(())
 }
@@ -68,7 +69,14 @@ pub fn prepare(runner: &Runner, backend: &dyn Backend, job: &JobContext, cancel:
 }
 
 /// `berth run SCRIPT STAGE`.
-pub fn run(runner: &Runner, backend: &dyn Backend, job: &JobContext, script: &Path, stage: &str, cancel: &Cancel) -> Result<()> {
+pub fn run(
+    runner: &Runner,
+    backend: &dyn Backend,
+    job: &JobContext,
+    script: &Path,
+    stage: &str,
+    cancel: &Cancel,
+) -> Result<()> {
     let states = StateDir::new(&runner.state_dir);
     let state = states.open(job.key())?;
     info!(job = %job.key(), stage, "run");
@@ -157,7 +165,9 @@ mod tests {
     fn a_job_is_gone_when_its_runner_dir_vanished_or_it_outlived_its_timeout() {
         let key = JobKey::new("demo", 1).unwrap();
         let grace = Duration::from_secs(60);
-        let mut record = JobRecord::new(key, "x").runner_tmpdir(Some("/nonexistent/custom-executor1".into())).timeout_secs(Some(3600));
+        let mut record = JobRecord::new(key, "x")
+            .runner_tmpdir(Some("/nonexistent/custom-executor1".into()))
+            .timeout_secs(Some(3600));
         record.created_unix = 1_000_000;
         assert!(gone(&record, 1_000_030, grace).is_none(), "within grace");
         assert!(gone(&record, 1_000_100, grace).unwrap().contains("removed its job directory"));

@@ -18,13 +18,16 @@ pub enum LoadError {
 /// Environment variable that unlocks test-fixture backends.
 pub const TEST_BACKENDS_ENV: &str = "BERTH_ALLOW_TEST_BACKENDS";
 
+/// Builds a backend from a runner's configuration.
+type Build = fn(&Runner, &RunnerInfo) -> Result<Box<dyn Backend>, LoadError>;
+
 /// A backend compiled into berth.
 pub struct BuiltIn {
     pub name: &'static str,
     pub summary: &'static str,
     /// A test fixture: not listed, and only usable with [`TEST_BACKENDS_ENV`]=1.
     pub test_fixture: bool,
-    build: fn(&Runner, &RunnerInfo) -> Result<Box<dyn Backend>, LoadError>,
+    build: Build,
 }
 
 pub const BUILT_IN: &[BuiltIn] = &[
@@ -43,11 +46,12 @@ pub const BUILT_IN: &[BuiltIn] = &[
 ];
 
 fn build<B: NewBackend + 'static>(runner: &Runner, info: &RunnerInfo) -> Result<Box<dyn Backend>, LoadError> {
-    let settings: B::Settings = serde_path_to_error::deserialize(toml::Value::Table(runner.settings.clone())).map_err(|e| {
-        let path = e.path().to_string();
-        let message = e.into_inner().to_string();
-        runner.settings_error(if path == "." { "" } else { &path }, message.trim_end().to_owned())
-    })?;
+    let settings: B::Settings =
+        serde_path_to_error::deserialize(toml::Value::Table(runner.settings.clone())).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            runner.settings_error(if path == "." { "" } else { &path }, message.trim_end().to_owned())
+        })?;
     let backend = B::new(settings, info).map_err(|source| LoadError::Backend {
         backend: info_backend_name(runner),
         runner: runner.name.clone(),
@@ -87,7 +91,9 @@ pub fn load(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
         BackendChoice::Plugin(path) => Err(LoadError::Backend {
             backend: path.display().to_string(),
             runner: runner.name.clone(),
-            source: Failure::system("plugin backends are not supported by this version of berth; use a built-in `backend`"),
+            source: Failure::system(
+                "plugin backends are not supported by this version of berth; use a built-in `backend`",
+            ),
         }),
     }
 }

@@ -5,7 +5,8 @@ use crate::util::*;
 
 fn suite(env: &Env, runner: &str, extra: &[&str]) -> serde_json::Value {
     let out = env.berth(runner).args(["conformance", "--json"]).args(extra).output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     report
 }
 
@@ -14,7 +15,13 @@ fn verdicts(report: &serde_json::Value) -> Vec<(String, String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["id"].as_str().unwrap().to_owned(), r["verdict"].as_str().unwrap().to_owned(), r["detail"].as_str().unwrap().to_owned()))
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_owned(),
+                r["verdict"].as_str().unwrap().to_owned(),
+                r["detail"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -27,8 +34,19 @@ fn dry_run_passes_everything_that_applies_to_it() {
     for (id, verdict, detail) in &results {
         assert_ne!(verdict, "fail", "{id}: {detail}");
     }
-    for id in ["config.json", "cleanup.idempotent", "cleanup.unprepared", "stage.unknown-name", "secrets.masked", "job.success", "hook.releases-log"] {
-        assert!(results.iter().any(|(i, v, _)| i == id && v == "pass"), "{id} must apply to dry-run and pass: {results:?}");
+    for id in [
+        "config.json",
+        "cleanup.idempotent",
+        "cleanup.unprepared",
+        "stage.unknown-name",
+        "secrets.masked",
+        "job.success",
+        "hook.releases-log",
+    ] {
+        assert!(
+            results.iter().any(|(i, v, _)| i == id && v == "pass"),
+            "{id} must apply to dry-run and pass: {results:?}"
+        );
     }
     let skipped: Vec<_> = results.iter().filter(|(_, v, _)| v == "skip").collect();
     assert!(skipped.iter().all(|(_, _, why)| why.contains("does not execute scripts")), "{skipped:?}");
@@ -59,11 +77,15 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
     ];
     let mut missed = Vec::new();
     for (fault, check) in cases {
-        let env = Env::new(&format!("[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"{fault}\"\n"));
+        let env = Env::new(&format!(
+            "[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"{fault}\"\n"
+        ));
         let report = suite(&env, "broken", &["--check", check]);
         let results = verdicts(&report);
         match results.iter().find(|(id, _, _)| id == check) {
-            Some((_, verdict, detail)) if verdict == "fail" => eprintln!("{fault}: caught by {check}: {}", detail.lines().next().unwrap_or("")),
+            Some((_, verdict, detail)) if verdict == "fail" => {
+                eprintln!("{fault}: caught by {check}: {}", detail.lines().next().unwrap_or(""))
+            }
             other => missed.push(format!("{fault} not caught by {check}: {other:?}")),
         }
     }
@@ -73,7 +95,8 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
 #[test]
 fn the_table_counts_and_filters() {
     let env = Env::new(DRY_RUN);
-    let out = env.berth("demo").args(["conformance", "--check", "config.json", "--check", "exit.codes"]).output().unwrap();
+    let out =
+        env.berth("demo").args(["conformance", "--check", "config.json", "--check", "exit.codes"]).output().unwrap();
     let table = text(&out);
     assert!(out.status.success(), "{table}");
     assert!(table.contains("pass  config.json"), "{table}");
@@ -86,7 +109,8 @@ fn the_table_counts_and_filters() {
 
 #[test]
 fn a_failing_must_check_fails_the_command() {
-    let env = Env::new("[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"lose-exit-code\"\n");
+    let env =
+        Env::new("[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"lose-exit-code\"\n");
     let out = env.berth("broken").args(["conformance", "--check", "exit.codes"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("FAIL  exit.codes"), "{}", text(&out));

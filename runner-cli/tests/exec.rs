@@ -5,7 +5,15 @@ use crate::util::*;
 fn exec(env: &Env, runner: &str, job: &str, extra: &[&str]) -> std::process::Output {
     let file = repo().join("examples/hello/.gitlab-ci.yml");
     env.berth(runner)
-        .args(["exec", "--file", file.to_str().unwrap(), "--sources", repo().join("examples/hello").to_str().unwrap(), "--retry-delay-ms", "50"])
+        .args([
+            "exec",
+            "--file",
+            file.to_str().unwrap(),
+            "--sources",
+            repo().join("examples/hello").to_str().unwrap(),
+            "--retry-delay-ms",
+            "50",
+        ])
         .args(extra)
         .arg(job)
         .output()
@@ -69,7 +77,12 @@ fn real_scripts_run_with_sources_and_exit_codes() {
 #[test]
 fn masked_variables_stay_out_of_the_log() {
     let env = Env::new(DRY_RUN);
-    let out = exec(&env, "demo", "test", &["--masked-var", "DEPLOY_TOKEN=glpat-very-secret-123", "--var", "PLAIN=visible-value"]);
+    let out = exec(
+        &env,
+        "demo",
+        "test",
+        &["--masked-var", "DEPLOY_TOKEN=glpat-very-secret-123", "--var", "PLAIN=visible-value"],
+    );
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(!log.contains("glpat-very-secret-123"), "{log}");
@@ -96,7 +109,11 @@ fn ctrl_c_cancels_the_running_step_then_after_script_and_cleanup_run() {
     let env = Env::new(HOST);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join(".gitlab-ci.yml");
-    std::fs::write(&file, "slow:\n  script:\n    - echo started\n    - sleep 30\n  after_script:\n    - echo \"after=$CI_JOB_STATUS\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "slow:\n  script:\n    - echo started\n    - sleep 30\n  after_script:\n    - echo \"after=$CI_JOB_STATUS\"\n",
+    )
+    .unwrap();
     let child = env
         .berth("host")
         .args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "slow"])

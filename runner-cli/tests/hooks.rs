@@ -17,7 +17,8 @@ fn config_prints_json_naming_the_driver() {
 
 #[test]
 fn runner_toml_overrides_builds_and_cache_dirs() {
-    let env = Env::new("[runners.demo]\nbackend = \"dry-run\"\nbuilds_dir = \"/srv/builds\"\ncache_dir = \"/srv/cache\"\n");
+    let env =
+        Env::new("[runners.demo]\nbackend = \"dry-run\"\nbuilds_dir = \"/srv/builds\"\ncache_dir = \"/srv/cache\"\n");
     let out = env.job("job").hook(&env, "demo", &["config"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["builds_dir"], "/srv/builds");
@@ -73,7 +74,8 @@ fn exit_codes_follow_the_runners_environment() {
 
 #[test]
 fn a_broken_config_file_is_a_system_failure_naming_file_and_key() {
-    let env = Env::new("[runners.demo]\nbackend = \"dry-run\"\n[runners.demo.settings]\nfail_stagee = \"build_script\"\n");
+    let env =
+        Env::new("[runners.demo]\nbackend = \"dry-run\"\n[runners.demo.settings]\nfail_stagee = \"build_script\"\n");
     let job = env.job("job");
     for hook in [&["config"][..], &["prepare"], &["cleanup"]] {
         let out = job.hook(&env, "demo", hook);
@@ -143,7 +145,13 @@ fn without_a_payload_the_job_id_must_be_numeric() {
 fn test_fixture_backends_need_the_test_switch() {
     let env = Env::new(HOST);
     let job = env.job("job");
-    let out = env.berth("host").env_remove("BERTH_ALLOW_TEST_BACKENDS").arg("config").envs(job.env.iter().cloned()).output().unwrap();
+    let out = env
+        .berth("host")
+        .env_remove("BERTH_ALLOW_TEST_BACKENDS")
+        .arg("config")
+        .envs(job.env.iter().cloned())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("test fixture"), "{}", text(&out));
 }
@@ -183,7 +191,8 @@ fn gitlab_config_names_every_hook_with_config_and_runner() {
     let custom = runner["custom"].as_table().unwrap();
     for hook in ["config", "prepare", "run", "cleanup"] {
         assert_eq!(custom[&format!("{hook}_exec")].as_str(), Some("/usr/local/bin/berth"));
-        let args: Vec<&str> = custom[&format!("{hook}_args")].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let args: Vec<&str> =
+            custom[&format!("{hook}_args")].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(args, ["--config", env.config().to_str().unwrap(), "--runner", "demo", hook]);
     }
     assert!(custom.contains_key("graceful_kill_timeout"));

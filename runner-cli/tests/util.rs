@@ -35,7 +35,12 @@ impl Env {
     /// `berth --config CFG --runner RUNNER ARGS...`, test backends allowed.
     pub fn berth(&self, runner: &str) -> Command {
         let mut cmd = Command::new(BERTH);
-        cmd.arg("--config").arg(self.config()).arg("--runner").arg(runner).env("BERTH_ALLOW_TEST_BACKENDS", "1").env_remove("BERTH_LOG");
+        cmd.arg("--config")
+            .arg(self.config())
+            .arg("--runner")
+            .arg(runner)
+            .env("BERTH_ALLOW_TEST_BACKENDS", "1")
+            .env_remove("BERTH_LOG");
         cmd
     }
 
@@ -45,13 +50,14 @@ impl Env {
         let tmp = self.dir.path().join(name);
         std::fs::create_dir_all(&tmp).unwrap();
         std::fs::copy(repo().join("testdata/fixtures/job-response.json"), tmp.join("response.json")).unwrap();
-        let mut env: Vec<(String, String)> = std::fs::read_to_string(repo().join("testdata/fixtures/hook-environment.env"))
-            .unwrap()
-            .lines()
-            .filter_map(|line| line.split_once('='))
-            .map(|(k, v)| (k.to_owned(), serde_json::from_str::<String>(v).unwrap()))
-            .filter(|(k, _)| k.starts_with("CUSTOM_ENV_"))
-            .collect();
+        let mut env: Vec<(String, String)> =
+            std::fs::read_to_string(repo().join("testdata/fixtures/hook-environment.env"))
+                .unwrap()
+                .lines()
+                .filter_map(|line| line.split_once('='))
+                .map(|(k, v)| (k.to_owned(), serde_json::from_str::<String>(v).unwrap()))
+                .filter(|(k, _)| k.starts_with("CUSTOM_ENV_"))
+                .collect();
         env.push(("TMPDIR".into(), tmp.display().to_string()));
         env.push(("BUILD_FAILURE_EXIT_CODE".into(), "1".into()));
         env.push(("SYSTEM_FAILURE_EXIT_CODE".into(), "2".into()));

@@ -47,24 +47,14 @@ pub(crate) enum Piece<'a> {
 /// `values` is read instead of `lines` to compare an export's value (the same
 /// number of lines: the unmasked body, when `lines` is masked); `lines` decides
 /// the shape and is what is shown.
-pub(crate) fn fold<'a>(
-    lines: &[&'a str],
-    values: &[&str],
-    prepared: &HashMap<&str, &str>,
-) -> Vec<Piece<'a>> {
-    let values = if values.len() == lines.len() {
-        values
-    } else {
-        lines
-    };
+pub(crate) fn fold<'a>(lines: &[&'a str], values: &[&str], prepared: &HashMap<&str, &str>) -> Vec<Piece<'a>> {
+    let values = if values.len() == lines.len() { values } else { lines };
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
         let line = lines[i];
         if export(line).is_some() {
-            let end = (i..lines.len())
-                .find(|&j| export(lines[j]).is_none())
-                .unwrap_or(lines.len());
+            let end = (i..lines.len()).find(|&j| export(lines[j]).is_none()).unwrap_or(lines.len());
             fold_exports(&lines[i..end], &values[i..end], prepared, &mut out);
             i = end;
             continue;
@@ -77,10 +67,7 @@ pub(crate) fn fold<'a>(
         for body in bodies {
             let body = &lines[i..i + body];
             if body.len() > MAX_HEREDOC_LINES {
-                out.push(Piece::Data {
-                    lines: body.len(),
-                    bytes: body.iter().map(|l| l.len() + 1).sum(),
-                });
+                out.push(Piece::Data { lines: body.len(), bytes: body.iter().map(|l| l.len() + 1).sum() });
             } else {
                 out.extend(body.iter().map(|l| Piece::Line(l)));
             }
@@ -92,20 +79,13 @@ pub(crate) fn fold<'a>(
 }
 
 /// One run of export lines: see [`fold`].
-fn fold_exports<'a>(
-    lines: &[&'a str],
-    values: &[&str],
-    prepared: &HashMap<&str, &str>,
-    out: &mut Vec<Piece<'a>>,
-) {
+fn fold_exports<'a>(lines: &[&'a str], values: &[&str], prepared: &HashMap<&str, &str>, out: &mut Vec<Piece<'a>>) {
     let unchanged: Vec<bool> = lines
         .iter()
         .zip(values)
         .map(|(line, value)| {
             let name = export(line).map(|(name, _)| name);
-            export(value).is_some_and(|(key, value)| {
-                Some(key) == name && prepared.get(key) == Some(&value.as_str())
-            })
+            export(value).is_some_and(|(key, value)| Some(key) == name && prepared.get(key) == Some(&value.as_str()))
         })
         .collect();
     let folded = unchanged.iter().filter(|&&same| same).count();
@@ -114,13 +94,7 @@ fn fold_exports<'a>(
         return;
     }
     out.push(Piece::Exports(folded));
-    out.extend(
-        lines
-            .iter()
-            .zip(&unchanged)
-            .filter(|(_, &same)| !same)
-            .map(|(l, _)| Piece::Line(l)),
-    );
+    out.extend(lines.iter().zip(&unchanged).filter(|(_, &same)| !same).map(|(l, _)| Piece::Line(l)));
 }
 
 /// The name and value of a line `export NAME=VALUE`, where VALUE is one
@@ -143,9 +117,7 @@ pub(crate) fn export(line: &str) -> Option<(&str, String)> {
 /// A shell variable name.
 fn is_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -161,11 +133,7 @@ fn heredoc_bodies(line: &str, rest: &[&str]) -> Option<Vec<usize>> {
     let mut from = 0;
     for (word, strip_tabs) in starts {
         let end = (from..rest.len()).find(|&j| {
-            let candidate = if strip_tabs {
-                rest[j].trim_start_matches('\t')
-            } else {
-                rest[j]
-            };
+            let candidate = if strip_tabs { rest[j].trim_start_matches('\t') } else { rest[j] };
             candidate == word
         })?;
         bodies.push(end - from);
@@ -294,10 +262,7 @@ mod tests {
     #[test]
     fn heredoc_starts_are_found_with_their_delimiters() {
         let cases: [(&str, &[(&str, bool)]); 12] = [
-            (
-                "base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf - --no-same-owner",
-                &[("BERTH_SOURCES_EOF", false)],
-            ),
+            ("base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf - --no-same-owner", &[("BERTH_SOURCES_EOF", false)]),
             ("cat <<EOF", &[("EOF", false)]),
             ("cat <<\"EOF\" > f", &[("EOF", false)]),
             ("cat <<-END", &[("END", true)]),
@@ -311,8 +276,7 @@ mod tests {
             ("echo a#<<EOF", &[("EOF", false)]),
         ];
         for (line, expected) in cases {
-            let expected: Vec<(String, bool)> =
-                expected.iter().map(|&(w, s)| (w.to_owned(), s)).collect();
+            let expected: Vec<(String, bool)> = expected.iter().map(|&(w, s)| (w.to_owned(), s)).collect();
             assert_eq!(heredocs(line), expected, "{line}");
         }
     }
@@ -354,10 +318,7 @@ mod tests {
         let shown = lines("export A=$'[MASKED]'\nexport B=$'[MASKED]'\nexport C=$'c'");
         let raw = lines("export A=$'secret-a'\nexport B=$'other'\nexport C=$'c'");
         let prepared = HashMap::from([("A", "secret-a"), ("B", "secret-b"), ("C", "c")]);
-        assert_eq!(
-            fold(&shown, &raw, &prepared),
-            [Piece::Exports(2), Piece::Line("export B=$'[MASKED]'")]
-        );
+        assert_eq!(fold(&shown, &raw, &prepared), [Piece::Exports(2), Piece::Line("export B=$'[MASKED]'")]);
         // Lines that do not pair up: the shown lines are compared.
         let masked = HashMap::from([("A", "[MASKED]"), ("B", "[MASKED]"), ("C", "c")]);
         assert_eq!(fold(&shown, &raw[..1], &masked), [Piece::Exports(3)]);
@@ -378,10 +339,7 @@ mod tests {
             [
                 Piece::Line("cd /p"),
                 Piece::Line("base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf -"),
-                Piece::Data {
-                    lines: 40,
-                    bytes: 40 * (data.len() + 1)
-                },
+                Piece::Data { lines: 40, bytes: 40 * (data.len() + 1) },
                 Piece::Line("BERTH_SOURCES_EOF"),
                 Piece::Line("cat <<-EOF"),
                 Piece::Line("\tshort"),
@@ -418,9 +376,6 @@ mod tests {
     fn a_heredoc_without_its_delimiter_is_shown_as_it_is() {
         let body = lines("echo $(( 1 << 2 ))\na\nb\nc\nd\ne");
         let pieces = fold(&body, &body, &HashMap::new());
-        assert_eq!(
-            pieces,
-            body.iter().map(|l| Piece::Line(l)).collect::<Vec<_>>()
-        );
+        assert_eq!(pieces, body.iter().map(|l| Piece::Line(l)).collect::<Vec<_>>());
     }
 }

@@ -34,8 +34,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use berth_backend_api::{
-    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext,
-    JobState, NewBackend, RunnerInfo,
+    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobState, NewBackend,
+    RunnerInfo,
 };
 use serde::Deserialize;
 
@@ -112,9 +112,9 @@ impl Simulated {
     fn failure(self, stage: &str) -> Failure {
         match self {
             Simulated::Build(code) => Failure::script(code),
-            Simulated::System => Failure::system(format!(
-                "dry-run: simulated system failure in {stage} (settings.fail_stage)"
-            )),
+            Simulated::System => {
+                Failure::system(format!("dry-run: simulated system failure in {stage} (settings.fail_stage)"))
+            }
         }
     }
 }
@@ -134,10 +134,7 @@ pub struct DryRun {
 impl DryRun {
     /// The simulated failure of `stage`, if the settings ask for one.
     fn simulated(&self, stage: &str) -> Option<Simulated> {
-        self.fail
-            .as_ref()
-            .filter(|(fail, _)| fail == stage)
-            .map(|&(_, simulated)| simulated)
+        self.fail.as_ref().filter(|(fail, _)| fail == stage).map(|&(_, simulated)| simulated)
     }
 
     fn transcript(&self, key: &berth_backend_api::JobKey) -> Transcript {
@@ -145,18 +142,10 @@ impl DryRun {
     }
 
     /// Appends `record` to the job's transcript; a failure is a system failure.
-    fn record(
-        &self,
-        transcript: &Transcript,
-        mask: &Mask,
-        record: serde_json::Value,
-    ) -> Result<(), Failure> {
+    fn record(&self, transcript: &Transcript, mask: &Mask, record: serde_json::Value) -> Result<(), Failure> {
         transcript.append(mask, record).map_err(|err| {
             Failure::system_with(
-                format!(
-                    "dry-run: failed to write the transcript {}",
-                    transcript.path().display()
-                ),
+                format!("dry-run: failed to write the transcript {}", transcript.path().display()),
                 err,
             )
         })
@@ -218,14 +207,8 @@ impl NewBackend for DryRun {
         Ok(DryRun {
             transcript_dir,
             fail,
-            builds_dir: runner
-                .builds_dir
-                .clone()
-                .unwrap_or_else(|| DEFAULT_BUILDS_DIR.to_owned()),
-            cache_dir: runner
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| DEFAULT_CACHE_DIR.to_owned()),
+            builds_dir: runner.builds_dir.clone().unwrap_or_else(|| DEFAULT_BUILDS_DIR.to_owned()),
+            cache_dir: runner.cache_dir.clone().unwrap_or_else(|| DEFAULT_CACHE_DIR.to_owned()),
             full_scripts: settings.full_scripts,
             log: JobLog::default(),
         })
@@ -241,12 +224,7 @@ impl Backend for DryRun {
         )
         .isolation(Isolation::None)
         .capabilities(
-            Capabilities::none()
-                .executes_scripts(false)
-                .cancel(false)
-                .reap(false)
-                .images(false)
-                .concurrent_jobs(true),
+            Capabilities::none().executes_scripts(false).cancel(false).reap(false).images(false).concurrent_jobs(true),
         )
     }
 
@@ -272,11 +250,7 @@ impl Backend for DryRun {
             text.push_str(&report::simulated(PREPARE, simulated));
         }
         self.log.write(&mask, &text);
-        self.record(
-            &self.transcript(job.key()),
-            &mask,
-            transcript::prepare_record(job, simulated),
-        )?;
+        self.record(&self.transcript(job.key()), &mask, transcript::prepare_record(job, simulated))?;
         simulated.map_or(Ok(()), |simulated| Err(simulated.failure(PREPARE)))
     }
 
@@ -294,13 +268,7 @@ impl Backend for DryRun {
             return Err(Failure::Cancelled);
         }
         let bytes = std::fs::read(script).map_err(|err| {
-            Failure::system_with(
-                format!(
-                    "dry-run: failed to read the stage script {}",
-                    script.display()
-                ),
-                err,
-            )
+            Failure::system_with(format!("dry-run: failed to read the stage script {}", script.display()), err)
         })?;
         let parsed = Script::parse(&String::from_utf8_lossy(&bytes));
         let mask = Mask::for_job(job);
@@ -356,17 +324,11 @@ impl JobLog {
         let text = mask.redact(text);
         #[cfg(test)]
         if let Some(captured) = &self.captured {
-            captured
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_str(&text);
+            captured.lock().unwrap_or_else(|e| e.into_inner()).push_str(&text);
             return;
         }
         let mut stdout = std::io::stdout().lock();
-        if let Err(err) = stdout
-            .write_all(text.as_bytes())
-            .and_then(|()| stdout.flush())
-        {
+        if let Err(err) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
             tracing::warn!(error = %err, "dry-run: failed to write the job log");
         }
     }

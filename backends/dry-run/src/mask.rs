@@ -20,21 +20,10 @@ impl Mask {
     /// The secrets of `job`: masked variables (from the payload and the
     /// environment) and the job token, raw and as bash quotes them.
     pub(crate) fn for_job(job: &JobContext) -> Self {
-        let mut raw: Vec<String> = job
-            .variables()
-            .iter()
-            .filter(|v| v.masked)
-            .map(|v| v.value.clone())
-            .collect();
+        let mut raw: Vec<String> = job.variables().iter().filter(|v| v.masked).map(|v| v.value.clone()).collect();
         if let Some(response) = job.response() {
             raw.push(response.token.clone());
-            raw.extend(
-                response
-                    .variables
-                    .iter()
-                    .filter(|v| v.masked)
-                    .map(|v| v.value.clone()),
-            );
+            raw.extend(response.variables.iter().filter(|v| v.masked).map(|v| v.value.clone()));
         }
         let mut forms = Vec::with_capacity(raw.len() * 3);
         for secret in raw {
@@ -42,18 +31,12 @@ impl Mask {
             let twice = bash_escaped(&once);
             forms.extend([secret, once, twice]);
         }
-        Mask {
-            forms: Redactor::new(forms),
-            job: job.redactor().clone(),
-        }
+        Mask { forms: Redactor::new(forms), job: job.redactor().clone() }
     }
 
     /// A mask with no secrets (for cleanup, which has no job context).
     pub(crate) fn none() -> Self {
-        Mask {
-            forms: Redactor::default(),
-            job: Redactor::default(),
-        }
+        Mask { forms: Redactor::default(), job: Redactor::default() }
     }
 
     /// `text` with every secret replaced by `[MASKED]`.

@@ -62,11 +62,7 @@ pub(crate) fn prepare(job: &JobContext, mask: &Mask) -> String {
                 let _ = write!(out, " (stage {})", one_line(&mask.redact(&info.stage)));
             }
             if !info.project_full_path.is_empty() {
-                let _ = write!(
-                    out,
-                    " of {}",
-                    one_line(&mask.redact(&info.project_full_path))
-                );
+                let _ = write!(out, " of {}", one_line(&mask.redact(&info.project_full_path)));
             }
             if let Some(timeout) = job.timeout() {
                 let _ = write!(out, ", timeout {timeout} s");
@@ -74,11 +70,7 @@ pub(crate) fn prepare(job: &JobContext, mask: &Mask) -> String {
             out.push('\n');
         }
         None => {
-            let _ = writeln!(
-                out,
-                "Job {} (no job payload: JOB_RESPONSE_FILE is not set)",
-                job.key().id()
-            );
+            let _ = writeln!(out, "Job {} (no job payload: JOB_RESPONSE_FILE is not set)", job.key().id());
         }
     }
     match job.image() {
@@ -96,11 +88,7 @@ pub(crate) fn prepare(job: &JobContext, mask: &Mask) -> String {
     for var in variables {
         let key = one_line(&mask.redact(&var.key));
         let file = if var.file { "(file) " } else { "" };
-        let value = if var.masked {
-            crate::MASKED.to_owned()
-        } else {
-            shown_value(&mask.redact(&var.value), var.file)
-        };
+        let value = if var.masked { crate::MASKED.to_owned() } else { shown_value(&mask.redact(&var.value), var.file) };
         let _ = writeln!(out, "  {key}={file}{value}");
     }
     out
@@ -113,12 +101,7 @@ pub(crate) fn prepare(job: &JobContext, mask: &Mask) -> String {
 /// exports whose values are the prepared ones become one line, and long
 /// heredoc bodies one line with their size. Without them (`full_scripts`), and
 /// for a script not in the runner's format, every line is shown.
-pub(crate) fn stage(
-    stage: &str,
-    script: &Script,
-    mask: &Mask,
-    prepared: Option<&[Variable]>,
-) -> String {
+pub(crate) fn stage(stage: &str, script: &Script, mask: &Mask, prepared: Option<&[Variable]>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "── stage {} ──", one_line(stage));
     if let Script::Raw(_) = script {
@@ -165,10 +148,7 @@ pub(crate) fn stage(
                 let _ = writeln!(out, "  {}", visible(line));
             }
             Piece::Exports(count) => {
-                let _ = writeln!(
-                    out,
-                    "  export: {count} variables (values as listed at prepare)"
-                );
+                let _ = writeln!(out, "  export: {count} variables (values as listed at prepare)");
             }
             Piece::Data { lines, bytes } => {
                 let _ = writeln!(out, "  … {lines} lines of data ({}) …", size(bytes));
@@ -181,10 +161,7 @@ pub(crate) fn stage(
 /// The lines of a body, split on '\n' only, so that a '\r' before it is
 /// shown, not dropped.
 fn body_lines(text: &str) -> Vec<&str> {
-    text.strip_suffix('\n')
-        .unwrap_or(text)
-        .split('\n')
-        .collect()
+    text.strip_suffix('\n').unwrap_or(text).split('\n').collect()
 }
 
 /// A size in KiB with one decimal, in bytes below 1 KiB.
@@ -200,9 +177,9 @@ fn size(bytes: usize) -> String {
 /// The job log line announcing a simulated failure of `stage`.
 pub(crate) fn simulated(stage: &str, failure: Simulated) -> String {
     match failure {
-        Simulated::Build(code) => format!(
-            "Dry run: simulating a build failure of {stage} with exit code {code} (settings.fail_stage).\n"
-        ),
+        Simulated::Build(code) => {
+            format!("Dry run: simulating a build failure of {stage} with exit code {code} (settings.fail_stage).\n")
+        }
         Simulated::System => format!("Dry run: simulating a system failure of {stage} (settings.fail_stage).\n"),
     }
 }
@@ -213,11 +190,7 @@ pub(crate) fn simulated(stage: &str, failure: Simulated) -> String {
 fn shown_value(value: &str, file: bool) -> String {
     let total = value.chars().count();
     let head: String = value.chars().take(MAX_SHOWN_CHARS).collect();
-    let mut shown = if file || needs_quotes(&head) {
-        quoted(&head)
-    } else {
-        head
-    };
+    let mut shown = if file || needs_quotes(&head) { quoted(&head) } else { head };
     if total > MAX_SHOWN_CHARS {
         let _ = write!(shown, "… ({} bytes)", value.len());
     }
@@ -225,8 +198,7 @@ fn shown_value(value: &str, file: bool) -> String {
 }
 
 fn needs_quotes(text: &str) -> bool {
-    text.chars()
-        .any(|c| c.is_control() || c == '"' || c == '\\')
+    text.chars().any(|c| c.is_control() || c == '"' || c == '\\')
         || text.starts_with(char::is_whitespace)
         || text.ends_with(char::is_whitespace)
 }
@@ -290,10 +262,7 @@ mod tests {
     fn values_are_shown_on_one_line() {
         assert_eq!(shown_value("hello", false), "hello");
         assert_eq!(shown_value("", false), "");
-        assert_eq!(
-            shown_value("line one\nline two", false),
-            r#""line one\nline two""#
-        );
+        assert_eq!(shown_value("line one\nline two", false), r#""line one\nline two""#);
         assert_eq!(shown_value("say \"hi\"", false), r#""say \"hi\"""#);
         assert_eq!(shown_value(" padded", false), r#"" padded""#);
         assert_eq!(shown_value("a: b\n", true), r#""a: b\n""#);
@@ -305,29 +274,18 @@ mod tests {
     fn long_values_are_shortened() {
         let long = "x".repeat(500);
         let shown = shown_value(&long, false);
-        assert_eq!(
-            shown,
-            format!("{}… (500 bytes)", "x".repeat(MAX_SHOWN_CHARS))
-        );
+        assert_eq!(shown, format!("{}… (500 bytes)", "x".repeat(MAX_SHOWN_CHARS)));
     }
 
     #[test]
     fn script_lines_keep_tabs_and_show_other_control_characters() {
         assert_eq!(visible("a\tb\rc\x1bd"), "a\tb\\rc\\x1bd");
-        let shown = stage(
-            "weird\nstage",
-            &Script::Raw("echo hi\r\n".into()),
-            &Mask::none(),
-            Some(&[]),
-        );
+        let shown = stage("weird\nstage", &Script::Raw("echo hi\r\n".into()), &Mask::none(), Some(&[]));
         assert_eq!(
             shown,
             "── stage weird\\nstage ──\n(not in the runner's script format: showing the file as it is)\n  echo hi\\r\n"
         );
-        assert_eq!(
-            stage("s", &Script::Decoded("\n".into()), &Mask::none(), Some(&[])),
-            "── stage s ──\n  (empty)\n"
-        );
+        assert_eq!(stage("s", &Script::Decoded("\n".into()), &Mask::none(), Some(&[])), "── stage s ──\n  (empty)\n");
     }
 
     #[test]

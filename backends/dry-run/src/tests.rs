@@ -25,10 +25,7 @@ fn custom_env() -> Vec<(String, String)> {
         .filter(|line| line.starts_with("CUSTOM_ENV_"))
         .map(|line| {
             let (key, quoted) = line.split_once('=').unwrap();
-            (
-                key.to_owned(),
-                serde_json::from_str::<String>(quoted).unwrap(),
-            )
+            (key.to_owned(), serde_json::from_str::<String>(quoted).unwrap())
         })
         .collect()
 }
@@ -38,10 +35,7 @@ fn fixture_job(dir: &Path) -> JobContext {
     let response = dir.join("response.json");
     fs::copy(fixture("job-response.json"), &response).unwrap();
     let mut pairs = custom_env();
-    pairs.push((
-        "JOB_RESPONSE_FILE".into(),
-        response.to_str().unwrap().into(),
-    ));
+    pairs.push(("JOB_RESPONSE_FILE".into(), response.to_str().unwrap().into()));
     JobContext::from_vars("demo", pairs).unwrap()
 }
 
@@ -49,9 +43,7 @@ fn fixture_job(dir: &Path) -> JobContext {
 fn dry_run(settings: Settings, state_dir: &Path) -> (DryRun, Arc<Mutex<String>>) {
     let mut backend = DryRun::new(settings, &RunnerInfo::new("demo", state_dir)).unwrap();
     let captured = Arc::new(Mutex::new(String::new()));
-    backend.log = JobLog {
-        captured: Some(captured.clone()),
-    };
+    backend.log = JobLog { captured: Some(captured.clone()) };
     (backend, captured)
 }
 
@@ -60,20 +52,11 @@ fn take(log: &Arc<Mutex<String>>) -> String {
 }
 
 fn transcript_lines(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
+    fs::read_to_string(path).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
 }
 
 fn failing(stage: &str, kind: FailKind, code: Option<i32>) -> Settings {
-    Settings {
-        fail_stage: Some(stage.into()),
-        fail_kind: kind,
-        fail_exit_code: code,
-        ..Settings::default()
-    }
+    Settings { fail_stage: Some(stage.into()), fail_kind: kind, fail_exit_code: code, ..Settings::default() }
 }
 
 #[test]
@@ -102,10 +85,7 @@ fn config_reports_dirs_and_prints_nothing() {
     runner.builds_dir = Some("/srv/builds".into());
     runner.cache_dir = Some("/srv/cache".into());
     let backend = DryRun::new(Settings::default(), &runner).unwrap();
-    assert_eq!(
-        backend.config(&job).unwrap(),
-        ConfigOutput::with_dirs("/srv/builds", "/srv/cache")
-    );
+    assert_eq!(backend.config(&job).unwrap(), ConfigOutput::with_dirs("/srv/builds", "/srv/cache"));
 
     let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
     assert_eq!(lines.len(), 2);
@@ -120,10 +100,7 @@ fn prepare_report_shows_job_image_and_variables_masked() {
     let text = report::prepare(&job, &Mask::for_job(&job));
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], report::HEADER);
-    assert_eq!(
-        lines[1],
-        "Job 48151623 \"test\" (stage test) of acme/widget, timeout 3600 s"
-    );
+    assert_eq!(lines[1], "Job 48151623 \"test\" (stage test) of acme/widget, timeout 3600 s");
     assert_eq!(lines[2], "Image: registry.example.com/ci/bookworm:latest");
     assert_eq!(lines[3], format!("Variables ({}):", job.variables().len()));
     for expected in [
@@ -140,16 +117,9 @@ fn prepare_report_shows_job_image_and_variables_masked() {
 
 #[test]
 fn prepare_without_payload_says_so() {
-    let job = JobContext::from_vars(
-        "demo",
-        [("CUSTOM_ENV_CI_JOB_ID".to_owned(), "7".to_owned())],
-    )
-    .unwrap();
+    let job = JobContext::from_vars("demo", [("CUSTOM_ENV_CI_JOB_ID".to_owned(), "7".to_owned())]).unwrap();
     let text = report::prepare(&job, &Mask::for_job(&job));
-    assert!(
-        text.contains("Job 7 (no job payload: JOB_RESPONSE_FILE is not set)\nImage: none\n"),
-        "{text}"
-    );
+    assert!(text.contains("Job 7 (no job payload: JOB_RESPONSE_FILE is not set)\nImage: none\n"), "{text}");
     assert!(text.ends_with("Variables (1):\n  CI_JOB_ID=7\n"), "{text}");
 }
 
@@ -159,24 +129,10 @@ fn stage_report_decodes_and_masks_the_body() {
     let job = fixture_job(tmp.path());
     let script = fs::read_to_string(fixture("script-build_script.sh")).unwrap();
     // full_scripts: every line.
-    let text = report::stage(
-        "build_script",
-        &Script::parse(&script),
-        &Mask::for_job(&job),
-        None,
-    );
-    assert!(
-        text.starts_with("── stage build_script ──\n  export CI_JOB_ID=$'48151623'\n"),
-        "{text}"
-    );
-    assert!(
-        text.contains("\n  export DEPLOY_TOKEN=$'[MASKED]'\n"),
-        "{text}"
-    );
-    assert!(
-        text.contains("\n  export MULTI=$'line one\\nline two'\n"),
-        "{text}"
-    );
+    let text = report::stage("build_script", &Script::parse(&script), &Mask::for_job(&job), None);
+    assert!(text.starts_with("── stage build_script ──\n  export CI_JOB_ID=$'48151623'\n"), "{text}");
+    assert!(text.contains("\n  export DEPLOY_TOKEN=$'[MASKED]'\n"), "{text}");
+    assert!(text.contains("\n  export MULTI=$'line one\\nline two'\n"), "{text}");
     assert!(text.ends_with("\n  make test\n"), "{text}");
     assert!(!text.contains(SECRET));
 }
@@ -186,12 +142,7 @@ fn stage_report_folds_the_fixture_preamble() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
     let script = fs::read_to_string(fixture("script-build_script.sh")).unwrap();
-    let text = report::stage(
-        "build_script",
-        &Script::parse(&script),
-        &Mask::for_job(&job),
-        Some(job.variables()),
-    );
+    let text = report::stage("build_script", &Script::parse(&script), &Mask::for_job(&job), Some(job.variables()));
     // KUBECONFIG is exported as the file's path, not the contents prepare
     // listed; the one export after it alone is not folded.
     assert_eq!(
@@ -261,9 +212,7 @@ fn stage_report_folds_exports_and_sources_but_keeps_changed_values() {
     let mut response = JobResponse::new(48151623);
     response.token = JOB_TOKEN.into();
     for (key, value) in [("DEPLOY_TOKEN", SECRET), ("OTHER", other_secret)] {
-        response
-            .variables
-            .push(ResponseVariable::new(key, value).masked());
+        response.variables.push(ResponseVariable::new(key, value).masked());
     }
     let response_path = tmp.path().join("masked.json");
     fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
@@ -271,20 +220,12 @@ fn stage_report_folds_exports_and_sources_but_keeps_changed_values() {
         "demo",
         custom_env().into_iter().chain([
             ("CUSTOM_ENV_OTHER".to_owned(), other_secret.to_owned()),
-            (
-                "JOB_RESPONSE_FILE".to_owned(),
-                response_path.to_str().unwrap().to_owned(),
-            ),
+            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
         ]),
     )
     .unwrap();
     let script = Script::parse(&script::render(&exec_like_body("running", other_secret)));
-    let text = report::stage(
-        "build_script",
-        &script,
-        &Mask::for_job(&job),
-        Some(job.variables()),
-    );
+    let text = report::stage("build_script", &script, &Mask::for_job(&job), Some(job.variables()));
     assert!(
         text.starts_with(
             "── stage build_script ──\n  export: 4 variables (values as listed at prepare)\n  \
@@ -292,10 +233,7 @@ fn stage_report_folds_exports_and_sources_but_keeps_changed_values() {
         ),
         "{text}"
     );
-    assert!(
-        !text.contains(SECRET) && !text.contains(other_secret),
-        "{text}"
-    );
+    assert!(!text.contains(SECRET) && !text.contains(other_secret), "{text}");
 }
 
 #[test]
@@ -303,27 +241,19 @@ fn a_masked_value_with_a_newline_does_not_unfold_or_show() {
     let tmp = tempfile::tempdir().unwrap();
     let secret = "top\nsecret-line";
     let mut response = JobResponse::new(9);
-    response
-        .variables
-        .push(ResponseVariable::new("ML", secret).masked());
+    response.variables.push(ResponseVariable::new("ML", secret).masked());
     let response_path = tmp.path().join("ml.json");
     fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
     let job = JobContext::from_vars(
         "demo",
         [
-            (
-                "JOB_RESPONSE_FILE".to_owned(),
-                response_path.to_str().unwrap().to_owned(),
-            ),
+            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
             ("CUSTOM_ENV_ML".to_owned(), secret.to_owned()),
             ("CUSTOM_ENV_A".to_owned(), "a".to_owned()),
         ],
     )
     .unwrap();
-    let body = format!(
-        "export ML={}\nexport A=$'a'\ncat <<EOF\n{secret}\nEOF\n",
-        script::quote(secret)
-    );
+    let body = format!("export ML={}\nexport A=$'a'\ncat <<EOF\n{secret}\nEOF\n", script::quote(secret));
     let text = report::stage(
         "build_script",
         &Script::parse(&script::render(&body)),
@@ -340,28 +270,16 @@ fn a_masked_value_with_a_newline_does_not_unfold_or_show() {
 fn the_full_scripts_setting_reaches_run() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let cancel = Cancel::never().unwrap();
     let script = fixture("script-build_script.sh");
-    let settings = Settings {
-        full_scripts: true,
-        ..Settings::default()
-    };
+    let settings = Settings { full_scripts: true, ..Settings::default() };
     let (backend, log) = dry_run(settings, tmp.path());
-    backend
-        .run(&job, &state, &script, "build_script", &cancel)
-        .unwrap();
+    backend.run(&job, &state, &script, "build_script", &cancel).unwrap();
     let full = take(&log);
-    assert!(
-        full.contains("\n  export DEPLOY_TOKEN=$'[MASKED]'\n") && !full.contains("  export: "),
-        "{full}"
-    );
+    assert!(full.contains("\n  export DEPLOY_TOKEN=$'[MASKED]'\n") && !full.contains("  export: "), "{full}");
     let (backend, log) = dry_run(Settings::default(), tmp.path());
-    backend
-        .run(&job, &state, &script, "build_script", &cancel)
-        .unwrap();
+    backend.run(&job, &state, &script, "build_script", &cancel).unwrap();
     let folded = take(&log);
     assert!(!folded.contains("DEPLOY_TOKEN"), "{folded}");
     for text in [&full, &folded] {
@@ -381,11 +299,7 @@ fn full_scripts_shows_every_line() {
     let body = exec_like_body("failed", SECRET);
     let script = Script::parse(&script::render(&body));
     let text = report::stage("after_script", &script, &Mask::for_job(&job), None);
-    let expected: String = body
-        .replace(SECRET, MASKED)
-        .lines()
-        .map(|line| format!("  {line}\n"))
-        .collect();
+    let expected: String = body.replace(SECRET, MASKED).lines().map(|line| format!("  {line}\n")).collect();
     assert_eq!(text, format!("── stage after_script ──\n{expected}"));
 }
 
@@ -398,32 +312,22 @@ fn a_whole_job_is_shown_and_recorded_without_secrets() {
     let cancel = Cancel::never().unwrap();
 
     backend.config(&job).unwrap();
-    let state = states
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = states.create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     backend.prepare(&job, &state, &cancel).unwrap();
     let prepare_log = take(&log);
     assert!(prepare_log.starts_with(report::HEADER), "{prepare_log}");
-    assert!(
-        prepare_log.contains("  DEPLOY_TOKEN=[MASKED]\n"),
-        "{prepare_log}"
-    );
+    assert!(prepare_log.contains("  DEPLOY_TOKEN=[MASKED]\n"), "{prepare_log}");
 
     for stage in ["prepare_script", "build_script"] {
         let script = fixture(&format!("script-{stage}.sh"));
         backend.run(&job, &state, &script, stage, &cancel).unwrap();
     }
     let run_log = take(&log);
-    assert!(
-        run_log.starts_with("── stage prepare_script ──\n  echo \"Running on $(hostname)...\"\n"),
-        "{run_log}"
-    );
+    assert!(run_log.starts_with("── stage prepare_script ──\n  echo \"Running on $(hostname)...\"\n"), "{run_log}");
     assert!(run_log.contains("── stage build_script ──\n"), "{run_log}");
     assert!(run_log.contains("\n  make test\n"), "{run_log}");
     assert!(
-        run_log.contains(
-            "── stage build_script ──\n  export: 23 variables (values as listed at prepare)\n"
-        ),
+        run_log.contains("── stage build_script ──\n  export: 23 variables (values as listed at prepare)\n"),
         "{run_log}"
     );
 
@@ -442,14 +346,8 @@ fn a_whole_job_is_shown_and_recorded_without_secrets() {
     let raw = fs::read_to_string(&path).unwrap();
     assert!(!raw.contains(SECRET) && !raw.contains(JOB_TOKEN), "{raw}");
     assert!(raw.contains(MASKED));
-    assert_eq!(
-        fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
-    assert_eq!(
-        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
 
     let lines = transcript_lines(&path);
     let hooks: Vec<&str> = lines.iter().map(|l| l["hook"].as_str().unwrap()).collect();
@@ -464,20 +362,14 @@ fn a_whole_job_is_shown_and_recorded_without_secrets() {
     assert_eq!(prepare["project"], "acme/widget");
     assert_eq!(prepare["variables"]["DEPLOY_TOKEN"], MASKED);
     assert_eq!(prepare["variables"]["MULTI"], "line one\nline two");
-    assert_eq!(
-        prepare["variables"]["KUBECONFIG"],
-        "apiVersion: v1\nkind: Config\n"
-    );
+    assert_eq!(prepare["variables"]["KUBECONFIG"], "apiVersion: v1\nkind: Config\n");
     assert_eq!(prepare["file_variables"], serde_json::json!(["KUBECONFIG"]));
     assert_eq!(prepare["simulated_failure"], Value::Null);
     let build = &lines[3];
     assert_eq!(build["stage"], "build_script");
     assert_eq!(build["runner_format"], true);
     let body = build["script_body"].as_str().unwrap();
-    assert!(
-        body.contains("export DEPLOY_TOKEN=$'[MASKED]'\n") && body.ends_with("\nmake test\n"),
-        "{body}"
-    );
+    assert!(body.contains("export DEPLOY_TOKEN=$'[MASKED]'\n") && body.ends_with("\nmake test\n"), "{body}");
     assert_eq!(lines[4]["prepared"], true);
 }
 
@@ -485,108 +377,53 @@ fn a_whole_job_is_shown_and_recorded_without_secrets() {
 fn build_failure_of_a_stage_has_the_configured_code() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let (backend, log) = dry_run(
-        failing("build_script", FailKind::Build, Some(42)),
-        tmp.path(),
-    );
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let (backend, log) = dry_run(failing("build_script", FailKind::Build, Some(42)), tmp.path());
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let cancel = Cancel::never().unwrap();
     backend.prepare(&job, &state, &cancel).unwrap();
-    backend
-        .run(
-            &job,
-            &state,
-            &fixture("script-prepare_script.sh"),
-            "prepare_script",
-            &cancel,
-        )
-        .unwrap();
-    let failure = backend
-        .run(
-            &job,
-            &state,
-            &fixture("script-build_script.sh"),
-            "build_script",
-            &cancel,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(failure, Failure::Script { code: 42 }),
-        "{failure:?}"
-    );
+    backend.run(&job, &state, &fixture("script-prepare_script.sh"), "prepare_script", &cancel).unwrap();
+    let failure = backend.run(&job, &state, &fixture("script-build_script.sh"), "build_script", &cancel).unwrap_err();
+    assert!(matches!(failure, Failure::Script { code: 42 }), "{failure:?}");
     let text = take(&log);
     assert!(
         text.ends_with("  make test\nDry run: simulating a build failure of build_script with exit code 42 (settings.fail_stage).\n"),
         "{text}"
     );
     let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
-    assert_eq!(
-        lines[2]["simulated_failure"],
-        serde_json::json!({"kind": "build", "exit_code": 42})
-    );
+    assert_eq!(lines[2]["simulated_failure"], serde_json::json!({"kind": "build", "exit_code": 42}));
 }
 
 #[test]
 fn prepare_can_fail_as_build_or_system() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let cancel = Cancel::never().unwrap();
 
     let (backend, log) = dry_run(failing("prepare", FailKind::Build, None), tmp.path());
     let failure = backend.prepare(&job, &state, &cancel).unwrap_err();
-    assert!(
-        matches!(failure, Failure::Script { code: 1 }),
-        "{failure:?}"
-    );
-    assert!(
-        take(&log).contains("  DEPLOY_TOKEN=[MASKED]\n"),
-        "what was received is shown before failing"
-    );
+    assert!(matches!(failure, Failure::Script { code: 1 }), "{failure:?}");
+    assert!(take(&log).contains("  DEPLOY_TOKEN=[MASKED]\n"), "what was received is shown before failing");
 
     let (backend, _) = dry_run(failing("prepare", FailKind::System, None), tmp.path());
     let failure = backend.prepare(&job, &state, &cancel).unwrap_err();
     assert!(matches!(failure, Failure::System { .. }), "{failure:?}");
-    assert_eq!(
-        failure.to_string(),
-        "dry-run: simulated system failure in prepare (settings.fail_stage)"
-    );
+    assert_eq!(failure.to_string(), "dry-run: simulated system failure in prepare (settings.fail_stage)");
     let script = fixture("script-build_script.sh");
-    backend
-        .run(&job, &state, &script, "build_script", &cancel)
-        .expect("only prepare fails");
+    backend.run(&job, &state, &script, "build_script", &cancel).expect("only prepare fails");
 }
 
 #[test]
 fn system_failure_of_a_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let (backend, _) = dry_run(failing("step_lint", FailKind::System, None), tmp.path());
     let cancel = Cancel::never().unwrap();
     backend.prepare(&job, &state, &cancel).unwrap();
-    let failure = backend
-        .run(
-            &job,
-            &state,
-            &fixture("script-build_script.sh"),
-            "step_lint",
-            &cancel,
-        )
-        .unwrap_err();
+    let failure = backend.run(&job, &state, &fixture("script-build_script.sh"), "step_lint", &cancel).unwrap_err();
     assert!(matches!(failure, Failure::System { .. }), "{failure:?}");
-    assert!(
-        failure
-            .to_string()
-            .contains("in step_lint (settings.fail_stage)"),
-        "{failure}"
-    );
+    assert!(failure.to_string().contains("in step_lint (settings.fail_stage)"), "{failure}");
 }
 
 #[test]
@@ -594,96 +431,39 @@ fn bad_failure_settings_are_rejected_by_new() {
     let tmp = tempfile::tempdir().unwrap();
     let runner = RunnerInfo::new("demo", tmp.path());
     let cases = [
-        (
-            failing("build_script", FailKind::Build, Some(0)),
-            "settings.fail_exit_code = 0 is out of range",
-        ),
-        (
-            failing("build_script", FailKind::Build, Some(256)),
-            "settings.fail_exit_code = 256 is out of range",
-        ),
-        (
-            failing("build_script", FailKind::Build, Some(-1)),
-            "settings.fail_exit_code = -1 is out of range",
-        ),
-        (
-            failing("build_script", FailKind::System, Some(3)),
-            "settings.fail_exit_code applies to build failures only",
-        ),
-        (
-            failing("  ", FailKind::Build, None),
-            "settings.fail_stage is empty",
-        ),
-        (
-            Settings {
-                fail_exit_code: Some(3),
-                ..Settings::default()
-            },
-            "need settings.fail_stage",
-        ),
-        (
-            Settings {
-                fail_kind: FailKind::System,
-                ..Settings::default()
-            },
-            "need settings.fail_stage",
-        ),
-        (
-            Settings {
-                transcript_dir: Some("rel/dir".into()),
-                ..Settings::default()
-            },
-            "settings.transcript_dir",
-        ),
+        (failing("build_script", FailKind::Build, Some(0)), "settings.fail_exit_code = 0 is out of range"),
+        (failing("build_script", FailKind::Build, Some(256)), "settings.fail_exit_code = 256 is out of range"),
+        (failing("build_script", FailKind::Build, Some(-1)), "settings.fail_exit_code = -1 is out of range"),
+        (failing("build_script", FailKind::System, Some(3)), "settings.fail_exit_code applies to build failures only"),
+        (failing("  ", FailKind::Build, None), "settings.fail_stage is empty"),
+        (Settings { fail_exit_code: Some(3), ..Settings::default() }, "need settings.fail_stage"),
+        (Settings { fail_kind: FailKind::System, ..Settings::default() }, "need settings.fail_stage"),
+        (Settings { transcript_dir: Some("rel/dir".into()), ..Settings::default() }, "settings.transcript_dir"),
     ];
     for (settings, expected) in cases {
         let failure = DryRun::new(settings.clone(), &runner).unwrap_err();
-        assert!(
-            matches!(failure, Failure::System { .. }),
-            "{settings:?}: {failure:?}"
-        );
-        assert!(
-            failure.to_string().contains(expected),
-            "{settings:?}: {failure}"
-        );
+        assert!(matches!(failure, Failure::System { .. }), "{settings:?}: {failure:?}");
+        assert!(failure.to_string().contains(expected), "{settings:?}: {failure}");
     }
     for code in [1, 255] {
-        DryRun::new(
-            failing("build_script", FailKind::Build, Some(code)),
-            &runner,
-        )
-        .unwrap();
+        DryRun::new(failing("build_script", FailKind::Build, Some(code)), &runner).unwrap();
     }
 }
 
 #[test]
 fn settings_deserialize_strictly() {
-    let settings: Settings = serde_json::from_str(
-        r#"{"transcript_dir": "/var/log/dry", "fail_stage": "prepare", "fail_kind": "system"}"#,
-    )
-    .unwrap();
-    assert_eq!(
-        settings.transcript_dir.as_deref(),
-        Some(Path::new("/var/log/dry"))
-    );
+    let settings: Settings =
+        serde_json::from_str(r#"{"transcript_dir": "/var/log/dry", "fail_stage": "prepare", "fail_kind": "system"}"#)
+            .unwrap();
+    assert_eq!(settings.transcript_dir.as_deref(), Some(Path::new("/var/log/dry")));
     assert_eq!(settings.fail_kind, FailKind::System);
-    assert_eq!(
-        serde_json::from_str::<Settings>("{}").unwrap(),
-        Settings::default()
-    );
+    assert_eq!(serde_json::from_str::<Settings>("{}").unwrap(), Settings::default());
     assert!(serde_json::from_str::<Settings>(r#"{"fail_kind": "System"}"#).is_err());
-    assert!(
-        serde_json::from_str::<Settings>(r#"{"full_scripts": true}"#)
-            .unwrap()
-            .full_scripts
-    );
+    assert!(serde_json::from_str::<Settings>(r#"{"full_scripts": true}"#).unwrap().full_scripts);
     assert!(!Settings::default().full_scripts);
     assert!(serde_json::from_str::<Settings>(r#"{"full_script": true}"#).is_err());
     let err = serde_json::from_str::<Settings>(r#"{"fail_stages": "x"}"#).unwrap_err();
-    assert!(
-        err.to_string().contains("unknown field `fail_stages`"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("unknown field `fail_stages`"), "{err}");
 }
 
 #[test]
@@ -691,10 +471,7 @@ fn transcript_dir_setting_is_used() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
     let dir = tmp.path().join("nested/transcripts");
-    let settings = Settings {
-        transcript_dir: Some(dir.clone()),
-        ..Settings::default()
-    };
+    let settings = Settings { transcript_dir: Some(dir.clone()), ..Settings::default() };
     let (backend, _) = dry_run(settings, tmp.path());
     backend.config(&job).unwrap();
     assert_eq!(transcript_lines(&dir.join("demo-48151623.jsonl")).len(), 1);
@@ -715,9 +492,7 @@ fn cleanup_without_prepare_succeeds_twice() {
     }
     let lines = transcript_lines(&tmp.path().join("logs/dry-run/demo-48151623.jsonl"));
     assert_eq!(lines.len(), 2);
-    assert!(lines
-        .iter()
-        .all(|l| l["hook"] == "cleanup" && l["prepared"] == false));
+    assert!(lines.iter().all(|l| l["hook"] == "cleanup" && l["prepared"] == false));
 }
 
 #[test]
@@ -725,77 +500,39 @@ fn cleanup_succeeds_when_the_transcript_cannot_be_written() {
     let tmp = tempfile::tempdir().unwrap();
     let blocker = tmp.path().join("not-a-dir");
     fs::write(&blocker, "").unwrap();
-    let (backend, log) = dry_run(
-        Settings {
-            transcript_dir: Some(blocker),
-            ..Settings::default()
-        },
-        tmp.path(),
-    );
+    let (backend, log) = dry_run(Settings { transcript_dir: Some(blocker), ..Settings::default() }, tmp.path());
     let key = berth_backend_api::JobKey::new("demo", 1).unwrap();
-    let state = StateDir::new(tmp.path().join("state"))
-        .open_for_cleanup(&key)
-        .unwrap();
+    let state = StateDir::new(tmp.path().join("state")).open_for_cleanup(&key).unwrap();
     backend.cleanup(&state).unwrap();
     assert_eq!(take(&log), "");
 
     // prepare, whose transcript is the product, fails as a system failure.
     let job = fixture_job(tmp.path());
-    let failure = backend
-        .prepare(&job, &state, &Cancel::never().unwrap())
-        .unwrap_err();
-    assert!(
-        failure
-            .to_string()
-            .starts_with("dry-run: failed to write the transcript "),
-        "{failure}"
-    );
+    let failure = backend.prepare(&job, &state, &Cancel::never().unwrap()).unwrap_err();
+    assert!(failure.to_string().starts_with("dry-run: failed to write the transcript "), "{failure}");
 }
 
 #[test]
 fn unreadable_script_is_a_system_failure_naming_the_path() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let (backend, _) = dry_run(Settings::default(), tmp.path());
     let missing = tmp.path().join("missing.sh");
-    let failure = backend
-        .run(
-            &job,
-            &state,
-            &missing,
-            "build_script",
-            &Cancel::never().unwrap(),
-        )
-        .unwrap_err();
+    let failure = backend.run(&job, &state, &missing, "build_script", &Cancel::never().unwrap()).unwrap_err();
     assert!(matches!(failure, Failure::System { .. }), "{failure:?}");
-    assert!(
-        failure.to_string().contains(&missing.display().to_string()),
-        "{failure}"
-    );
+    assert!(failure.to_string().contains(&missing.display().to_string()), "{failure}");
 }
 
 #[test]
 fn a_script_not_in_the_runner_format_is_shown_raw() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let (backend, log) = dry_run(Settings::default(), tmp.path());
     let script = tmp.path().join("script.sh");
     fs::write(&script, format!("#!/bin/sh\necho {SECRET}\n")).unwrap();
-    backend
-        .run(
-            &job,
-            &state,
-            &script,
-            "build_script",
-            &Cancel::never().unwrap(),
-        )
-        .unwrap();
+    backend.run(&job, &state, &script, "build_script", &Cancel::never().unwrap()).unwrap();
     assert_eq!(
         take(&log),
         "── stage build_script ──\n(not in the runner's script format: showing the file as it is)\n  #!/bin/sh\n  echo [MASKED]\n"
@@ -811,18 +548,13 @@ fn secrets_are_masked_in_their_shell_quoted_forms() {
     let secret = "it's-a\\secret\"value";
     let mut response = JobResponse::new(5);
     response.token = "job-token-5555".into();
-    response
-        .variables
-        .push(ResponseVariable::new("QUOTED", secret).masked());
+    response.variables.push(ResponseVariable::new("QUOTED", secret).masked());
     let response_path = tmp.path().join("response.json");
     fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
     let job = JobContext::from_vars(
         "demo",
         [
-            (
-                "JOB_RESPONSE_FILE".to_owned(),
-                response_path.to_str().unwrap().to_owned(),
-            ),
+            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
             ("CUSTOM_ENV_QUOTED".to_owned(), secret.to_owned()),
         ],
     )
@@ -835,28 +567,19 @@ fn secrets_are_masked_in_their_shell_quoted_forms() {
     let raw = tmp.path().join("raw.sh");
     fs::write(&raw, rendered.replace("eval $'", "eval  $'")).unwrap();
 
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let (backend, log) = dry_run(Settings::default(), tmp.path());
     let cancel = Cancel::never().unwrap();
     backend.prepare(&job, &state, &cancel).unwrap();
-    backend
-        .run(&job, &state, &decoded, "build_script", &cancel)
-        .unwrap();
-    backend
-        .run(&job, &state, &raw, "after_script", &cancel)
-        .unwrap();
+    backend.run(&job, &state, &decoded, "build_script", &cancel).unwrap();
+    backend.run(&job, &state, &raw, "after_script", &cancel).unwrap();
     let text = take(&log);
     let transcript = fs::read_to_string(tmp.path().join("logs/dry-run/demo-5.jsonl")).unwrap();
     assert!(text.contains("  export QUOTED=$'[MASKED]'\n"), "{text}");
     assert!(text.contains("export QUOTED=$\\'[MASKED]\\'"), "{text}");
     for fragment in ["secret", "it's", "it\\'s", "job-token-5555"] {
         assert!(!text.contains(fragment), "{fragment:?} in {text}");
-        assert!(
-            !transcript.contains(fragment),
-            "{fragment:?} in {transcript}"
-        );
+        assert!(!transcript.contains(fragment), "{fragment:?} in {transcript}");
     }
 }
 
@@ -864,20 +587,12 @@ fn secrets_are_masked_in_their_shell_quoted_forms() {
 fn a_cancelled_hook_stops() {
     let tmp = tempfile::tempdir().unwrap();
     let job = fixture_job(tmp.path());
-    let state = StateDir::new(tmp.path())
-        .create(JobRecord::new(job.key().clone(), "dry-run"))
-        .unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
     let (backend, log) = dry_run(Settings::default(), tmp.path());
     let (cancel, trigger) = Cancel::pair().unwrap();
     trigger.fire();
-    assert!(matches!(
-        backend.prepare(&job, &state, &cancel),
-        Err(Failure::Cancelled)
-    ));
+    assert!(matches!(backend.prepare(&job, &state, &cancel), Err(Failure::Cancelled)));
     let script = fixture("script-build_script.sh");
-    assert!(matches!(
-        backend.run(&job, &state, &script, "build_script", &cancel),
-        Err(Failure::Cancelled)
-    ));
+    assert!(matches!(backend.run(&job, &state, &script, "build_script", &cancel), Err(Failure::Cancelled)));
     assert_eq!(take(&log), "");
 }

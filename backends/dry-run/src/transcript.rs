@@ -23,9 +23,7 @@ impl Transcript {
     /// The transcript of `key` in `dir`.
     pub(crate) fn new(dir: &Path, key: &JobKey) -> Self {
         // A job key is a safe path component (validated runner name and a number).
-        Transcript {
-            path: dir.join(format!("{key}.jsonl")),
-        }
+        Transcript { path: dir.join(format!("{key}.jsonl")) }
     }
 
     /// The file.
@@ -44,11 +42,7 @@ impl Transcript {
         if let Some(dir) = self.path.parent() {
             DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&self.path)?;
+        let mut file = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
         // One write per record, so records of concurrent writers never interleave.
         file.write_all(line.as_bytes())
     }
@@ -56,9 +50,7 @@ impl Transcript {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The record of config.
@@ -78,11 +70,7 @@ pub(crate) fn prepare_record(job: &JobContext, simulated: Option<Simulated>) -> 
     let mut variables = Map::new();
     let mut files = Vec::new();
     for var in job.variables() {
-        let value = if var.masked {
-            crate::MASKED.to_owned()
-        } else {
-            var.value.clone()
-        };
+        let value = if var.masked { crate::MASKED.to_owned() } else { var.value.clone() };
         variables.insert(var.key.clone(), Value::String(value));
         if var.file {
             files.push(Value::String(var.key.clone()));

@@ -68,7 +68,10 @@ impl NewBackend for HostTest {
     type Settings = Settings;
 
     fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
-        Ok(HostTest { root: settings.root.unwrap_or_else(|| runner.state_dir.join("host-test")), fault: settings.fault })
+        Ok(HostTest {
+            root: settings.root.unwrap_or_else(|| runner.state_dir.join("host-test")),
+            fault: settings.fault,
+        })
     }
 }
 
@@ -113,10 +116,15 @@ impl Backend for HostTest {
         match self.fault {
             Some(Fault::DaemonHoldsLog) => {
                 // Inherits stdout and stderr and outlives the hook.
-                Command::new("sleep").arg("8").stdin(Stdio::null()).spawn().map_err(|e| Failure::system_with("spawn", e))?;
+                Command::new("sleep")
+                    .arg("8")
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .map_err(|e| Failure::system_with("spawn", e))?;
             }
             Some(Fault::LeakMasked) => {
-                let all: Vec<(String, String)> = job.variables().iter().map(|v| (v.key.clone(), v.value.clone())).collect();
+                let all: Vec<(String, String)> =
+                    job.variables().iter().map(|v| (v.key.clone(), v.value.clone())).collect();
                 state.save("variables.json", &all)?;
             }
             _ => {}
@@ -124,9 +132,19 @@ impl Backend for HostTest {
         Ok(())
     }
 
-    fn run(&self, job: &JobContext, state: &JobState, script: &Path, stage: &str, cancel: &Cancel) -> Result<(), Failure> {
-        let dir: PathBuf = state.load("dir.json")?.ok_or_else(|| Failure::system("host-test: job directory not recorded"))?;
-        if self.fault == Some(Fault::RejectUnknownStage) && !["prepare_script", "get_sources", "build_script", "after_script"].contains(&stage) {
+    fn run(
+        &self,
+        job: &JobContext,
+        state: &JobState,
+        script: &Path,
+        stage: &str,
+        cancel: &Cancel,
+    ) -> Result<(), Failure> {
+        let dir: PathBuf =
+            state.load("dir.json")?.ok_or_else(|| Failure::system("host-test: job directory not recorded"))?;
+        if self.fault == Some(Fault::RejectUnknownStage)
+            && !["prepare_script", "get_sources", "build_script", "after_script"].contains(&stage)
+        {
             return Err(Failure::system(format!("unknown stage {stage}")));
         }
         if self.fault == Some(Fault::LoseFilesBetweenStages) {

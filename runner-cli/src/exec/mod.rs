@@ -40,7 +40,15 @@ impl Log for Terminal {
     fn runner(&self, line: &str) {
         let mut out = std::io::stdout().lock();
         let _ = if self.color {
-            let color = if line.starts_with("ERROR") { "31;1" } else if line.starts_with("WARNING") { "33;1" } else if line.starts_with("Job succeeded") { "32;1" } else { "36;1" };
+            let color = if line.starts_with("ERROR") {
+                "31;1"
+            } else if line.starts_with("WARNING") {
+                "33;1"
+            } else if line.starts_with("Job succeeded") {
+                "32;1"
+            } else {
+                "36;1"
+            };
             writeln!(out, "\x1b[{color}m{line}\x1b[0;m")
         } else {
             writeln!(out, "{line}")
@@ -104,7 +112,9 @@ fn local_state_dir() -> PathBuf {
     if nix::unistd::Uid::effective().is_root() {
         return PathBuf::from(config::DEFAULT_STATE_DIR);
     }
-    match std::env::var_os("XDG_STATE_HOME").or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state").into())) {
+    match std::env::var_os("XDG_STATE_HOME")
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state").into()))
+    {
         Some(dir) => Path::new(&dir).join("berth"),
         None => std::env::temp_dir().join("berth-state"),
     }
@@ -112,7 +122,8 @@ fn local_state_dir() -> PathBuf {
 
 fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
     if args.list {
-        let text = std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
+        let text =
+            std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
         for name in pipeline::job_names(&text, &args.file)? {
             println!("{name}");
         }
@@ -125,7 +136,11 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
         Some(backend) => {
             let path = adhoc.path().join("config.toml");
             let state = local_state_dir();
-            let text = format!("state_dir = {}\n[runners.local]\nbackend = {}\n", toml_str(&state.display().to_string()), toml_str(backend));
+            let text = format!(
+                "state_dir = {}\n[runners.local]\nbackend = {}\n",
+                toml_str(&state.display().to_string()),
+                toml_str(backend)
+            );
             std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
             let runner = config::load(&path, None)?;
             (path, runner)
@@ -211,7 +226,8 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
     };
 
     let exe = std::env::current_exe().context("failed to find this executable's path")?;
-    let hook_args: Vec<OsString> = vec!["--config".into(), config_path.into(), "--runner".into(), runner.name.clone().into()];
+    let hook_args: Vec<OsString> =
+        vec!["--config".into(), config_path.into(), "--runner".into(), runner.name.clone().into()];
     let mut driver = Driver::new(exe, hook_args);
     driver.timeouts.retry_delay = Duration::from_millis(args.retry_delay_ms);
     let color = std::env::var_os("NO_COLOR").is_none() && nix::unistd::isatty(std::io::stdout()).unwrap_or(false);
@@ -248,5 +264,9 @@ fn sanitize(name: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c.to_ascii_lowercase() } else { '-' })
         .collect();
     let clean = clean.trim_start_matches('.').to_owned();
-    if clean.is_empty() { "project".into() } else { clean }
+    if clean.is_empty() {
+        "project".into()
+    } else {
+        clean
+    }
 }

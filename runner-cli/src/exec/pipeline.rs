@@ -214,10 +214,7 @@ pub enum PipelineError {
 ///
 /// [`PipelineError::Read`] when the file cannot be read, else as [`parse`].
 pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
     parse(&text, path, job)
 }
 
@@ -325,10 +322,7 @@ fn scalar_string(value: &Value) -> Option<String> {
 
 /// Parses the text into the top-level hash, merge keys applied.
 fn parse_document(text: &str, path: &Path) -> Result<Mapping, PipelineError> {
-    let parse_error = |source| PipelineError::Parse {
-        path: path.to_owned(),
-        source,
-    };
+    let parse_error = |source| PipelineError::Parse { path: path.to_owned(), source };
     let mut documents = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
         documents.push(Value::deserialize(document).map_err(parse_error)?);
@@ -351,21 +345,14 @@ fn parse_document(text: &str, path: &Path) -> Result<Mapping, PipelineError> {
             })
         }
     };
-    apply_merge_keys(&mut document, &mut Vec::new()).map_err(|message| {
-        PipelineError::Structure {
-            path: path.to_owned(),
-            message,
-        }
-    })?;
+    apply_merge_keys(&mut document, &mut Vec::new())
+        .map_err(|message| PipelineError::Structure { path: path.to_owned(), message })?;
     match document {
         Value::Null => Ok(Mapping::new()),
         Value::Mapping(root) => Ok(root),
         other => Err(PipelineError::Structure {
             path: path.to_owned(),
-            message: format!(
-                "the top level is {}, but a pipeline is a hash of jobs and global keywords",
-                kind(&other)
-            ),
+            message: format!("the top level is {}, but a pipeline is a hash of jobs and global keywords", kind(&other)),
         }),
     }
 }
@@ -430,11 +417,7 @@ fn apply_merge_keys(value: &mut Value, at: &mut Vec<String>) -> Result<(), Strin
 }
 
 fn merge_error(at: &[String], found: &Value) -> String {
-    let place = if at.is_empty() {
-        "the top level".to_owned()
-    } else {
-        format!("`{}`", at.join(":"))
-    };
+    let place = if at.is_empty() { "the top level".to_owned() } else { format!("`{}`", at.join(":")) };
     format!(
         "the merge key `<<` at {place} must be an alias of a hash or a list of them \
          (like `<<: *defaults`), but holds {}",
@@ -461,10 +444,7 @@ impl Inherit {
                 .collect::<Result<_, _>>()
                 .map(Inherit::Only)
                 .map_err(|()| "the list must hold names only".to_owned()),
-            Some(other) => Err(format!(
-                "must be true, false or a list of names, not {}",
-                kind(other)
-            )),
+            Some(other) => Err(format!("must be true, false or a list of names, not {}", kind(other))),
         }
     }
 
@@ -500,9 +480,7 @@ fn commands(value: &Value) -> Result<Vec<String>, String> {
                     flatten(inner, depth + 1, out)?;
                 }
                 Value::Sequence(_) => {
-                    return Err(format!(
-                        "lists nest deeper than {MAX_SCRIPT_NESTING} levels; flatten them"
-                    ))
+                    return Err(format!("lists nest deeper than {MAX_SCRIPT_NESTING} levels; flatten them"))
                 }
                 Value::Mapping(_) => {
                     return Err(format!(
@@ -526,12 +504,7 @@ fn commands(value: &Value) -> Result<Vec<String>, String> {
     match value {
         Value::String(command) => out.push(command.clone()),
         Value::Sequence(items) => flatten(items, 1, &mut out)?,
-        other => {
-            return Err(format!(
-                "must be a string or a list of strings, not {}",
-                kind(other)
-            ))
-        }
+        other => return Err(format!("must be a string or a list of strings, not {}", kind(other))),
     }
     Ok(out)
 }
@@ -539,10 +512,7 @@ fn commands(value: &Value) -> Result<Vec<String>, String> {
 /// A `variables:` hash as name/value pairs, in order.
 fn variables(value: &Value) -> Result<Vec<(String, String)>, String> {
     let Value::Mapping(mapping) = value else {
-        return Err(format!(
-            "must be a hash of NAME: value, not {}",
-            kind(value)
-        ));
+        return Err(format!("must be a hash of NAME: value, not {}", kind(value)));
     };
     let mut out = Vec::with_capacity(mapping.len());
     for (name, value) in mapping {
@@ -553,12 +523,10 @@ fn variables(value: &Value) -> Result<Vec<(String, String)>, String> {
         };
         let value = match value {
             Value::Mapping(fields) => {
-                if let Some(key) = fields.keys().find(|key| {
-                    !matches!(
-                        key.as_str(),
-                        Some("value" | "description" | "expand" | "options")
-                    )
-                }) {
+                if let Some(key) = fields
+                    .keys()
+                    .find(|key| !matches!(key.as_str(), Some("value" | "description" | "expand" | "options")))
+                {
                     return Err(format!(
                         "variable `{name}` has the unknown key `{}`; \
                          the known keys are value, description, expand and options",
@@ -567,12 +535,8 @@ fn variables(value: &Value) -> Result<Vec<(String, String)>, String> {
                 }
                 match fields.get("value") {
                     None | Some(Value::Null) => String::new(),
-                    Some(inner) => scalar_string(inner).ok_or_else(|| {
-                        format!(
-                            "the value of variable `{name}` is {}; use a string",
-                            kind(inner)
-                        )
-                    })?,
+                    Some(inner) => scalar_string(inner)
+                        .ok_or_else(|| format!("the value of variable `{name}` is {}; use a string", kind(inner)))?,
                 }
             }
             other => scalar_string(other).ok_or_else(|| {
@@ -600,10 +564,7 @@ fn image_name(value: &Value) -> Result<String, String> {
     match name {
         Value::String(name) if !name.trim().is_empty() => Ok(name.clone()),
         Value::String(_) => Err("the image name is empty".to_owned()),
-        other => Err(format!(
-            "the image must be a name or a hash with `name:`, not {}",
-            kind(other)
-        )),
+        other => Err(format!("the image must be a name or a hash with `name:`, not {}", kind(other))),
     }
 }
 
@@ -615,10 +576,7 @@ fn timeout(value: &Value) -> Result<u64, String> {
             _ => Err(format!("{n} is not a positive number of seconds")),
         },
         Value::String(text) => parse_duration(text),
-        other => Err(format!(
-            "must be a duration like `1h 30m`, not {}",
-            kind(other)
-        )),
+        other => Err(format!("must be a duration like `1h 30m`, not {}", kind(other))),
     }
 }
 
@@ -626,9 +584,7 @@ fn timeout(value: &Value) -> Result<u64, String> {
 /// `1h 30m`, `1h30m`, `90 minutes`, `1 hour and 5 minutes, 10s`, `1.5 hours`,
 /// `01:30:00` or `1:30` (minutes and seconds).
 fn parse_duration(text: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("`{text}` is not a duration; write it like `3600`, `2h`, `1h 30m` or `90 minutes`")
-    };
+    let bad = || format!("`{text}` is not a duration; write it like `3600`, `2h`, `1h 30m` or `90 minutes`");
     let lower = text.trim().to_ascii_lowercase();
     if lower.is_empty() {
         return Err(bad());
@@ -637,18 +593,12 @@ fn parse_duration(text: &str) -> Result<u64, String> {
         lower.parse::<f64>().map_err(|_| bad())?
     } else if lower.contains(':') {
         let parts: Vec<&str> = lower.split(':').collect();
-        if parts.len() > 3
-            || parts
-                .iter()
-                .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
-        {
+        if parts.len() > 3 || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
             return Err(bad());
         }
-        parts.iter().try_fold(0.0, |total: f64, part| {
-            part.parse::<f64>()
-                .map(|n| total * 60.0 + n)
-                .map_err(|_| bad())
-        })?
+        parts
+            .iter()
+            .try_fold(0.0, |total: f64, part| part.parse::<f64>().map(|n| total * 60.0 + n).map_err(|_| bad()))?
     } else {
         let mut total = 0.0;
         let mut components = 0;
@@ -666,14 +616,10 @@ fn parse_duration(text: &str) -> Result<u64, String> {
                     }
                 }
             }
-            let number_len = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(rest.len());
+            let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
             let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
             rest = rest[number_len..].trim_start();
-            let unit_len = rest
-                .find(|c: char| !c.is_ascii_alphabetic())
-                .unwrap_or(rest.len());
+            let unit_len = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len());
             let unit = unit_seconds(&rest[..unit_len]).ok_or_else(bad)?;
             rest = &rest[unit_len..];
             total += number * unit;
@@ -686,9 +632,7 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     };
     let secs = secs.round();
     if !(1.0..=1e12).contains(&secs) {
-        return Err(format!(
-            "`{text}` must be at least one second and at most a few thousand years"
-        ));
+        return Err(format!("`{text}` must be at least one second and at most a few thousand years"));
     }
     // The range check above makes the conversion exact.
     Ok(secs as u64)
@@ -735,10 +679,7 @@ fn allow_failure(value: &Value) -> Result<(bool, Vec<i32>), String> {
             }?;
             Ok((false, codes))
         }
-        other => Err(format!(
-            "must be true, false or `{{exit_codes: [...]}}`, not {}",
-            kind(other)
-        )),
+        other => Err(format!("must be true, false or `{{exit_codes: [...]}}`, not {}", kind(other))),
     }
 }
 
@@ -756,12 +697,7 @@ impl<'a> Resolver<'a> {
     fn new(text: &str, path: &'a Path) -> Result<Self, PipelineError> {
         let root = parse_document(text, path)?;
         let includes = root.contains_key("include");
-        Ok(Resolver {
-            path,
-            root,
-            includes,
-            extended: HashMap::new(),
-        })
+        Ok(Resolver { path, root, includes, extended: HashMap::new() })
     }
 
     fn invalid(&self, job: &str, key: &str, message: impl Into<String>) -> PipelineError {
@@ -812,25 +748,22 @@ impl<'a> Resolver<'a> {
         let bases = match own.get("extends") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(base)) => vec![base.clone()],
-            Some(Value::Sequence(items)) => items
-                .iter()
-                .map(|item| item.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    self.invalid(
-                        &chain[0],
-                        "extends",
-                        format!("`{name}` extends a list holding something other than names"),
-                    )
-                })?,
+            Some(Value::Sequence(items)) => {
+                items.iter().map(|item| item.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>().ok_or_else(
+                    || {
+                        self.invalid(
+                            &chain[0],
+                            "extends",
+                            format!("`{name}` extends a list holding something other than names"),
+                        )
+                    },
+                )?
+            }
             Some(other) => {
                 return Err(self.invalid(
                     &chain[0],
                     "extends",
-                    format!(
-                        "`{name}` extends {}; use a name or a list of names",
-                        kind(other)
-                    ),
+                    format!("`{name}` extends {}; use a name or a list of names", kind(other)),
                 ))
             }
         };
@@ -873,10 +806,7 @@ impl<'a> Resolver<'a> {
                     return Err(self.invalid(
                         &chain[0],
                         "extends",
-                        format!(
-                            "`{name}` extends `{base}`, which is {} instead of a hash of keywords",
-                            kind(&other)
-                        ),
+                        format!("`{name}` extends `{base}`, which is {} instead of a hash of keywords", kind(&other)),
                     ))
                 }
             }
@@ -884,8 +814,7 @@ impl<'a> Resolver<'a> {
         deep_merge(&mut merged, &own);
         merged.shift_remove("extends");
         let merged = Value::Mapping(merged);
-        self.extended
-            .insert(name.to_owned(), (merged.clone(), height));
+        self.extended.insert(name.to_owned(), (merged.clone(), height));
         Ok(merged)
     }
 
@@ -903,25 +832,17 @@ impl<'a> Resolver<'a> {
                     return Err(self.invalid(
                         job,
                         key,
-                        format!(
-                            "the YAML tag `{}` is not supported; only `!reference` is",
-                            tagged.tag
-                        ),
+                        format!("the YAML tag `{}` is not supported; only `!reference` is", tagged.tag),
                     ));
                 }
                 let reference = match &tagged.value {
-                    Value::Sequence(items) if !items.is_empty() => items
-                        .iter()
-                        .map(|item| item.as_str().map(str::to_owned))
-                        .collect::<Option<Vec<_>>>(),
+                    Value::Sequence(items) if !items.is_empty() => {
+                        items.iter().map(|item| item.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>()
+                    }
                     _ => None,
                 }
                 .ok_or_else(|| {
-                    self.invalid(
-                        job,
-                        key,
-                        "`!reference` must be a list of names, like `!reference [.setup, script]`",
-                    )
+                    self.invalid(job, key, "`!reference` must be a list of names, like `!reference [.setup, script]`")
                 })?;
                 let bad = |message: &str, includes: bool| PipelineError::BadReference {
                     path: self.path.to_owned(),
@@ -931,10 +852,7 @@ impl<'a> Resolver<'a> {
                     includes,
                 };
                 if stack.contains(&reference) {
-                    return Err(bad(
-                        "is part of a cycle of references; break the cycle",
-                        false,
-                    ));
+                    return Err(bad("is part of a cycle of references; break the cycle", false));
                 }
                 if stack.len() >= MAX_REFERENCE_DEPTH {
                     return Err(bad(
@@ -984,10 +902,7 @@ impl<'a> Resolver<'a> {
         };
         let entry = &reference[0];
         if !self.root.contains_key(entry.as_str()) {
-            return Err(bad(
-                format!("points at `{entry}`, which is not defined in this file"),
-                self.includes,
-            ));
+            return Err(bad(format!("points at `{entry}`, which is not defined in this file"), self.includes));
         }
         let mut current = if is_job_or_template(entry) {
             self.extend(entry, &mut vec![entry.clone()])?
@@ -1000,20 +915,12 @@ impl<'a> Resolver<'a> {
             }
             let parent = reference[..depth].join(":");
             current = match current {
-                Value::Mapping(mut mapping) => {
-                    mapping.swap_remove(step.as_str()).ok_or_else(|| {
-                        bad(
-                            format!("points at `{step}`, but `{parent}` has no such key"),
-                            false,
-                        )
-                    })?
-                }
+                Value::Mapping(mut mapping) => mapping
+                    .swap_remove(step.as_str())
+                    .ok_or_else(|| bad(format!("points at `{step}`, but `{parent}` has no such key"), false))?,
                 other => {
                     return Err(bad(
-                        format!(
-                            "looks up `{step}` in `{parent}`, which is {} instead of a hash",
-                            kind(&other)
-                        ),
+                        format!("looks up `{step}` in `{parent}`, which is {} instead of a hash", kind(&other)),
                         false,
                     ))
                 }
@@ -1023,13 +930,7 @@ impl<'a> Resolver<'a> {
     }
 
     /// `key` of `mapping`, references expanded; `None` when absent or null.
-    fn field(
-        &mut self,
-        mapping: &Mapping,
-        key: &str,
-        job: &str,
-        label: &str,
-    ) -> Result<Option<Value>, PipelineError> {
+    fn field(&mut self, mapping: &Mapping, key: &str, job: &str, label: &str) -> Result<Option<Value>, PipelineError> {
         match mapping.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(value) => match self.expand(value, job, label, &mut Vec::new())? {
@@ -1040,12 +941,7 @@ impl<'a> Resolver<'a> {
     }
 
     /// The top-level keyword `key`, references expanded; `None` when absent or null.
-    fn global(
-        &mut self,
-        key: &str,
-        job: &str,
-        label: &str,
-    ) -> Result<Option<Value>, PipelineError> {
+    fn global(&mut self, key: &str, job: &str, label: &str) -> Result<Option<Value>, PipelineError> {
         let mut holder = Mapping::new();
         if let Some(value) = self.root.get(key) {
             holder.insert(Value::from(key), value.clone());
@@ -1099,10 +995,7 @@ impl<'a> Resolver<'a> {
                 return Err(self.invalid(
                     name,
                     "",
-                    format!(
-                        "the job is {}, but a job is a hash of keywords like `script:`",
-                        kind(&other)
-                    ),
+                    format!("the job is {}, but a job is a hash of keywords like `script:`", kind(&other)),
                 ))
             }
         };
@@ -1115,15 +1008,10 @@ impl<'a> Resolver<'a> {
             ));
         }
 
-        let (inherit_default, inherit_variables) = match self
-            .field(&own, "inherit", name, "inherit")?
-        {
+        let (inherit_default, inherit_variables) = match self.field(&own, "inherit", name, "inherit")? {
             None => (Inherit::All, Inherit::All),
             Some(Value::Mapping(inherit)) => {
-                if let Some(key) = inherit
-                    .keys()
-                    .find(|key| !matches!(key.as_str(), Some("default" | "variables")))
-                {
+                if let Some(key) = inherit.keys().find(|key| !matches!(key.as_str(), Some("default" | "variables"))) {
                     return Err(self.invalid(
                         name,
                         "inherit",
@@ -1143,10 +1031,7 @@ impl<'a> Resolver<'a> {
                 return Err(self.invalid(
                     name,
                     "inherit",
-                    format!(
-                        "must be a hash with `default:` and/or `variables:`, not {}",
-                        kind(&other)
-                    ),
+                    format!("must be a hash with `default:` and/or `variables:`, not {}", kind(&other)),
                 ))
             }
         };
@@ -1155,11 +1040,7 @@ impl<'a> Resolver<'a> {
             None => Mapping::new(),
             Some(Value::Mapping(default)) => default,
             Some(other) => {
-                return Err(self.invalid(
-                    name,
-                    "default",
-                    format!("must be a hash of keywords, not {}", kind(&other)),
-                ))
+                return Err(self.invalid(name, "default", format!("must be a hash of keywords, not {}", kind(&other))))
             }
         };
 
@@ -1167,31 +1048,21 @@ impl<'a> Resolver<'a> {
             None => DEFAULT_STAGE.to_owned(),
             Some(Value::String(stage)) if !stage.is_empty() => stage,
             Some(other) => {
-                return Err(self.invalid(
-                    name,
-                    "stage",
-                    format!("must be a stage name, not {}", kind(&other)),
-                ))
+                return Err(self.invalid(name, "stage", format!("must be a stage name, not {}", kind(&other))))
             }
         };
 
         let image = match self.inherited(&own, &default, &inherit_default, "image", true, name)? {
             None => None,
-            Some((value, label)) => {
-                Some(image_name(&value).map_err(|message| self.invalid(name, &label, message))?)
-            }
+            Some((value, label)) => Some(image_name(&value).map_err(|message| self.invalid(name, &label, message))?),
         };
 
         let mut scripts = Vec::new();
         for key in ["before_script", "after_script"] {
-            scripts.push(
-                match self.inherited(&own, &default, &inherit_default, key, true, name)? {
-                    None => Vec::new(),
-                    Some((value, label)) => {
-                        commands(&value).map_err(|message| self.invalid(name, &label, message))?
-                    }
-                },
-            );
+            scripts.push(match self.inherited(&own, &default, &inherit_default, key, true, name)? {
+                None => Vec::new(),
+                Some((value, label)) => commands(&value).map_err(|message| self.invalid(name, &label, message))?,
+            });
         }
         let after_script = scripts.pop().unwrap_or_default();
         let before_script = scripts.pop().unwrap_or_default();
@@ -1204,33 +1075,22 @@ impl<'a> Resolver<'a> {
                     "the job has no `script:`; add one (or `extends:` a template that has one)",
                 ))
             }
-            Some(value) => {
-                commands(&value).map_err(|message| self.invalid(name, "script", message))?
-            }
+            Some(value) => commands(&value).map_err(|message| self.invalid(name, "script", message))?,
         };
         if script.is_empty() {
-            return Err(self.invalid(
-                name,
-                "script",
-                "the job's `script:` is empty; add a command",
-            ));
+            return Err(self.invalid(name, "script", "the job's `script:` is empty; add a command"));
         }
 
-        let timeout_secs =
-            match self.inherited(&own, &default, &inherit_default, "timeout", false, name)? {
-                None => None,
-                Some((value, label)) => {
-                    Some(timeout(&value).map_err(|message| self.invalid(name, &label, message))?)
-                }
-            };
+        let timeout_secs = match self.inherited(&own, &default, &inherit_default, "timeout", false, name)? {
+            None => None,
+            Some((value, label)) => Some(timeout(&value).map_err(|message| self.invalid(name, &label, message))?),
+        };
 
         let (allow_failure, allow_failure_exit_codes) =
             match self.field(&own, "allow_failure", name, "allow_failure")? {
-                Some(value) => allow_failure(&value)
-                    .map_err(|message| self.invalid(name, "allow_failure", message))?,
+                Some(value) => allow_failure(&value).map_err(|message| self.invalid(name, "allow_failure", message))?,
                 None => {
-                    let manual = self.field(&own, "when", name, "when")?
-                        == Some(Value::String("manual".to_owned()));
+                    let manual = self.field(&own, "when", name, "when")? == Some(Value::String("manual".to_owned()));
                     (manual && !own.contains_key("rules"), Vec::new())
                 }
             };
@@ -1245,13 +1105,9 @@ impl<'a> Resolver<'a> {
                 .collect(),
         };
         if let Some(value) = self.field(&own, "variables", name, "variables")? {
-            let job_variables =
-                variables(&value).map_err(|message| self.invalid(name, "variables", message))?;
+            let job_variables = variables(&value).map_err(|message| self.invalid(name, "variables", message))?;
             for (variable, value) in job_variables {
-                match all_variables
-                    .iter_mut()
-                    .find(|(existing, _)| *existing == variable)
-                {
+                match all_variables.iter_mut().find(|(existing, _)| *existing == variable) {
                     Some(slot) => slot.1 = value,
                     None => all_variables.push((variable, value)),
                 }
@@ -1297,10 +1153,7 @@ mod tests {
     }
 
     fn vars(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        items.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -1383,25 +1236,14 @@ j:
 "#;
         assert_eq!(
             job(text, "j").script,
-            strings(&[
-                "one",
-                "two",
-                "three",
-                "four",
-                "five",
-                "if true; then\n  echo six\nfi\n",
-                "folded line\n",
-            ])
+            strings(&["one", "two", "three", "four", "five", "if true; then\n  echo six\nfi\n", "folded line\n",])
         );
     }
 
     #[test]
     fn script_entries_must_be_strings() {
         let e = error("j:\n  script:\n    - echo ok\n    - echo key: value\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "script"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "script"), "{e:?}");
         let message = e.to_string();
         assert!(message.contains("command 2 is a hash"), "{message}");
         assert!(message.contains("quoted"), "{message}");
@@ -1410,17 +1252,10 @@ j:
         assert!(e.to_string().contains("command 2 is a number"), "{e}");
 
         let e = error("j:\n  script: {a: b}\n", "j");
-        assert!(
-            e.to_string()
-                .contains("must be a string or a list of strings, not a hash"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("must be a string or a list of strings, not a hash"), "{e}");
 
         let e = error("j:\n  script: x\n  after_script: 3\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "after_script"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "after_script"), "{e:?}");
     }
 
     #[test]
@@ -1429,10 +1264,7 @@ j:
         for _ in 0..MAX_SCRIPT_NESTING {
             script = format!("[{script}]");
         }
-        assert_eq!(
-            job(&format!("j:\n  script: {script}\n"), "j").script,
-            strings(&["x"])
-        );
+        assert_eq!(job(&format!("j:\n  script: {script}\n"), "j").script, strings(&["x"]));
         let e = error(&format!("j:\n  script: [{script}]\n"), "j");
         assert!(e.to_string().contains("nest deeper than 10"), "{e}");
     }
@@ -1483,10 +1315,7 @@ test:
         let build = job(text, "build");
         assert_eq!(build.image.as_deref(), Some("alpine:3"));
         assert_eq!(build.before_script, strings(&["echo setup"]));
-        assert_eq!(
-            build.variables,
-            vars(&[("A", "1"), ("B", "two"), ("C", "3")])
-        );
+        assert_eq!(build.variables, vars(&[("A", "1"), ("B", "two"), ("C", "3")]));
         assert_eq!(build.script, strings(&["make"]));
         let test = job(text, "test");
         assert_eq!(test.script, strings(&["make"]));
@@ -1521,15 +1350,9 @@ j:
 
     #[test]
     fn merged_keys_take_the_place_of_the_merge_key() {
-        let mut value: Value =
-            serde_norway::from_str("a: &a {x: 1, y: 2}\nb: {w: 0, <<: *a, y: 3, z: 4}\n").unwrap();
+        let mut value: Value = serde_norway::from_str("a: &a {x: 1, y: 2}\nb: {w: 0, <<: *a, y: 3, z: 4}\n").unwrap();
         apply_merge_keys(&mut value, &mut Vec::new()).unwrap();
-        let keys: Vec<&str> = value["b"]
-            .as_mapping()
-            .unwrap()
-            .keys()
-            .filter_map(Value::as_str)
-            .collect();
+        let keys: Vec<&str> = value["b"].as_mapping().unwrap().keys().filter_map(Value::as_str).collect();
         assert_eq!(keys, ["w", "x", "y", "z"]);
         assert_eq!(value["b"]["y"], Value::from(3));
     }
@@ -1561,10 +1384,7 @@ j:
 "#;
         let j = job(text, "j");
         assert_eq!(j.image.as_deref(), Some("base-image"));
-        assert_eq!(
-            j.variables,
-            vars(&[("A", "base"), ("B", "middle"), ("C", "job"), ("D", "job")])
-        );
+        assert_eq!(j.variables, vars(&[("A", "base"), ("B", "middle"), ("C", "job"), ("D", "job")]));
         assert_eq!(j.before_script, strings(&["base before"]));
         // Lists are replaced, not concatenated.
         assert_eq!(j.script, strings(&["middle script"]));
@@ -1615,22 +1435,14 @@ j:
             other => panic!("{other:?}"),
         }
         let e = error("j:\n  extends: j\n  script: x\n", "j");
-        assert_eq!(
-            e.to_string(),
-            "ci.yml: job `j`: `extends` forms a cycle (j -> j); remove one of the links"
-        );
+        assert_eq!(e.to_string(), "ci.yml: job `j`: `extends` forms a cycle (j -> j); remove one of the links");
     }
 
     #[test]
     fn extends_missing_names_the_template() {
         let text = ".a:\n  extends: .gone\nj:\n  extends: [.a]\n  script: x\n";
         match error(text, "j") {
-            PipelineError::ExtendsMissing {
-                job,
-                missing,
-                includes,
-                ..
-            } => {
+            PipelineError::ExtendsMissing { job, missing, includes, .. } => {
                 assert_eq!(job, ".a");
                 assert_eq!(missing, ".gone");
                 assert!(!includes);
@@ -1640,10 +1452,7 @@ j:
         let with_include = format!("include: templates.yml\n{text}");
         let message = error(&with_include, "j").to_string();
         assert!(message.contains("`.a` extends `.gone`"), "{message}");
-        assert!(
-            message.contains("does not read included files"),
-            "{message}"
-        );
+        assert!(message.contains("does not read included files"), "{message}");
     }
 
     #[test]
@@ -1656,19 +1465,13 @@ j:
             text.push_str(&format!("j:\n  extends: .t{}\n", levels - 1));
             text
         };
-        assert_eq!(
-            job(&chain(MAX_EXTENDS_DEPTH), "j").script,
-            strings(&["deep"])
-        );
+        assert_eq!(job(&chain(MAX_EXTENDS_DEPTH), "j").script, strings(&["deep"]));
         // Also when the templates were extended (and cached) before the job.
         let mut text = chain(MAX_EXTENDS_DEPTH + 1);
         text.push_str("k:\n  script: !reference [.t11, script]\n");
         let mut resolver = Resolver::new(&text, path()).unwrap();
         assert_eq!(resolver.job("k").unwrap().script, strings(&["deep"]));
-        assert!(matches!(
-            resolver.job("j"),
-            Err(PipelineError::ExtendsTooDeep { .. })
-        ));
+        assert!(matches!(resolver.job("j"), Err(PipelineError::ExtendsTooDeep { .. })));
         match error(&chain(MAX_EXTENDS_DEPTH + 1), "j") {
             PipelineError::ExtendsTooDeep { job, chain, .. } => {
                 assert_eq!(job, "j");
@@ -1681,16 +1484,9 @@ j:
     #[test]
     fn extends_of_the_wrong_shape() {
         let e = error("j:\n  extends: {a: b}\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "extends"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "extends"), "{e:?}");
         let e = error(".t: just text\nj:\n  extends: .t\n  script: x\n", "j");
-        assert!(
-            e.to_string()
-                .contains("which is a string instead of a hash"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("which is a string instead of a hash"), "{e}");
     }
 
     #[test]
@@ -1715,19 +1511,8 @@ j:
     - !reference [.setup, after_script]
 "#;
         let j = job(text, "j");
-        assert_eq!(
-            j.before_script,
-            strings(&["echo setup one", "echo setup two", "echo tools"])
-        );
-        assert_eq!(
-            j.script,
-            strings(&[
-                "echo first",
-                "echo setup one",
-                "echo setup two",
-                "echo last"
-            ])
-        );
+        assert_eq!(j.before_script, strings(&["echo setup one", "echo setup two", "echo tools"]));
+        assert_eq!(j.script, strings(&["echo first", "echo setup one", "echo setup two", "echo last"]));
         assert_eq!(j.after_script, strings(&["echo cleanup"]));
     }
 
@@ -1761,21 +1546,10 @@ k:
 "#;
         let j = job(text, "j");
         assert_eq!(j.image.as_deref(), Some("registry/tool:1"));
-        assert_eq!(
-            j.variables,
-            vars(&[
-                ("GLOBAL", "g"),
-                ("ONE", "a"),
-                ("INH", "yes-from-base"),
-                ("TOP", "g")
-            ])
-        );
+        assert_eq!(j.variables, vars(&[("GLOBAL", "g"), ("ONE", "a"), ("INH", "yes-from-base"), ("TOP", "g")]));
         let k = job(text, "k");
         assert_eq!(k.image.as_deref(), Some("registry/tool:1"));
-        assert_eq!(
-            k.variables,
-            vars(&[("GLOBAL", "g"), ("A", "a"), ("B", "2")])
-        );
+        assert_eq!(k.variables, vars(&[("GLOBAL", "g"), ("A", "a"), ("B", "2")]));
     }
 
     #[test]
@@ -1799,12 +1573,7 @@ j:
     fn bad_references() {
         let text = "j:\n  script: !reference [.nope, script]\n";
         match error(text, "j") {
-            PipelineError::BadReference {
-                job,
-                reference,
-                includes,
-                ..
-            } => {
+            PipelineError::BadReference { job, reference, includes, .. } => {
                 assert_eq!(job, "j");
                 assert_eq!(reference, strings(&[".nope", "script"]));
                 assert!(!includes);
@@ -1812,31 +1581,15 @@ j:
             other => panic!("{other:?}"),
         }
         let message = error(&format!("include: x.yml\n{text}"), "j").to_string();
-        assert!(
-            message.contains("`!reference [.nope, script]`"),
-            "{message}"
-        );
+        assert!(message.contains("`!reference [.nope, script]`"), "{message}");
         assert!(message.contains("not defined in this file"), "{message}");
-        assert!(
-            message.contains("does not read included files"),
-            "{message}"
-        );
+        assert!(message.contains("does not read included files"), "{message}");
 
-        let e = error(
-            ".t:\n  image: x\nj:\n  script: !reference [.t, script]\n",
-            "j",
-        );
+        let e = error(".t:\n  image: x\nj:\n  script: !reference [.t, script]\n", "j");
         assert!(e.to_string().contains("`.t` has no such key"), "{e}");
 
-        let e = error(
-            ".t:\n  script: x\nj:\n  script: !reference [.t, script, deeper]\n",
-            "j",
-        );
-        assert!(
-            e.to_string()
-                .contains("which is a string instead of a hash"),
-            "{e}"
-        );
+        let e = error(".t:\n  script: x\nj:\n  script: !reference [.t, script, deeper]\n", "j");
+        assert!(e.to_string().contains("which is a string instead of a hash"), "{e}");
 
         let cycle = ".a:\n  script: !reference [.b, script]\n.b:\n  script: !reference [.a, script]\nj:\n  script: !reference [.a, script]\n";
         let e = error(cycle, "j");
@@ -1953,15 +1706,9 @@ all:
         assert_eq!(all.variables.len(), 3);
 
         let e = error("j:\n  inherit: {defaults: false}\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "inherit"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "inherit"), "{e:?}");
         let e = error("j:\n  inherit: {variables: maybe}\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "inherit:variables"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "inherit:variables"), "{e:?}");
     }
 
     #[test]
@@ -1990,70 +1737,33 @@ all:
         for (text, secs) in table {
             assert_eq!(parse_duration(text), Ok(*secs), "{text}");
         }
-        for text in [
-            "",
-            "0",
-            "0s",
-            "soon",
-            "10 parsecs",
-            "1h 30",
-            "h",
-            "1..5h",
-            "1:2:3:4",
-            "and 5m",
-        ] {
+        for text in ["", "0", "0s", "soon", "10 parsecs", "1h 30", "h", "1..5h", "1:2:3:4", "and 5m"] {
             assert!(parse_duration(text).is_err(), "{text:?} should not parse");
         }
     }
 
     #[test]
     fn timeout_values_in_jobs() {
-        assert_eq!(
-            job("j:\n  timeout: 600\n  script: x\n", "j").timeout_secs,
-            Some(600)
-        );
-        assert_eq!(
-            job("j:\n  timeout: '1 hour'\n  script: x\n", "j").timeout_secs,
-            Some(3600)
-        );
+        assert_eq!(job("j:\n  timeout: 600\n  script: x\n", "j").timeout_secs, Some(600));
+        assert_eq!(job("j:\n  timeout: '1 hour'\n  script: x\n", "j").timeout_secs, Some(3600));
         let e = error("j:\n  timeout: whenever\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "timeout"),
-            "{e:?}"
-        );
-        assert!(
-            e.to_string().contains("`whenever` is not a duration"),
-            "{e}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "timeout"), "{e:?}");
+        assert!(e.to_string().contains("`whenever` is not a duration"), "{e}");
         let e = error("default:\n  timeout: [1]\nj:\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "default:timeout"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "default:timeout"), "{e:?}");
     }
 
     #[test]
     fn image_string_or_hash() {
-        assert_eq!(
-            job("j:\n  image: alpine\n  script: x\n", "j")
-                .image
-                .as_deref(),
-            Some("alpine")
-        );
+        assert_eq!(job("j:\n  image: alpine\n  script: x\n", "j").image.as_deref(), Some("alpine"));
         let text = "j:\n  image:\n    name: alpine:3.20\n    entrypoint: ['']\n    pull_policy: always\n  script: x\n";
         assert_eq!(job(text, "j").image.as_deref(), Some("alpine:3.20"));
         let e = error("j:\n  image: {entrypoint: ['']}\n  script: x\n", "j");
         assert!(e.to_string().contains("needs a `name:`"), "{e}");
         let e = error("j:\n  image: 3\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "image"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "image"), "{e:?}");
         let e = error("image: ''\nj:\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "image (top-level)"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "image (top-level)"), "{e:?}");
     }
 
     #[test]
@@ -2108,23 +1818,14 @@ j:
     #[test]
     fn variables_of_the_wrong_shape() {
         let e = error("j:\n  variables:\n    EMPTY:\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "variables"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "variables"), "{e:?}");
         assert!(e.to_string().contains("variable `EMPTY` is empty"), "{e}");
         let e = error("j:\n  variables: {L: [a]}\n  script: x\n", "j");
         assert!(e.to_string().contains("variable `L` is a list"), "{e}");
-        let e = error(
-            "j:\n  variables: {V: {value: x, bogus: 1}}\n  script: x\n",
-            "j",
-        );
+        let e = error("j:\n  variables: {V: {value: x, bogus: 1}}\n  script: x\n", "j");
         assert!(e.to_string().contains("unknown key `bogus`"), "{e}");
         let e = error("variables: [A]\nj:\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "variables (top-level)"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "variables (top-level)"), "{e:?}");
     }
 
     #[test]
@@ -2132,45 +1833,24 @@ j:
         let j = job("j:\n  allow_failure: {exit_codes: 42}\n  script: x\n", "j");
         assert!(!j.allow_failure);
         assert_eq!(j.allow_failure_exit_codes, vec![42]);
-        let j = job(
-            "j:\n  allow_failure:\n    exit_codes: [1, 137]\n  script: x\n",
-            "j",
-        );
+        let j = job("j:\n  allow_failure:\n    exit_codes: [1, 137]\n  script: x\n", "j");
         assert_eq!(j.allow_failure_exit_codes, vec![1, 137]);
         assert!(!job("j:\n  allow_failure: false\n  script: x\n", "j").allow_failure);
         // Manual jobs without rules may fail by default.
         assert!(job("j:\n  when: manual\n  script: x\n", "j").allow_failure);
-        assert!(
-            !job(
-                "j:\n  when: manual\n  rules: [{when: manual}]\n  script: x\n",
-                "j"
-            )
-            .allow_failure
-        );
-        assert!(
-            !job(
-                "j:\n  when: manual\n  allow_failure: false\n  script: x\n",
-                "j"
-            )
-            .allow_failure
-        );
+        assert!(!job("j:\n  when: manual\n  rules: [{when: manual}]\n  script: x\n", "j").allow_failure);
+        assert!(!job("j:\n  when: manual\n  allow_failure: false\n  script: x\n", "j").allow_failure);
         let e = error("j:\n  allow_failure: {exit_codes: [x]}\n  script: x\n", "j");
         assert!(e.to_string().contains("must hold integers"), "{e}");
         let e = error("j:\n  allow_failure: yes please\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "allow_failure"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "allow_failure"), "{e:?}");
     }
 
     #[test]
     fn stage_must_be_a_name() {
         assert_eq!(job("j:\n  stage: .pre\n  script: x\n", "j").stage, ".pre");
         let e = error("j:\n  stage: [a]\n  script: x\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "stage"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "stage"), "{e:?}");
     }
 
     const MANY_JOBS: &str = r#"
@@ -2194,22 +1874,14 @@ pages:
 
     #[test]
     fn job_names_lists_runnable_jobs_in_file_order() {
-        assert_eq!(
-            job_names(MANY_JOBS, path()).unwrap(),
-            strings(&["build", "test", "pages"])
-        );
+        assert_eq!(job_names(MANY_JOBS, path()).unwrap(), strings(&["build", "test", "pages"]));
         assert_eq!(job_names("", path()).unwrap(), Vec::<String>::new());
     }
 
     #[test]
     fn no_such_job_lists_the_available_ones() {
         match error(MANY_JOBS, "deploy") {
-            PipelineError::NoSuchJob {
-                job,
-                available,
-                includes,
-                ..
-            } => {
+            PipelineError::NoSuchJob { job, available, includes, .. } => {
                 assert_eq!(job, "deploy");
                 assert_eq!(available, strings(&["build", "test", "pages"]));
                 assert!(!includes);
@@ -2223,10 +1895,7 @@ pages:
         let hidden = error(MANY_JOBS, ".hidden").to_string();
         assert!(hidden.contains("hidden templates"), "{hidden}");
         let keyword = error(MANY_JOBS, "variables").to_string();
-        assert!(
-            keyword.contains("`variables` is a global keyword"),
-            "{keyword}"
-        );
+        assert!(keyword.contains("`variables` is a global keyword"), "{keyword}");
         let e = error("", "j").to_string();
         assert!(e.contains("defines no runnable jobs"), "{e}");
     }
@@ -2237,29 +1906,20 @@ pages:
         assert_eq!(job(text, "lint").script, strings(&["lint"]));
         let message = error(text, "build").to_string();
         assert!(message.contains("run one of: lint"), "{message}");
-        assert!(
-            message.contains("`include:` files are not read by `berth exec`"),
-            "{message}"
-        );
+        assert!(message.contains("`include:` files are not read by `berth exec`"), "{message}");
     }
 
     #[test]
     fn trigger_jobs_cannot_run() {
         let e = error(MANY_JOBS, "downstream");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key == "trigger"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "trigger"), "{e:?}");
         assert!(e.to_string().contains("trigger job"), "{e}");
     }
 
     #[test]
     fn a_job_must_be_a_hash() {
         let e = error("j: make\n", "j");
-        assert!(
-            matches!(&e, PipelineError::Invalid { key, .. } if key.is_empty()),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PipelineError::Invalid { key, .. } if key.is_empty()), "{e:?}");
         assert_eq!(
             e.to_string(),
             "ci.yml: job `j`: the job is a string, but a job is a hash of keywords like `script:`"
@@ -2271,23 +1931,14 @@ pages:
         let e = error("build:\n  script: [make\n", "build");
         assert!(matches!(e, PipelineError::Parse { .. }), "{e:?}");
         let message = e.to_string();
-        assert!(
-            message.starts_with("failed to parse ci.yml as YAML at line 3, column 1"),
-            "{message}"
-        );
+        assert!(message.starts_with("failed to parse ci.yml as YAML at line 3, column 1"), "{message}");
         let source = std::error::Error::source(&e).expect("a source").to_string();
-        assert!(
-            source.contains("did not find expected ',' or ']'"),
-            "{source}"
-        );
+        assert!(source.contains("did not find expected ',' or ']'"), "{source}");
 
         let e = error("a:\n  script: x\nb: 1\nb: 2\n", "a");
         assert!(e.to_string().contains(" at line "), "{e}");
         let source = std::error::Error::source(&e).expect("a source").to_string();
-        assert!(
-            source.contains("duplicate entry with key \"b\""),
-            "{source}"
-        );
+        assert!(source.contains("duplicate entry with key \"b\""), "{source}");
     }
 
     #[test]
@@ -2314,9 +1965,6 @@ pages:
         assert_eq!(loaded.unwrap().script, strings(&["echo hello"]));
         let e = missing.unwrap_err();
         assert!(matches!(e, PipelineError::Read { .. }), "{e:?}");
-        assert!(
-            e.to_string().contains("absent.yml: check that it exists"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("absent.yml: check that it exists"), "{e}");
     }
 }

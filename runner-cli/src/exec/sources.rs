@@ -41,7 +41,9 @@ pub fn archive(dir: &Path) -> Result<String> {
             let existing: Vec<&[u8]> = list
                 .split(|b| *b == 0)
                 .filter(|name| !name.is_empty())
-                .filter(|name| dir.join(std::ffi::OsStr::new(std::str::from_utf8(name).unwrap_or(""))).symlink_metadata().is_ok())
+                .filter(|name| {
+                    dir.join(std::ffi::OsStr::new(std::str::from_utf8(name).unwrap_or(""))).symlink_metadata().is_ok()
+                })
                 .collect();
             tar.args(["--null", "--no-recursion", "-T", "-"]);
             Some(existing.join(&0u8))
@@ -65,14 +67,18 @@ pub fn archive(dir: &Path) -> Result<String> {
         bail!("failed to archive {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
     if out.stdout.len() > 64 << 20 {
-        eprintln!("WARNING: the project's files take {} MiB compressed; every job carries them in its get_sources script", out.stdout.len() >> 20);
+        eprintln!(
+            "WARNING: the project's files take {} MiB compressed; every job carries them in its get_sources script",
+            out.stdout.len() >> 20
+        );
     }
     Ok(base64::engine::general_purpose::STANDARD.encode(out.stdout))
 }
 
 /// CI_COMMIT_* variables of the work tree, where git knows them.
 pub fn git_variables(dir: &Path) -> Vec<(&'static str, String)> {
-    let text = |args: &[&str]| git(dir, args).map(|o| String::from_utf8_lossy(&o).trim().to_owned()).filter(|s| !s.is_empty());
+    let text =
+        |args: &[&str]| git(dir, args).map(|o| String::from_utf8_lossy(&o).trim().to_owned()).filter(|s| !s.is_empty());
     let mut vars = Vec::new();
     if let Some(sha) = text(&["rev-parse", "HEAD"]) {
         vars.push(("CI_COMMIT_SHORT_SHA", sha.chars().take(8).collect()));
