@@ -37,14 +37,16 @@ pub enum ContextError {
     )]
     NoIdentity(String),
     /// The runner name cannot be used in a job key.
-    #[error("runner name {0:?} is not usable: use 1-40 characters of a-z, 0-9, '-' and '_', starting with a letter or digit")]
+    #[error(
+        "runner name {0:?} is not usable: use 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit"
+    )]
     BadRunnerName(String),
 }
 
 /// A job's identity on this host: the runner name and GitLab's job id.
 ///
 /// Safe to use in a path component, a systemd unit name or a machine name:
-/// only `a-z`, `0-9`, `-` and `_`, at most 61 characters.
+/// only `a-z`, `0-9` and `-`, at most 53 characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct JobKey {
@@ -72,11 +74,13 @@ impl JobKey {
     }
 }
 
-/// Whether `name` may name a runner: 1-40 of `a-z0-9-_`, starting with a letter or digit.
+/// Whether `name` may name a runner: 1-32 of `a-z0-9-`, starting with a letter
+/// or digit, so that `berth-<runner>-<job id>` is a valid machine and host name
+/// (at most 64 characters, no `_`).
 pub(crate) fn valid_runner_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 40
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.len() <= 32
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
@@ -490,7 +494,9 @@ mod tests {
         assert!(JobKey::new("", 1).is_err());
         assert!(JobKey::new("-x", 1).is_err());
         assert!(JobKey::new("Upper", 1).is_err());
-        let key = JobKey::new("nspawn-fast_1", 42).unwrap();
+        assert!(JobKey::new("under_score", 1).is_err(), "not valid in a machine name");
+        assert!(JobKey::new(&"a".repeat(33), 1).is_err());
+        let key = JobKey::new("nspawn-fast-1", 42).unwrap();
         assert_eq!(JobKey::try_from(key.to_string()).unwrap(), key);
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_backend_api::{Cancel, Capabilities, Description, JobInfo, JobResponse, ResponseVariable, Step};
+use berth_backend_api::{Cancel, Description, Isolation, JobInfo, JobResponse, ResponseVariable, Step};
 use serde::Serialize;
 
 use crate::job::{Interrupts, JobSpec, Outcome};
@@ -47,12 +47,24 @@ enum Needs {
     Nothing,
     ExecutesScripts,
     Cancel,
+    /// Executes scripts, runs jobs concurrently, and isolates them.
+    Isolation,
 }
 
 impl Needs {
-    fn missing(self, caps: &Capabilities) -> Option<&'static str> {
+    fn missing(self, description: &Description) -> Option<&'static str> {
+        let caps = &description.capabilities;
         match self {
             Needs::Nothing => None,
+            Needs::Isolation if !caps.executes_scripts => {
+                Some("the backend does not execute scripts (executes_scripts = false)")
+            }
+            Needs::Isolation if !caps.concurrent_jobs => {
+                Some("the backend does not run jobs concurrently (concurrent_jobs = false)")
+            }
+            Needs::Isolation if matches!(description.isolation, Isolation::None | Isolation::Host) => {
+                Some("the backend declares no isolation between jobs")
+            }
             Needs::ExecutesScripts if !caps.executes_scripts => {
                 Some("the backend does not execute scripts (executes_scripts = false)")
             }
@@ -179,7 +191,7 @@ impl Report {
                 _ => "skip",
             };
             out.push_str(&format!(
-                "{verdict:<5} {:<26} {:<6} {:>6.2}s  {}\n",
+                "{verdict:<5} {:<29} {:<6} {:>6.2}s  {}\n",
                 r.id,
                 r.level.as_str(),
                 r.seconds,
@@ -217,7 +229,7 @@ pub fn run(target: &Target, filter: &Filter) -> Result<Report, String> {
             continue;
         }
         let started = Instant::now();
-        let (verdict, detail) = match check.needs.missing(&target.description.capabilities) {
+        let (verdict, detail) = match check.needs.missing(&target.description) {
             Some(reason) => ("skip", reason.to_owned()),
             None => match (check.run)(target) {
                 Ok(()) => ("pass", String::new()),
@@ -332,26 +344,64 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(12)..].join("\n")
 }
 
-/// Fails if anything under the state directory is named after job `id`
-/// (except in its `logs` directory, for records meant to outlive the job).
+/// Fails if anything of job `id` is left: a file or directory under the
+/// state directory named after it (except in `logs`, for records meant to
+/// outlive the job), a process whose command line names it (a container, a
+/// helper), or a mount whose path names it.
 fn leak_check(target: &Target, id: u64) -> Result<(), String> {
-    let Some(root) = &target.state_dir else { return Ok(()) };
     let needle = format!("-{id}");
-    let logs = root.join(berth_backend_api::LOGS_DIR);
     let mut leaks = Vec::new();
-    walk(root, &mut |path| {
-        if path.starts_with(&logs) {
-            return;
+    if let Some(root) = &target.state_dir {
+        let logs = root.join(berth_backend_api::LOGS_DIR);
+        walk(root, &mut |path| {
+            if !path.starts_with(&logs)
+                && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&needle))
+            {
+                leaks.push(format!("file {}", path.display()));
+            }
+        });
+    }
+    // Processes and mounts may take a moment to go after cleanup returned.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let live = live_leaks(&needle);
+        if live.is_empty() || Instant::now() >= deadline {
+            leaks.extend(live);
+            break;
         }
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&needle)) {
-            leaks.push(path.display().to_string());
-        }
-    });
+        std::thread::sleep(Duration::from_millis(100));
+    }
     if leaks.is_empty() {
         Ok(())
     } else {
-        Err(format!("cleanup left state of job {id} behind: {}", leaks.join(", ")))
+        Err(format!("cleanup left job {id} behind: {}", leaks.join(", ")))
     }
+}
+
+fn live_leaks(needle: &str) -> Vec<String> {
+    let mut leaks = Vec::new();
+    let me = std::process::id().to_string();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            if pid == me {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                leaks.push(format!("process {pid} ({})", cmdline.trim()));
+            }
+        }
+    }
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in mounts.lines().filter(|l| l.contains(needle)) {
+            let point = line.split(' ').nth(4).unwrap_or(line);
+            leaks.push(format!("mount {point}"));
+        }
+    }
+    leaks
 }
 
 fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
@@ -590,6 +640,80 @@ fn identity(target: &Target) -> Result<(), String> {
     a.finish()
 }
 
+/// Bytes as lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn variables_exact(target: &Target) -> Result<(), String> {
+    let value = "it's \"quoted\" $HOME `id` \\ back\nsecond line\ttab ünïcødé ☃ 🚀 %s *";
+    let mut case = Case::with(target, |r| r.variables.push(ResponseVariable::new("BERTH_EXACT", value)))?;
+    case.prepare()?;
+    let body = format!(
+        "export BERTH_EXACT={}\nprintf 'hex=%s\\n' \"$(printf '%s' \"$BERTH_EXACT\" | od -An -tx1 -v | tr -d ' \\n')\"\n",
+        berth_backend_api::script::quote(value)
+    );
+    let result = case.run_ok("build_script", &body)?;
+    let want = format!("hex={}", hex(value.as_bytes()));
+    if !result.output().lines().any(|l| l.trim() == want) {
+        return Err(format!(
+            "the variable did not reach the script exactly: want {want}, output {:?}",
+            result.output()
+        ));
+    }
+    case.finish()
+}
+
+fn concurrent_isolation(target: &Target) -> Result<(), String> {
+    let mut a = Case::new(target)?;
+    let mut b = Case::new(target)?;
+    a.prepare()?;
+    b.prepare()?;
+    let marker = format!("berth-iso-{}", a.id());
+    let (first, rest) = marker.split_at(1);
+    a.run_ok(
+        "get_sources",
+        &format!(
+            "echo secret > /tmp/{marker}\nmkdir -p \"$CI_PROJECT_DIR\" && echo a > \"$CI_PROJECT_DIR/{marker}\"\n"
+        ),
+    )?;
+    let probe = format!(
+        "test ! -e /tmp/{marker}\nif grep -rqsa '[{first}]{rest}' \"$CI_BUILDS_DIR\" 2>/dev/null; then exit 3; fi\nif grep -qsa '[{first}]{rest}' /proc/[0-9]*/cmdline; then exit 4; fi\n"
+    );
+    let (a_result, b_result) = std::thread::scope(|scope| {
+        let long = scope.spawn(|| a.run("build_script", &format!("(exec -a {marker} sleep 4)\n")));
+        std::thread::sleep(Duration::from_millis(1000));
+        let probe = b.run("build_script", &probe);
+        (long.join(), probe)
+    });
+    let a_result = a_result.map_err(|_| "the first job's stage panicked".to_owned())?;
+    expect_exit(&a_result, &Exit::Success, "the first job's long stage")?;
+    match &b_result.exit {
+        Exit::Success => {}
+        Exit::Build { code: 1, .. } => return Err("a job saw another job's file in /tmp".into()),
+        Exit::Build { code: 3, .. } => return Err("a job saw another job's files under its builds dir".into()),
+        Exit::Build { code: 4, .. } => return Err("a job saw another job's processes".into()),
+        other => return Err(format!("the probe stage failed: {other:?}\n{}", tail(&b_result.output()))),
+    }
+    b.finish()?;
+    a.finish()
+}
+
+fn killed_prepare(target: &Target) -> Result<(), String> {
+    let mut case = Case::new(target)?;
+    case.config()?;
+    let mut driver = case.driver.clone();
+    driver.timeouts.graceful_kill = Duration::ZERO;
+    let (cancel, trigger) = Cancel::pair().map_err(|e| e.to_string())?;
+    let fire = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        trigger.fire();
+    });
+    let _ = driver.call(&case.job, Hook::Prepare, &[], Some(driver.timeouts.prepare), Some(&cancel), &case.log);
+    let _ = fire.join();
+    case.finish()
+}
+
 fn job_spec(script: &[&str], after: &[&str]) -> JobSpec {
     let mut response = response();
     response.steps = vec![Step::new("script", script.iter().map(|s| s.to_string()).collect(), "on_success")];
@@ -755,6 +879,30 @@ const CHECKS: &[Check] = &[
         protocol: "2",
         needs: Needs::ExecutesScripts,
         run: identity,
+    },
+    Check {
+        id: "variables.exact",
+        level: Level::Must,
+        statement: "variables reach the script byte for byte (quotes, newlines, unicode)",
+        protocol: "2",
+        needs: Needs::ExecutesScripts,
+        run: variables_exact,
+    },
+    Check {
+        id: "cleanup.after-killed-prepare",
+        level: Level::Must,
+        statement: "cleanup after a prepare killed with SIGKILL leaves no state, process or mount behind",
+        protocol: "5",
+        needs: Needs::Nothing,
+        run: killed_prepare,
+    },
+    Check {
+        id: "isolation.concurrent",
+        level: Level::Must,
+        statement: "two concurrent jobs see neither each other's files nor processes",
+        protocol: "7",
+        needs: Needs::Isolation,
+        run: concurrent_isolation,
     },
     Check {
         id: "cancel.sigterm",

@@ -181,7 +181,7 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
     use berth_conformance::suite;
     if args.list {
         for check in suite::checks() {
-            println!("{:<28} {:<6} §{:<4} {}", check.id, check.level.as_str(), check.protocol, check.statement);
+            println!("{:<29} {:<6} §{:<4} {}", check.id, check.level.as_str(), check.protocol, check.statement);
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -146,7 +146,7 @@ pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, Conf
         return Err(key_err(
             runner_name.span(),
             prefix,
-            "runner names are 1-40 characters of a-z, 0-9, '-' and '_', starting with a letter or digit (they name job state and units)".into(),
+            "runner names are 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit (they name job state, units and machines)".into(),
         ));
     }
     let backend = match (&runner.backend, &runner.plugin) {

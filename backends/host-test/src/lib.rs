@@ -44,6 +44,10 @@ pub enum Fault {
     RejectUnknownStage,
     /// The job's directory is named after `CUSTOM_ENV_CI_JOB_ID`.
     TrustUserJobId,
+    /// prepare starts a process that cleanup does not stop.
+    LeakProcess,
+    /// Declares filesystem isolation it does not provide.
+    ClaimIsolation,
 }
 
 /// `[runners.NAME.settings]` of the fixture.
@@ -98,8 +102,9 @@ fn fs_failure(what: &str, path: &Path, e: std::io::Error) -> Failure {
 
 impl Backend for HostTest {
     fn describe(&self) -> Description {
+        let isolation = if self.fault == Some(Fault::ClaimIsolation) { Isolation::Filesystem } else { Isolation::Host };
         Description::new("host-test", env!("CARGO_PKG_VERSION"), "test fixture: bash on the host, no isolation")
-            .isolation(Isolation::Host)
+            .isolation(isolation)
             .capabilities(Capabilities::none().executes_scripts(true).cancel(true).concurrent_jobs(true))
     }
 
@@ -119,6 +124,18 @@ impl Backend for HostTest {
                 Command::new("sleep")
                     .arg("8")
                     .stdin(Stdio::null())
+                    .spawn()
+                    .map_err(|e| Failure::system_with("spawn", e))?;
+            }
+            Some(Fault::LeakProcess) => {
+                use std::os::unix::process::CommandExt;
+                Command::new("sleep")
+                    .arg0(format!("berth-leak-{}", job.key()))
+                    .arg("10")
+                    .process_group(0)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
                     .spawn()
                     .map_err(|e| Failure::system_with("spawn", e))?;
             }
