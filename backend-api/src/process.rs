@@ -33,14 +33,42 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 /// so no background process outlives it holding the job log. On cancel the
 /// group gets SIGTERM, and SIGKILL if it is still there after `grace`.
 pub fn run(cmd: &mut Command, cancel: &Cancel, grace: Duration) -> io::Result<Ended> {
+    run_inner(cmd, cancel, None, grace)
+}
+
+/// Like [`run`], but on cancel first calls `stop` (which asks whatever really
+/// runs the work to stop, e.g. `systemctl stop` of a unit the process only
+/// waits for) and waits up to `grace` for the process to exit by itself; only
+/// then its group gets SIGTERM, and SIGKILL a second later.
+pub fn run_with_stop(cmd: &mut Command, cancel: &Cancel, stop: &mut dyn FnMut(), grace: Duration) -> io::Result<Ended> {
+    run_inner(cmd, cancel, Some(stop), grace)
+}
+
+fn run_inner(cmd: &mut Command, cancel: &Cancel, stop: Option<&mut dyn FnMut()>, grace: Duration) -> io::Result<Ended> {
     cmd.process_group(0);
     let mut child = cmd.spawn()?;
     let group = Pid::from_raw(child.id() as i32);
     let exited = wait_exit(&mut child, Some(cancel), None)?;
     if !exited {
-        let _ = killpg(group, Signal::SIGTERM);
-        if !wait_exit(&mut child, None, Some(grace))? {
-            let _ = killpg(group, Signal::SIGKILL);
+        let last_resort = match stop {
+            Some(stop) => {
+                stop();
+                if wait_exit(&mut child, None, Some(grace))? {
+                    None
+                } else {
+                    let _ = killpg(group, Signal::SIGTERM);
+                    Some(Duration::from_secs(1))
+                }
+            }
+            None => {
+                let _ = killpg(group, Signal::SIGTERM);
+                Some(grace)
+            }
+        };
+        if let Some(wait) = last_resort {
+            if !wait_exit(&mut child, None, Some(wait))? {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
         }
     }
     // The leader is a zombie until reaped, so its pid (the group id) cannot be

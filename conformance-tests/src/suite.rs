@@ -671,14 +671,14 @@ fn concurrent_isolation(target: &Target) -> Result<(), String> {
     b.prepare()?;
     let marker = format!("berth-iso-{}", a.id());
     let (first, rest) = marker.split_at(1);
+    let project = a.job.project_dir();
+    let builds = b.job.config.builds_dir.clone().unwrap_or_else(|| "/builds".into());
     a.run_ok(
         "get_sources",
-        &format!(
-            "echo secret > /tmp/{marker}\nmkdir -p \"$CI_PROJECT_DIR\" && echo a > \"$CI_PROJECT_DIR/{marker}\"\n"
-        ),
+        &format!("echo secret > /tmp/{marker}\nmkdir -p '{project}' && echo a > '{project}/{marker}'\n"),
     )?;
     let probe = format!(
-        "test ! -e /tmp/{marker}\nif grep -rqsa '[{first}]{rest}' \"$CI_BUILDS_DIR\" 2>/dev/null; then exit 3; fi\nif grep -qsa '[{first}]{rest}' /proc/[0-9]*/cmdline; then exit 4; fi\n"
+        "test ! -e /tmp/{marker}\nif grep -rqsa '[{first}]{rest}' '{builds}' 2>/dev/null; then exit 3; fi\nif grep -qsa '[{first}]{rest}' /proc/[0-9]*/cmdline; then exit 4; fi\n"
     );
     let (a_result, b_result) = std::thread::scope(|scope| {
         let long = scope.spawn(|| a.run("build_script", &format!("(exec -a {marker} sleep 4)\n")));

@@ -3,6 +3,7 @@
 use berth_backend_api::{Backend, Failure, NewBackend, RunnerInfo};
 use berth_backend_dry_run::DryRun;
 use berth_backend_host_test::HostTest;
+use berth_backend_nspawn::Nspawn;
 
 use crate::config::{BackendChoice, ConfigError, Runner};
 
@@ -36,6 +37,12 @@ pub const BUILT_IN: &[BuiltIn] = &[
         summary: "executes nothing; shows what the runner sends, for debugging pipelines",
         test_fixture: false,
         build: build::<DryRun>,
+    },
+    BuiltIn {
+        name: "nspawn",
+        summary: "a booted systemd-nspawn container per job, on a copy-on-write overlay of an image",
+        test_fixture: false,
+        build: build::<Nspawn>,
     },
     BuiltIn {
         name: "host-test",

@@ -1,0 +1,188 @@
+//! berth's reference backend: every job gets a fresh, fully booted systemd
+//! container (`systemd-nspawn --boot`) on a copy-on-write overlay of an
+//! admin-provided image, thrown away at cleanup.
+//!
+//! Two host modes with the same semantics ([`settings::Mode`]):
+//! - **systemd** (PID 1 is systemd): the container runs in a transient unit
+//!   `berth-<job>.service` in `machine.slice` (Delegate=yes, KillMode=mixed,
+//!   Type=notify, resource limits as unit properties), registered with
+//!   systemd-machined; stages run with `systemd-run --machine`.
+//! - **standalone** (no systemd on the host, e.g. inside a container): nspawn
+//!   is started detached with `--register=no --keep-unit`, readiness comes
+//!   from its notify socket, and stages enter the container leader's
+//!   namespaces with `nsenter`.
+//!
+//! In both, each stage runs **inside the container as a unit of its own**
+//! (`systemd-run --pipe --wait` in the container), so when the script ends
+//! every process it started is gone and nothing holds the job log; a cancel
+//! stops that unit explicitly (killing the `systemd-run` client alone would
+//! leave it running).
+#![deny(missing_docs)]
+
+mod cgroup;
+mod host;
+pub mod image;
+mod job;
+pub mod settings;
+
+use std::path::{Path, PathBuf};
+
+use berth_backend_api::{
+    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobKey, JobState,
+    NewBackend, RunnerInfo,
+};
+
+use crate::image::ImageStore;
+use crate::settings::{Mode, Settings};
+
+/// Where the job's builds dir is inside the container.
+const BUILDS_DIR: &str = "/builds";
+/// Where the job's cache dir is inside the container.
+const CACHE_DIR: &str = "/cache";
+/// Where stage scripts appear inside the container.
+const SCRIPTS_DIR: &str = "/run/berth";
+/// Where gitlab-runner appears inside the container.
+const GITLAB_RUNNER: &str = "/usr/local/bin/gitlab-runner";
+
+/// The nspawn backend of one runner.
+#[derive(Debug)]
+pub struct Nspawn {
+    settings: Settings,
+    mode: Mode,
+    images: ImageStore,
+    runner: RunnerInfo,
+    cache_host_dir: PathBuf,
+    gitlab_runner: Option<PathBuf>,
+}
+
+/// Whether PID 1 is systemd (`sd_booted()`).
+pub fn systemd_is_pid1() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
+fn check_path(what: &str, path: &Path) -> Result<(), Failure> {
+    let text = path.to_string_lossy();
+    if !path.is_absolute() || text.contains([':', ',']) || text.contains('\n') {
+        return Err(Failure::system(format!(
+            "settings.{what}: {} must be an absolute path without ':' or ','",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+impl NewBackend for Nspawn {
+    type Settings = Settings;
+
+    fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
+        let mode = match settings.mode {
+            Mode::Auto if systemd_is_pid1() => Mode::Systemd,
+            Mode::Auto => Mode::Standalone,
+            mode => mode,
+        };
+        let images_dir = settings.images_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/berth/images"));
+        check_path("images_dir", &images_dir)?;
+        let images = ImageStore::new(images_dir, &settings.allowed_images, settings.default_image.clone())
+            .map_err(|e| Failure::system(format!("settings.{e}")))?;
+        let cache_host_dir =
+            settings.cache_host_dir.clone().unwrap_or_else(|| runner.state_dir.join("cache").join(&runner.name));
+        check_path("cache_host_dir", &cache_host_dir)?;
+        check_path("state_dir", &runner.state_dir)?;
+        for bind in &settings.bind {
+            check_path("bind.source", &bind.source)?;
+            if let Some(target) = &bind.target {
+                check_path("bind.target", target)?;
+            }
+        }
+        if let Some(weight) = settings.cpu_weight {
+            if !(1..=10000).contains(&weight) {
+                return Err(Failure::system(format!("settings.cpu_weight: {weight} is not in 1..=10000")));
+            }
+        }
+        let gitlab_runner = match &settings.gitlab_runner {
+            Some(path) => {
+                check_path("gitlab_runner", path)?;
+                Some(path.clone())
+            }
+            None => which("gitlab-runner"),
+        };
+        Ok(Nspawn { images, mode, cache_host_dir, gitlab_runner, runner: runner.clone(), settings })
+    }
+}
+
+/// The machine (and host) name of a job's container.
+pub fn machine_name(key: &JobKey) -> String {
+    format!("berth-{key}")
+}
+
+impl Nspawn {
+    /// Settings the current host mode cannot honour.
+    fn unhonoured(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.mode == Mode::Standalone {
+            for (name, set) in [
+                ("memory_max", self.settings.memory_max.is_some()),
+                ("cpu_quota", self.settings.cpu_quota.is_some()),
+                ("cpu_weight", self.settings.cpu_weight.is_some()),
+                ("tasks_max", self.settings.tasks_max.is_some()),
+            ] {
+                if set {
+                    out.push(format!(
+                        "nspawn runner {}: settings.{name} is not enforced in standalone mode (no systemd on this host to apply it)",
+                        self.runner.name
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Backend for Nspawn {
+    fn describe(&self) -> Description {
+        Description::new(
+            "nspawn",
+            env!("CARGO_PKG_VERSION"),
+            "a booted systemd-nspawn container per job, on an overlay of an image",
+        )
+        .isolation(Isolation::Container)
+        .capabilities(
+            Capabilities::none().executes_scripts(true).cancel(true).reap(true).images(true).concurrent_jobs(true),
+        )
+    }
+
+    fn config(&self, _job: &JobContext) -> Result<ConfigOutput, Failure> {
+        let mut output = ConfigOutput::with_dirs(BUILDS_DIR, CACHE_DIR);
+        output.warnings = self.unhonoured();
+        Ok(output)
+    }
+
+    fn prepare(&self, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<(), Failure> {
+        job::prepare(self, job, state, cancel)
+    }
+
+    fn run(
+        &self,
+        job: &JobContext,
+        state: &JobState,
+        script: &Path,
+        stage: &str,
+        cancel: &Cancel,
+    ) -> Result<(), Failure> {
+        job::run(self, job, state, script, stage, cancel)
+    }
+
+    fn cleanup(&self, state: &JobState) -> Result<(), Failure> {
+        job::cleanup(self, state)
+    }
+
+    fn reap_orphans(&self, known: &[JobKey]) -> Result<Vec<String>, Failure> {
+        job::reap_orphans(self, known)
+    }
+}
