@@ -74,11 +74,12 @@ impl ImageStore {
 
     /// The images a job may use, sorted.
     pub fn available(&self) -> Vec<String> {
+        let store = self.dir.canonicalize().ok();
         let mut names: Vec<String> = std::fs::read_dir(&self.dir)
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.path().is_dir())
+            .filter(|e| e.path().canonicalize().is_ok_and(|p| p.is_dir() && p.parent() == store.as_deref()))
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| valid_name(n) && self.is_allowed(n))
             .collect();
