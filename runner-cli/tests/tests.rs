@@ -5,3 +5,4 @@ mod util;
 mod conformance;
 mod exec;
 mod hooks;
+mod nspawn;

@@ -67,6 +67,22 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Like [`Env::job`], for job `id` instead of the fixture's: tests that run
+    /// real containers at the same time need distinct machine names.
+    pub fn job_with_id(&self, name: &str, id: u64) -> Job {
+        let mut job = self.job(name);
+        let response = std::fs::read_to_string(job.tmp.join("response.json")).unwrap();
+        std::fs::write(job.tmp.join("response.json"), response.replacen("48151623", &id.to_string(), 1)).unwrap();
+        for (key, value) in &mut job.env {
+            if key == "CUSTOM_ENV_CI_JOB_ID" {
+                *value = id.to_string();
+            }
+        }
+        job
+    }
+}
+
 pub struct Job {
     pub tmp: PathBuf,
     pub env: Vec<(String, String)>,
@@ -98,3 +114,30 @@ pub fn text(out: &Output) -> String {
 pub const DRY_RUN: &str = "[runners.demo]\nbackend = \"dry-run\"\n";
 pub const DRY_RUN_FAIL_42: &str = "[runners.fail42]\nbackend = \"dry-run\"\n[runners.fail42.settings]\nfail_stage = \"build_script\"\nfail_exit_code = 42\n";
 pub const HOST: &str = "[runners.host]\nbackend = \"host-test\"\n";
+
+/// The images for tests on real containers (`BERTH_TEST_IMAGES`, built by
+/// scripts/test), or `None` with the reason printed when a prerequisite is
+/// missing on a developer machine. Under `CI=true` a missing prerequisite fails.
+pub fn real_containers() -> Option<PathBuf> {
+    let images =
+        PathBuf::from(std::env::var("BERTH_TEST_IMAGES").unwrap_or_else(|_| "/var/cache/berth-test/images".into()));
+    let missing = if !nix::unistd::Uid::effective().is_root() {
+        Some("not running as root".to_owned())
+    } else if !Path::new("/usr/bin/systemd-nspawn").exists() {
+        Some("systemd-nspawn is not installed (apt-get install systemd-container)".to_owned())
+    } else if !images.join("bookworm/.berth-image").exists() || !images.join("testhost/.berth-image").exists() {
+        Some(format!("no test images in {} (scripts/test builds them)", images.display()))
+    } else {
+        None
+    };
+    match missing {
+        None => Some(images),
+        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but cannot test real containers: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("skipped: {reason}");
+            None
+        }
+    }
+}

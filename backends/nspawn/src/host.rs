@@ -41,6 +41,13 @@ pub fn leader_of(nspawn: i32) -> Option<i32> {
     None
 }
 
+/// The arguments of `pid`.
+pub fn cmdline(pid: i32) -> Vec<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).filter(|a| !a.is_empty()).map(<[u8]>::to_vec).collect())
+        .unwrap_or_default()
+}
+
 /// Processes (other than this one) with exactly `arg` among their arguments.
 pub fn pids_with_arg(arg: &str) -> Vec<i32> {
     let me = std::process::id() as i32;

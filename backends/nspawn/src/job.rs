@@ -164,6 +164,12 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         println!("WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the container (ask the admin to install it or set settings.gitlab_runner)");
     }
     let timeout = Duration::from_secs(backend.settings.boot_timeout.unwrap_or(60));
+    if !host::pids_with_arg(&format!("--machine={machine}")).is_empty() {
+        return Err(Failure::system(format!(
+            "a container named {machine} already runs on this host: another berth configuration has a runner named {:?} (runner names must be unique per host)",
+            job.key().runner()
+        )));
+    }
     let container = match backend.mode {
         Mode::Systemd => boot_systemd(backend, job, state, &machine, &image.root, timeout, cancel)?,
         _ => boot_standalone(backend, job, state, &machine, &image.root, timeout, cancel)?,
@@ -421,6 +427,19 @@ pub(crate) fn run(
     }
 }
 
+/// The nspawn processes of this job's container: named after its machine and
+/// using this state directory's overlay (another berth configuration on the
+/// host could use the same runner name).
+fn our_nspawns(machine: &str, state: &JobState) -> Vec<i32> {
+    let overlay = format!(":{}:/", upper_dir(state).display());
+    host::pids_with_arg(&format!("--machine={machine}"))
+        .into_iter()
+        .filter(|pid| {
+            host::cmdline(*pid).iter().any(|a| a.starts_with(b"--overlay=") && a.ends_with(overlay.as_bytes()))
+        })
+        .collect()
+}
+
 fn container_alive(container: &Container) -> bool {
     match container.mode {
         ModeName::Standalone => container.leader.is_some_and(host::alive),
@@ -442,7 +461,7 @@ pub(crate) fn cleanup(_backend: &Nspawn, state: &JobState) -> Result<(), Failure
     // Both modes: any nspawn of this machine, and its container. SIGKILL of
     // nspawn alone would orphan the container: kill its init first, which
     // ends the container and lets nspawn exit and unmount by itself.
-    let mut pids = host::pids_with_arg(&format!("--machine={machine}"));
+    let mut pids = our_nspawns(&machine, state);
     if let Some((pid, start)) = container.as_ref().and_then(|c| c.nspawn) {
         if host::start_time(pid) == Some(start) && !pids.contains(&pid) {
             pids.push(pid);
@@ -487,6 +506,7 @@ pub(crate) fn cleanup(_backend: &Nspawn, state: &JobState) -> Result<(), Failure
 
 pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<String>, Failure> {
     let prefix = format!("--machine=berth-{}-", backend.runner.name);
+    let ours = format!("{}/", backend.runner.state_dir.join("jobs").display());
     let mut removed = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else { return Ok(removed) };
     for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
@@ -494,7 +514,10 @@ pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<Str
         let Some(arg) = cmdline.split(|b| *b == 0).find(|a| a.starts_with(prefix.as_bytes())) else { continue };
         let name = String::from_utf8_lossy(&arg["--machine=berth-".len()..]).into_owned();
         let Ok(key) = JobKey::try_from(name.clone()) else { continue };
-        if known.contains(&key) {
+        let args = host::cmdline(pid);
+        let in_our_state =
+            args.iter().any(|a| a.starts_with(b"--overlay=") && String::from_utf8_lossy(a).contains(&ours));
+        if known.contains(&key) || !in_our_state {
             continue;
         }
         if let Some(leader) = host::leader_of(pid) {

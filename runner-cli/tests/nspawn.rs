@@ -1,0 +1,250 @@
+//! The nspawn backend on real containers: the conformance suite in both host
+//! modes, the sample job, and what must be refused or reported.
+
+use std::os::fd::AsFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn runner(images: &Path, mode: &str) -> String {
+    format!(
+        "[runners.ns]\nbackend = \"nspawn\"\n[runners.ns.settings]\nmode = \"{mode}\"\nimages_dir = {:?}\ndefault_image = \"bookworm\"\nallowed_images = [\"bookworm\", \"broken\"]\n",
+        images.display().to_string()
+    )
+}
+
+fn assert_all_pass(report: &serde_json::Value) {
+    let results = report["results"].as_array().unwrap();
+    assert!(results.len() >= 18, "{report}");
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r["verdict"] != "pass")
+        .map(|r| format!("{} {}: {}", r["id"], r["verdict"], r["detail"]))
+        .collect();
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn standalone_mode_passes_the_conformance_suite() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let out = env.berth("ns").args(["conformance", "--json"]).output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_all_pass(&report);
+    assert_eq!(report["backend"], "nspawn");
+}
+
+#[test]
+fn standalone_mode_runs_the_sample_job() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let hello = repo().join("examples/hello");
+    let out = env
+        .berth("ns")
+        .args([
+            "exec",
+            "--file",
+            hello.join(".gitlab-ci.yml").to_str().unwrap(),
+            "--sources",
+            hello.to_str().unwrap(),
+            "test",
+        ])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("Booted a container from image bookworm (standalone mode)"), "{log}");
+    assert!(log.contains("hello from berth on berth-ns-"), "the script ran in the container:\n{log}");
+    assert!(log.contains("carried into the job by berth exec"), "{log}");
+    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "{log}");
+}
+
+#[test]
+fn images_outside_the_allowed_store_are_refused_as_job_failures() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    for image in ["../../etc", "registry.example.com/x/testhost:latest", "/", "nosuch"] {
+        let job = env.job_with_id("job", 700_001);
+        let response = std::fs::read_to_string(job.tmp.join("response.json")).unwrap();
+        let mut payload: serde_json::Value = serde_json::from_str(&response).unwrap();
+        payload["image"] = serde_json::json!({ "name": image });
+        std::fs::write(job.tmp.join("response.json"), payload.to_string()).unwrap();
+        let out = job.hook(&env, "ns", &["prepare"]);
+        let log = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{image}: a refusal is a build failure, not retried:\n{log}");
+        assert!(log.contains("images this runner allows: bookworm"), "{image}: {log}");
+        let out = job.hook(&env, "ns", &["cleanup"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+#[test]
+fn a_container_that_cannot_boot_is_a_system_failure_with_its_log() {
+    let Some(images) = real_containers() else { return };
+    // An image without an OS: a private store holding it and a link to the real one.
+    let store = tempfile::tempdir().unwrap();
+    std::fs::create_dir(store.path().join("broken")).unwrap();
+    let env = Env::new(&runner(store.path(), "standalone"));
+    let job = env.job_with_id("job", 700_002);
+    let response = std::fs::read_to_string(job.tmp.join("response.json")).unwrap();
+    std::fs::write(
+        job.tmp.join("response.json"),
+        response.replace("registry.example.com/ci/bookworm:latest", "broken"),
+    )
+    .unwrap();
+    let out = job.hook(&env, "ns", &["prepare"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(log.contains("systemd-nspawn exited while booting"), "{log}");
+    assert!(job.hook(&env, "ns", &["cleanup"]).status.success());
+    drop(images);
+}
+
+#[test]
+fn reap_removes_the_container_of_a_job_whose_runner_is_gone() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let job = env.job_with_id("job", 700_003);
+    let out = job.hook(&env, "ns", &["prepare"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let machine = "--machine=berth-ns-700003";
+    assert!(pids_with_arg(machine).len() == 1);
+    std::fs::remove_dir_all(&job.tmp).unwrap();
+    let out = env.berth("ns").args(["reap", "--grace", "0"]).output().unwrap();
+    assert!(text(&out).contains("removed ns-700003"), "{}", text(&out));
+    assert!(pids_with_arg(machine).is_empty(), "the container is gone");
+    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0);
+}
+
+fn pids_with_arg(arg: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A booted "test host" container whose PID 1 is systemd, for systemd mode.
+struct TestHost {
+    nspawn: std::process::Child,
+    leader: i32,
+    _dir: tempfile::TempDir,
+}
+
+impl TestHost {
+    fn boot(images: &Path, binds: &[(PathBuf, &str, bool)]) -> TestHost {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        std::fs::write(upper.join("etc/hostname"), "testhost\n").unwrap();
+        let name = format!("berth-testhost-{}", std::process::id());
+        let socket_name = format!("berth-test-notify-{}", std::process::id());
+        let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
+        let root = images.join("testhost");
+        let mut cmd = Command::new("systemd-nspawn");
+        cmd.args(["--quiet", "--register=no", "--keep-unit", "--console=passive", "--notify-ready=yes"])
+            .arg(format!("--machine={name}"))
+            .arg("--directory")
+            .arg(&root)
+            .arg(format!("--overlay={}:{}:/", root.display(), upper.display()))
+            .args(["--capability=all", "--system-call-filter=@mount @keyring @privileged"]);
+        for (source, target, writable) in binds {
+            cmd.arg(format!("--bind{}={}:{target}", if *writable { "" } else { "-ro" }, source.display()));
+        }
+        let log = std::fs::File::create(dir.path().join("boot.log")).unwrap();
+        let nspawn = cmd
+            .arg("--boot")
+            .env("NOTIFY_SOCKET", format!("@{socket_name}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = socket.recv(&mut buf).expect("the test host did not get ready within 60 s");
+            if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the test host did not get ready");
+        }
+        let _ = socket.as_fd();
+        let leader = loop {
+            let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", nspawn.id(), nspawn.id()))
+                .unwrap_or_default();
+            if let Some(child) = children.split_whitespace().next() {
+                break child.parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        TestHost { nspawn, leader, _dir: dir }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.leader.to_string(), "-a", "--", program]);
+        cmd
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.leader), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.nspawn.wait();
+    }
+}
+
+#[test]
+fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
+    let Some(images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let state = scratch.path().join("state");
+    let etc = scratch.path().join("etc");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&etc).unwrap();
+    // Inside the test host: images at /var/lib/berth/images, state on a bind
+    // mount (an overlay's upper dir cannot live on the test host's own overlay).
+    let config =
+        format!("state_dir = \"/var/lib/berth/state\"\n{}", runner(Path::new("/var/lib/berth/images"), "auto"));
+    std::fs::write(etc.join("config.toml"), config).unwrap();
+    let host = TestHost::boot(
+        &images,
+        &[
+            (PathBuf::from(BERTH), "/usr/local/bin/berth", false),
+            (images.clone(), "/var/lib/berth/images", false),
+            (state.clone(), "/var/lib/berth/state", true),
+            (etc.clone(), "/etc/berth", false),
+        ],
+    );
+    let out = host.command("systemctl").args(["is-system-running", "--wait"]).output().unwrap();
+    eprintln!("test host: {}", text(&out).trim());
+    let out = host.command("berth").args(["--runner", "ns", "describe"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = host.command("berth").args(["--runner", "ns", "conformance", "--json"]).output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_all_pass(&report);
+    // The sample job, through systemd mode.
+    let file = etc.join("ci.yml");
+    std::fs::write(&file, "test:\n  script:\n    - echo \"in $(hostname) with $(cat /proc/1/comm) as init\"\n")
+        .unwrap();
+    let out = host
+        .command("berth")
+        .args(["--runner", "ns", "exec", "--no-sources", "--file", "/etc/berth/ci.yml", "test"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("(systemd mode)") && log.contains("with systemd as init"), "{log}");
+}
