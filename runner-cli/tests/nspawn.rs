@@ -248,3 +248,36 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("(systemd mode)") && log.contains("with systemd as init"), "{log}");
 }
+
+#[test]
+fn caches_survive_jobs_and_gitlab_runner_is_on_the_containers_path() {
+    let Some(images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    // gitlab-runner itself is not packaged for Debian: a stand-in proves the bind.
+    let fake = scratch.path().join("gitlab-runner");
+    std::fs::write(&fake, "#!/bin/sh\necho \"stand-in gitlab-runner $*\"\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let settings = format!("gitlab_runner = {:?}\nmemory_max = \"1G\"\n", fake.display().to_string());
+    let env = Env::new(&format!("{}{settings}", runner(&images, "standalone")));
+    let file = scratch.path().join("ci.yml");
+    std::fs::write(
+        &file,
+        "write:\n  script:\n    - gitlab-runner cache-archiver --file x\n    - echo kept > /cache/berth-cache-probe\nread:\n  script:\n    - test \"$(cat /cache/berth-cache-probe)\" = kept\n",
+    )
+    .unwrap();
+    let exec = |job: &str| {
+        env.berth("ns").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), job]).output().unwrap()
+    };
+    let out = exec("write");
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("stand-in gitlab-runner cache-archiver --file x"), "{log}");
+    assert!(!log.contains("gitlab-runner is not installed"), "{log}");
+    assert!(
+        log.contains("memory_max is not enforced in standalone mode"),
+        "unhonoured settings are said at config time:\n{log}"
+    );
+    let out = exec("read");
+    assert_eq!(out.status.code(), Some(0), "the cache dir outlives the job:\n{}", text(&out));
+    assert!(env.state().join("cache/ns/berth-cache-probe").exists());
+}
