@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::cgroup::JobCgroup;
-use crate::host::{self, Notify, Wait};
+use crate::notify::{Notify, Wait};
 use crate::settings::Mode;
 use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
+use berth_backend_support::proc as host;
 
 /// What prepare made, found again by run and cleanup (`container.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,9 +20,8 @@
 #![deny(missing_docs)]
 
 mod cgroup;
-mod host;
-pub mod image;
 mod job;
+mod notify;
 pub mod settings;
 
 use std::path::{Path, PathBuf};
@@ -32,8 +31,8 @@ use berth_backend_api::{
     NewBackend, RunnerInfo,
 };
 
-use crate::image::ImageStore;
 use crate::settings::{Mode, Settings};
+use berth_backend_support::image::ImageStore;
 
 /// Where the job's builds dir is inside the container.
 const BUILDS_DIR: &str = "/builds";

@@ -1,0 +1,7 @@
+//! What berth's built-in backends share, so that they behave alike: the image
+//! store (how a job's `image:` becomes a root filesystem, and what is refused)
+//! and lookups of host processes. Third-party backends may use it too.
+#![deny(missing_docs)]
+
+pub mod image;
+pub mod proc;
