@@ -42,6 +42,14 @@ enum ModeName {
 }
 
 const RECORD: &str = "container.json";
+/// What the container's init is told by default (`settings.init_args`).
+const DEFAULT_INIT_ARGS: &[&str] = &[
+    "systemd.mask=console-getty.service",
+    "systemd.mask=systemd-logind.service",
+    "systemd.mask=systemd-journal-flush.service",
+    "systemd.mask=systemd-update-utmp.service",
+    "systemd.mask=systemd-update-utmp-runlevel.service",
+];
 /// How long a stage may take to stop after a cancel before its unit is killed.
 const STOP_TIMEOUT: &str = "3s";
 
@@ -117,6 +125,10 @@ impl Nspawn {
         }
         args.extend(self.settings.nspawn_args.iter().map(OsString::from));
         args.push("--boot".into());
+        match &self.settings.init_args {
+            Some(init_args) => args.extend(init_args.iter().map(OsString::from)),
+            None => args.extend(DEFAULT_INIT_ARGS.iter().map(OsString::from)),
+        }
         args
     }
 

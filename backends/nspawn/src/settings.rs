@@ -73,4 +73,8 @@ pub struct Settings {
     /// Extra arguments for systemd-nspawn, placed before `--boot`.
     #[serde(default)]
     pub nspawn_args: Vec<String>,
+    /// Arguments for the container's init (systemd), kernel-command-line style
+    /// (default: mask the console getty, logind, the journal flush and utmp
+    /// records, which a CI job does not use, so that containers boot with less work).
+    pub init_args: Option<Vec<String>>,
 }
