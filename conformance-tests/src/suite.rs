@@ -3,7 +3,7 @@
 //! Each check has a stable ID, a level (MUST: failing it fails the suite;
 //! SHOULD: reported), a one-line statement and the section of
 //! `custom-executor-protocol.md` it protects. Checks a backend cannot take part
-//! in (by its declared [`Capabilities`]) are skipped with the reason; a
+//! in (by its declared [`Capabilities`](berth_backend_api::Capabilities)) are skipped with the reason; a
 //! backend that declares a capability and fails it fails.
 //!
 //! Every case ends with a leak check: nothing named after the case's job may
@@ -404,15 +404,31 @@ fn live_leaks(needle: &str) -> Vec<String> {
     leaks
 }
 
+/// Visits everything below `dir` on `dir`'s own filesystem (a job's mounted
+/// root, /proc or /dev inside the state directory are not entered).
 fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else { return };
+    walk_dev(dir, meta.dev(), visit);
+}
+
+fn walk_dev(dir: &Path, dev: u64, visit: &mut dyn FnMut(&Path)) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
         visit(&path);
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk(&path, visit);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.is_dir() && meta.dev() == dev {
+            walk_dev(&path, dev, visit);
         }
     }
+}
+
+/// The contents of `path` if it is a regular file of at most 4 MiB.
+fn read_small_file(path: &Path) -> Option<Vec<u8>> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    (meta.is_file() && meta.len() <= 4 << 20).then(|| std::fs::read(path).ok()).flatten()
 }
 
 fn expect_exit(result: &HookResult, want: &Exit, what: &str) -> Result<(), String> {
@@ -601,7 +617,7 @@ fn masked(target: &Target) -> Result<(), String> {
     let mut files = Vec::new();
     if let Some(root) = &target.state_dir {
         walk(root, &mut |path| {
-            if let Ok(text) = std::fs::read(path) {
+            if let Some(text) = read_small_file(path) {
                 if String::from_utf8_lossy(&text).contains(&secret) {
                     files.push(path.display().to_string());
                 }

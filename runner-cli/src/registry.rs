@@ -1,6 +1,7 @@
 //! The backends built into berth, and building the one a runner chose.
 
 use berth_backend_api::{Backend, Failure, NewBackend, RunnerInfo};
+use berth_backend_chroot::Chroot;
 use berth_backend_dry_run::DryRun;
 use berth_backend_host_test::HostTest;
 use berth_backend_nspawn::Nspawn;
@@ -43,6 +44,12 @@ pub const BUILT_IN: &[BuiltIn] = &[
         summary: "a booted systemd-nspawn container per job, on a copy-on-write overlay of an image",
         test_fixture: false,
         build: build::<Nspawn>,
+    },
+    BuiltIn {
+        name: "chroot",
+        summary: "a disposable copy-on-write root of an image per job, no init: for hosts without containers",
+        test_fixture: false,
+        build: build::<Chroot>,
     },
     BuiltIn {
         name: "host-test",

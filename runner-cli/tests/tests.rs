@@ -2,6 +2,7 @@
 
 mod util;
 
+mod chroot;
 mod conformance;
 mod exec;
 mod hooks;

@@ -48,6 +48,8 @@ pub enum Fault {
     LeakProcess,
     /// Declares filesystem isolation it does not provide.
     ClaimIsolation,
+    /// prepare mounts a tmpfs (at `/run/berth-leak-<job>`) that cleanup leaves mounted. Needs root.
+    LeakMount,
 }
 
 /// `[runners.NAME.settings]` of the fixture.
@@ -138,6 +140,18 @@ impl Backend for HostTest {
                     .stderr(Stdio::null())
                     .spawn()
                     .map_err(|e| Failure::system_with("spawn", e))?;
+            }
+            Some(Fault::LeakMount) => {
+                let point = PathBuf::from(format!("/run/berth-leak-{}", job.key()));
+                std::fs::create_dir_all(&point).map_err(|e| fs_failure("create", &point, e))?;
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "berth-leak"])
+                    .arg(&point)
+                    .status()
+                    .map_err(|e| Failure::system_with("mount", e))?;
+                if !status.success() {
+                    return Err(Failure::system(format!("failed to mount a tmpfs at {}", point.display())));
+                }
             }
             Some(Fault::LeakMasked) => {
                 let all: Vec<(String, String)> =

@@ -1,0 +1,81 @@
+//! The chroot backend on real mounts: the conformance suite, and what a job
+//! finds inside its root.
+
+use std::path::Path;
+
+use crate::util::*;
+
+fn runner(images: &Path, extra: &str) -> String {
+    format!(
+        "[runners.ch]\nbackend = \"chroot\"\n[runners.ch.settings]\nimages_dir = {:?}\ndefault_image = \"bookworm\"\n{extra}",
+        images.display().to_string()
+    )
+}
+
+#[test]
+fn chroot_passes_the_conformance_suite() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, ""));
+    let out = env.berth("ch").args(["conformance", "--json"]).output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let results = report["results"].as_array().unwrap();
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r["verdict"] != "pass")
+        .map(|r| format!("{} {}: {}", r["id"], r["verdict"], r["detail"]))
+        .collect();
+    assert!(results.len() >= 18 && bad.is_empty(), "{}", bad.join("\n"));
+}
+
+fn exec(env: &Env, script: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ci.yml");
+    let commands: String = script.lines().map(|l| format!("    - {}\n", serde_json::to_string(l).unwrap())).collect();
+    std::fs::write(&file, format!("probe:\n  script:\n{commands}")).unwrap();
+    let out =
+        env.berth("ch").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "probe"]).output().unwrap();
+    (out.status.code().unwrap_or(-1), text(&out))
+}
+
+#[test]
+fn a_job_gets_its_own_proc_tmp_and_a_minimal_dev_and_leaves_no_mount() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, ""));
+    let (code, log) = exec(
+        &env,
+        "test \"$(cat /proc/1/comm)\" = bash\n\
+         ls /dev | sort | tr '\\n' ' '; echo\n\
+         touch /sys/x 2>/dev/null && exit 3 || true\n\
+         test -s /etc/resolv.conf\n\
+         echo data > /dev/null && head -c4 /dev/urandom | wc -c\n\
+         test -d /dev/pts && test -d /dev/shm\n\
+         echo tmp-$(stat -f -c %T /tmp)",
+    );
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"), "{log}");
+    assert!(log.contains("tmp-tmpfs"), "{log}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(env.state().to_str().unwrap()), "mounts left:\n{mounts}");
+}
+
+#[test]
+fn the_run_user_and_private_network_settings_apply() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "user = \"nobody\"\nprivate_network = true\n"));
+    let (code, log) = exec(&env, "echo user-$(id -un)\ntouch /builds/mine\necho ifaces-$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("user-nobody"), "{log}");
+    assert!(log.contains("ifaces-lo,"), "only loopback:\n{log}");
+}
+
+#[test]
+fn the_copy_layer_works_where_overlayfs_is_not_wanted() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "layer = \"copy\"\n"));
+    let (code, log) = exec(&env, "echo from-$(. /etc/os-release; echo $ID)\necho x > /etc/written-by-job");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("from-debian") && log.contains("(copied)"), "{log}");
+    assert!(!images.join("bookworm/etc/written-by-job").exists(), "the image is never written");
+    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0);
+}
