@@ -1,45 +1,68 @@
-//! What a job costs with the nspawn backend, end to end, as gitlab-runner pays it.
+//! What a job costs with the backends that isolate jobs on real images
+//! (`nspawn` and `chroot`), end to end, as gitlab-runner pays it.
 //!
 //! The nspawn backend boots a fresh systemd container (`systemd-nspawn --boot`,
 //! standalone mode) per job and runs every stage in it as a unit of its own.
-//! This bench drives berth's hooks by hand, each a new process with the
-//! runner's environment (its own `TMPDIR` with a `response.json`, the exit-code
-//! variables, `CUSTOM_ENV_*`), and times whole processes, spawn to exit. The
-//! issue's targets (they apply to the median; none is asserted):
+//! The chroot backend mounts a disposable copy-on-write root of the same image
+//! per job (no init) and runs every stage chrooted into it, in a PID namespace
+//! of its own. This bench drives berth's hooks by hand, each a new process with
+//! the runner's environment (its own `TMPDIR` with a `response.json`, the
+//! exit-code variables, `CUSTOM_ENV_*`), and times whole processes, spawn to
+//! exit. It prints one table per backend. The floor of a stage is the same
+//! `true` stage script run directly on the host with `bash SCRIPT` (spawn and
+//! wait); a stage's overhead is the median of `berth run` minus the median of
+//! that floor.
 //!
-//! - a full job of 8 trivial stages: `config`, `prepare`, 8 × `run` of a `true`
-//!   script (prepare_script, get_sources, restore_cache, download_artifacts,
+//! The issues' targets (they apply to the median; none is asserted):
+//!
+//! | figure                                   | nspawn            | chroot            |
+//! |------------------------------------------|-------------------|-------------------|
+//! | full job of 8 trivial stages             | ≤ 1000 ms         | ≤ 150 ms          |
+//! | `berth run` of a `true` script, overhead | ≤ 30 ms           | ≤ 10 ms           |
+//! | `berth cleanup`                          | ≤ 300 ms          | -                 |
+//! | 8 jobs at once                           | all succeed, ≤ 3× | all succeed       |
+//! |                                          | one job alone     | (ratio printed)   |
+//!
+//! - a full job: `config`, `prepare`, 8 × `run` of a `true` script
+//!   (prepare_script, get_sources, restore_cache, download_artifacts,
 //!   build_script, after_script, archive_cache, upload_artifacts_on_success),
-//!   `cleanup`: wall time ≤ 1.0 s. `berth exec` of job `test` of
-//!   `examples/hello` is timed next to it, for comparison (no target);
-//! - `berth prepare`, boot to ready: the floor is about 0.4 s (no target);
-//! - `berth run` of a `true` script in a booted container: ≤ 30 ms of overhead;
-//! - `berth cleanup`: ≤ 0.3 s;
+//!   `cleanup`. `berth exec` of job `test` of `examples/hello` is timed next to
+//!   it, for comparison (no target), and so are its `config`, `prepare` and
+//!   `cleanup` hooks and its 8 stages;
+//! - `berth run` of a `true` script, again and again in one prepared job,
+//!   each run followed by the floor (`bash SCRIPT` on the host);
 //! - 8 jobs started at once (8 threads, each config/prepare/run/cleanup of its
-//!   own job): all succeed, and the whole takes ≤ 3 × one job alone.
+//!   own job), against one such job alone.
 //!
 //! Every hook must exit 0 (otherwise the bench panics with its stderr), so a
 //! broken hook cannot pass for a fast one. Every job is cleaned up, on failure
-//! paths too, and at the end the bench checks that nothing is left: no
+//! paths too, and after each backend the bench checks that nothing is left in
+//! its temp dir (the state directory and the jobs' temp dirs): no
 //! `systemd-nspawn --machine=berth-ns-...` process (from /proc) of a container
-//! in its state directory (others' jobs on the host are not counted) and
-//! nothing in the state directory's `jobs/`.
+//! in its state directory (others' jobs on the host are not counted), no
+//! process whose root directory is inside it, no mount in /proc/self/mountinfo
+//! at or below it, and nothing in the state directory's `jobs/`. If something
+//! is left, the temp dir is kept for inspection and the bench exits 1 after
+//! the last table.
 //!
-//! Needs root, `systemd-nspawn` and an image directory `bookworm` in
-//! `$BERTH_TEST_IMAGES` (default `/var/cache/berth-test/images`); without them
-//! it prints `skipped: <reason>` and exits 0.
+//! Both backends need root and an image directory `bookworm` in
+//! `$BERTH_TEST_IMAGES` (default `/var/cache/berth-test/images`); nspawn needs
+//! `systemd-nspawn` too, chroot `unshare` (util-linux). A backend that cannot
+//! run here prints `berth BACKEND benchmarks skipped: <reason>`; the others
+//! still run, and the bench exits 0.
 //!
-//! Run with `cargo bench -p berth --bench nspawn`. `BERTH_BENCH_ITERS=N` sets
-//! the number of timed full jobs (default 5; also the `berth exec` runs); the
-//! run-stage figure takes 40 stages and the concurrency figure 3 rounds.
-//! Without `--bench` (`cargo test --benches`) each figure is taken once, as a
-//! smoke test.
+//! Run with `cargo bench -p berth --bench backends`.
+//! `BERTH_BENCH_BACKENDS=nspawn,chroot` selects the backends, in that order
+//! (default: both). `BERTH_BENCH_ITERS=N` sets the number of timed full jobs
+//! (default 5; also the `berth exec` runs); the run-stage figure takes 40
+//! stages and the concurrency figure 3 rounds. Without `--bench`
+//! (`cargo test --benches`) each figure is taken once, as a smoke test.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -47,17 +70,15 @@ use std::time::{Duration, Instant};
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 /// Timed full jobs (and `berth exec` runs), unless `BERTH_BENCH_ITERS` is set.
 const FULL_JOBS: usize = 5;
-/// Timed `berth run` stages in one booted container.
+/// Timed `berth run` stages (and as many floors) in one prepared job.
 const RUN_STAGES: usize = 40;
 /// Rounds of one job alone, then 8 jobs at once.
 const ROUNDS: usize = 3;
 /// Jobs started at once.
 const CONCURRENT: usize = 8;
-/// Untimed full jobs and `berth exec` runs first (page cache, the image's files).
+/// Untimed full jobs, `berth exec` runs and stages first (page cache, the image's files).
 const WARMUP: usize = 1;
-/// The runner name in the generated configuration.
-const RUNNER: &str = "ns";
-/// The image every job boots.
+/// The image every job uses.
 const IMAGE: &str = "bookworm";
 /// Where the images are unless `BERTH_TEST_IMAGES` says otherwise.
 const DEFAULT_IMAGES: &str = "/var/cache/berth-test/images";
@@ -74,6 +95,118 @@ const STAGES: [&str; 8] = [
 ];
 /// What a container's nspawn process has on its command line.
 const MACHINE_ARG: &str = "--machine=berth-ns-";
+/// Job ids per backend (each backend's jobs have ids of their own).
+const IDS_PER_BACKEND: u64 = 50_000;
+
+/// A backend this bench measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Nspawn,
+    Chroot,
+}
+
+/// A backend's targets from its issue (milliseconds, on the median).
+#[derive(Debug)]
+struct Targets {
+    /// A full job of 8 trivial stages.
+    full_job: f64,
+    /// `berth run` of a `true` script, minus the floor (`bash SCRIPT` on the host).
+    run_overhead: f64,
+    /// `berth cleanup`, if it has a target.
+    cleanup: Option<f64>,
+    /// 8 jobs at once over one job alone, if it has a target.
+    concurrent_ratio: Option<f64>,
+}
+
+impl Kind {
+    const ALL: [Kind; 2] = [Kind::Nspawn, Kind::Chroot];
+
+    /// The backend's name in the configuration and in `BERTH_BENCH_BACKENDS`.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Nspawn => "nspawn",
+            Kind::Chroot => "chroot",
+        }
+    }
+
+    /// The runner name in the generated configuration.
+    fn runner(self) -> &'static str {
+        match self {
+            Kind::Nspawn => "ns",
+            Kind::Chroot => "ch",
+        }
+    }
+
+    /// The runner's settings besides `images_dir` and `default_image`.
+    fn extra_settings(self) -> &'static str {
+        match self {
+            Kind::Nspawn => "mode = \"standalone\"\n",
+            Kind::Chroot => "",
+        }
+    }
+
+    /// The program the backend cannot do without (besides root and the image).
+    fn tool(self) -> &'static str {
+        match self {
+            Kind::Nspawn => "systemd-nspawn",
+            Kind::Chroot => "unshare",
+        }
+    }
+
+    fn targets(self) -> Targets {
+        match self {
+            Kind::Nspawn => {
+                Targets { full_job: 1000.0, run_overhead: 30.0, cleanup: Some(300.0), concurrent_ratio: Some(3.0) }
+            }
+            Kind::Chroot => Targets { full_job: 150.0, run_overhead: 10.0, cleanup: None, concurrent_ratio: None },
+        }
+    }
+
+    /// The label and target of the `berth prepare` row.
+    fn prepare_row(self) -> (&'static str, Target) {
+        match self {
+            Kind::Nspawn => ("berth prepare (boot to ready)", Target::info("floor ~400 ms")),
+            Kind::Chroot => ("berth prepare (mount the root)", Target::none()),
+        }
+    }
+
+    /// Where a stage runs, for the `berth run` row's label.
+    fn stage_place(self) -> &'static str {
+        match self {
+            Kind::Nspawn => "booted container",
+            Kind::Chroot => "mounted root",
+        }
+    }
+}
+
+/// The backends `BERTH_BENCH_BACKENDS` names (default: all), in its order.
+fn selected_backends() -> Vec<Kind> {
+    let Some(value) = std::env::var_os("BERTH_BENCH_BACKENDS") else { return Kind::ALL.to_vec() };
+    let value = value.into_string().unwrap_or_else(|v| panic!("BERTH_BENCH_BACKENDS is not UTF-8: {v:?}"));
+    let known = || Kind::ALL.map(Kind::name).join(", ");
+    let mut kinds = Vec::new();
+    for name in value.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .unwrap_or_else(|| panic!("BERTH_BENCH_BACKENDS: unknown backend {name:?} (known: {})", known()));
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    assert!(!kinds.is_empty(), "BERTH_BENCH_BACKENDS names no backend (known: {}); unset it for all", known());
+    kinds
+}
+
+/// How many times each figure is taken.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    bench_mode: bool,
+    full_jobs: usize,
+    run_stages: usize,
+    rounds: usize,
+    warmup: usize,
+}
 
 fn main() {
     let bench_mode = std::env::args().any(|arg| arg == "--bench");
@@ -85,14 +218,29 @@ fn main() {
         (true, Some(n)) => (n, RUN_STAGES, ROUNDS, WARMUP),
         (true, None) => (FULL_JOBS, RUN_STAGES, ROUNDS, WARMUP),
     };
+    let plan = Plan { bench_mode, full_jobs, run_stages, rounds, warmup };
+    let kinds = selected_backends();
 
     let images = std::env::var_os("BERTH_TEST_IMAGES").map_or_else(|| PathBuf::from(DEFAULT_IMAGES), PathBuf::from);
-    if let Err(reason) = can_run(&images) {
-        println!("berth nspawn benchmarks skipped: {reason}");
-        return;
+    let mut left_something = false;
+    for (slot, kind) in kinds.into_iter().enumerate() {
+        if let Err(reason) = can_run(kind, &images) {
+            println!("berth {} benchmarks skipped: {reason}", kind.name());
+            continue;
+        }
+        let bench = Bench::new(kind, &images, slot as u64);
+        left_something |= !bench_backend(&bench, &images, plan);
     }
-    let bench = Bench::new(&images);
-    let mut rows = Vec::new();
+    if left_something {
+        std::process::exit(1);
+    }
+}
+
+/// Takes and prints every figure of one backend; false if it left something behind.
+fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
+    let Plan { bench_mode, full_jobs, run_stages, rounds, warmup } = plan;
+    let kind = bench.kind;
+    let targets = kind.targets();
 
     // 1. Full jobs by hand, and `berth exec` for comparison.
     for _ in 0..warmup {
@@ -101,15 +249,16 @@ fn main() {
     let mut full = Vec::with_capacity(full_jobs);
     let mut config = Vec::with_capacity(full_jobs);
     let mut prepare = Vec::with_capacity(full_jobs);
+    let mut stages = Vec::with_capacity(full_jobs * STAGES.len());
     let mut cleanup = Vec::with_capacity(full_jobs);
     for _ in 0..full_jobs {
         let times = bench.full_job();
         full.push(times.total);
         config.push(times.config);
         prepare.push(times.prepare);
+        stages.extend(times.stages);
         cleanup.push(times.cleanup);
     }
-    rows.push(Row::new("full job, 8 stages (by hand)", Target::max(1000.0), full));
 
     let pipeline = bench.root.join("examples/hello/.gitlab-ci.yml");
     let sources = bench.root.join("examples/hello");
@@ -121,7 +270,7 @@ fn main() {
         exec.arg("exec").arg("--file").arg(&pipeline).arg("--sources").arg(&sources).arg("test");
         exec.env("TMPDIR", bench.dir.path()).current_dir(bench.dir.path());
         let log = bench.dir.path().join("exec.log");
-        let elapsed = timed(&mut exec, &log, true, "berth exec", &bench.scrub);
+        let elapsed = timed(&mut exec, &log, true, &format!("{}: berth exec", kind.name()), &bench.scrub);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let attempts = text.lines().filter(|line| line.trim() == "Preparing environment").count();
         if attempts > 1 && exec_retries == 0 {
@@ -140,14 +289,10 @@ fn main() {
     for _ in 0..warmup {
         exec_once();
     }
-    let exec = (0..full_jobs).map(|_| exec_once()).collect();
-    rows.push(Row::new("berth exec examples/hello test", Target::none(), exec));
-    rows.push(Row::new("berth config", Target::none(), config));
-    rows.push(Row::new("berth prepare (boot to ready)", Target::info("floor ~400 ms"), prepare));
+    let exec: Vec<Duration> = (0..full_jobs).map(|_| exec_once()).collect();
 
-    // 2. Run stages in one booted container.
-    rows.push(Row::new("berth run `true` (booted container)", Target::max(30.0), bench.run_stages(run_stages)));
-    rows.push(Row::new("berth cleanup", Target::max(300.0), cleanup));
+    // 2. Run stages in one prepared job, each next to its floor.
+    let (runs, floors) = bench.run_stages(run_stages, warmup);
 
     // 3. One job alone, then 8 at once, per round.
     let mut alone = Vec::with_capacity(rounds);
@@ -156,32 +301,58 @@ fn main() {
         alone.push(bench.short_job());
         together.push(bench.concurrent_jobs(CONCURRENT));
     }
-    let alone = Row::new("1 job (config/prepare/run/cleanup)", Target::none(), alone);
-    let limit = 3.0 * alone.median;
-    let together =
-        Row::new(&format!("{CONCURRENT} jobs at once (total wall)"), Target::relative("≤ 3 × 1 job", limit), together);
-    let ratio = together.median / alone.median;
-    rows.push(alone);
-    rows.push(together);
 
-    let (found, foreign) = leftovers(&bench.state);
+    let (found, foreign) = leftovers(bench);
+
+    let floor = Row::new("bash SCRIPT on the host (floor)", Target::info("spawn + wait"), floors);
+    let overhead = Target::overhead(targets.run_overhead);
+    let alone = Row::new("1 job (config/prepare/run/cleanup)", Target::none(), alone);
+    let together_target = match targets.concurrent_ratio {
+        Some(ratio) => Target::relative(&format!("≤ {ratio} × 1 job"), ratio * alone.median),
+        None => Target::info("all succeed"),
+    };
+    let together = Row::new(&format!("{CONCURRENT} jobs at once (total wall)"), together_target, together);
+    let ratio = together.median / alone.median;
+    let (prepare_label, prepare_target) = kind.prepare_row();
+    let cleanup_target = targets.cleanup.map_or_else(Target::none, Target::max);
+    let floor_median = floor.median;
+    let rows = vec![
+        Row::new("full job, 8 stages (by hand)", Target::max(targets.full_job), full),
+        Row::new("berth exec examples/hello test", Target::none(), exec),
+        Row::new("berth config", Target::none(), config),
+        Row::new(prepare_label, prepare_target, prepare),
+        floor,
+        Row::new("berth run, the 8 stages of full jobs", overhead.clone(), stages).with_floor(floor_median),
+        Row::new(&format!("berth run `true` ({})", kind.stage_place()), overhead, runs).with_floor(floor_median),
+        Row::new("berth cleanup", cleanup_target, cleanup),
+        alone,
+        together,
+    ];
 
     let profile = if cfg!(debug_assertions) { "debug build: figures are not representative" } else { "release build" };
     println!();
     println!(
-        "berth nspawn benchmarks ({profile}; image {IMAGE} from {}; {full_jobs} full jobs, {run_stages} run stages, \
+        "berth {} benchmarks ({profile}; image {IMAGE} from {}; {full_jobs} full jobs, {run_stages} run stages, \
          {rounds} rounds of {CONCURRENT} concurrent jobs)",
+        kind.name(),
         images.display()
     );
-    println!("{:<40}{:>6}  {:>8} {:>8} {:>8} {:>8}   target", "command", "runs", "min", "median", "p95", "mean");
+    println!(
+        "{:<40}{:>6}  {:>8} {:>8} {:>8} {:>8} {:>9}   target",
+        "command", "runs", "min", "median", "p95", "mean", "overhead"
+    );
     for row in &rows {
         println!("{row}");
     }
+    let verdict = match targets.concurrent_ratio {
+        Some(limit) => format!("target ≤ {limit}×) {}", if ratio <= limit { "ok" } else { "OVER" }),
+        None => "no target)".to_owned(),
+    };
+    println!("{CONCURRENT} jobs at once / 1 job: {ratio:.2}× (medians; all {CONCURRENT} jobs succeeded in every round; {verdict}");
     println!(
-        "{CONCURRENT} jobs at once / 1 job: {ratio:.2}× (medians; target ≤ 3×) {}",
-        if ratio <= 3.0 { "ok" } else { "OVER" }
+        "(milliseconds, wall time from spawn to exit; overhead = median − median of the floor; \
+         targets apply to the median, or to the overhead where there is one)"
     );
-    println!("(milliseconds, wall time from spawn to exit; targets apply to the median)");
     if !bench_mode {
         println!("(smoke run: each figure once; use `cargo bench` for figures)");
     }
@@ -196,26 +367,27 @@ fn main() {
     }
     if found.is_empty() {
         println!("leftovers: none");
+        true
     } else {
         println!("leftovers:");
         for item in &found {
             println!("  {item}");
         }
-        // Keep the state directory for inspection rather than delete files under a live container.
-        let kept = bench.dir.keep();
-        println!("(temp dir kept: {})", kept.display());
-        std::process::exit(1);
+        // Keep the temp dir for inspection rather than delete files under a live container or mount.
+        bench.keep.store(true, Ordering::Relaxed);
+        println!("(temp dir kept: {})", bench.dir.path().display());
+        false
     }
 }
 
-/// Why the bench cannot run here, if it cannot.
-fn can_run(images: &Path) -> Result<(), String> {
+/// Why the bench cannot run `kind` here, if it cannot.
+fn can_run(kind: Kind, images: &Path) -> Result<(), String> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Err("not root (systemd-nspawn needs root)".into());
+        return Err(format!("not root (the {} backend needs root)", kind.name()));
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    if !std::env::split_paths(&path).any(|dir| dir.join("systemd-nspawn").is_file()) {
-        return Err("systemd-nspawn is not installed (not on PATH)".into());
+    if !std::env::split_paths(&path).any(|dir| dir.join(kind.tool()).is_file()) {
+        return Err(format!("{} is not installed (not on PATH)", kind.tool()));
     }
     if !images.join(IMAGE).is_dir() {
         return Err(format!("no image {IMAGE:?} in {} (set BERTH_TEST_IMAGES)", images.display()));
@@ -223,17 +395,20 @@ fn can_run(images: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The configuration, state directory and job ids shared by every job.
+/// The configuration, state directory and job ids shared by every job of one backend.
 struct Bench {
+    kind: Kind,
     /// The workspace root (examples live there).
     root: PathBuf,
-    /// Removed on drop, with the state and the jobs' temp dirs in it.
+    /// Removed on drop, with the state and the jobs' temp dirs in it, unless `keep`
+    /// is set or something is still mounted in it.
     dir: tempfile::TempDir,
+    keep: AtomicBool,
     config: PathBuf,
     state: PathBuf,
     /// Variables of this process that would change berth's behaviour.
     scrub: Vec<OsString>,
-    /// Job ids: distinct per bench process and per job.
+    /// Job ids: distinct per bench process, per backend and per job.
     base_id: u64,
     next: AtomicU64,
 }
@@ -243,43 +418,51 @@ struct FullJob {
     total: Duration,
     config: Duration,
     prepare: Duration,
+    stages: Vec<Duration>,
     cleanup: Duration,
 }
 
 impl Bench {
-    fn new(images: &Path) -> Self {
+    /// `slot`: the backend's place in this run (for distinct job ids).
+    fn new(kind: Kind, images: &Path, slot: u64) -> Self {
         let root =
             Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runner-cli is inside the workspace").to_owned();
-        let dir = tempfile::Builder::new().prefix("berth-bench-nspawn").tempdir().expect("failed to create a temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("berth-bench-{}", kind.name()))
+            .tempdir()
+            .expect("failed to create a temp dir");
         let state = dir.path().join("state");
         let config = dir.path().join("config.toml");
         let toml_str = |path: &Path| serde_json::to_string(path.to_str().expect("path is UTF-8")).expect("encodes");
+        let runner = kind.runner();
         let text = format!(
-            "state_dir = {}\n[runners.{RUNNER}]\nbackend = \"nspawn\"\n[runners.{RUNNER}.settings]\n\
-             images_dir = {}\ndefault_image = \"{IMAGE}\"\nmode = \"standalone\"\n",
+            "state_dir = {}\n[runners.{runner}]\nbackend = \"{}\"\n[runners.{runner}.settings]\n\
+             images_dir = {}\ndefault_image = \"{IMAGE}\"\n{}",
             toml_str(&state),
+            kind.name(),
             toml_str(images),
+            kind.extra_settings(),
         );
         std::fs::write(&config, text).expect("failed to write the configuration");
         let scrub = std::env::vars_os()
             .map(|(key, _)| key)
             .filter(|key| key.to_str().is_some_and(|k| k.starts_with("BERTH_") || k.starts_with("CUSTOM_ENV_")))
             .collect();
-        let base_id = 7_000_000_000_000 + u64::from(std::process::id()) * 100_000;
-        Bench { root, dir, config, state, scrub, base_id, next: AtomicU64::new(0) }
+        let base_id = 7_000_000_000_000 + u64::from(std::process::id()) * 100_000 + slot * IDS_PER_BACKEND;
+        Bench { kind, root, dir, keep: false.into(), config, state, scrub, base_id, next: AtomicU64::new(0) }
     }
 
-    /// `berth --config CONFIG --runner ns`.
+    /// `berth --config CONFIG --runner RUNNER`.
     fn berth(&self) -> Command {
         let mut command = Command::new(BERTH);
-        command.arg("--config").arg(&self.config).arg("--runner").arg(RUNNER);
+        command.arg("--config").arg(&self.config).arg("--runner").arg(self.kind.runner());
         command
     }
 
     /// A new job: its own id and temp dir with the job payload.
     fn job(&self) -> Job<'_> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        assert!(n < 100_000, "too many jobs for the id scheme");
+        assert!(n < IDS_PER_BACKEND, "too many jobs for the id scheme");
         let id = self.base_id + n;
         let tmp = self.dir.path().join(format!("job-{id}"));
         std::fs::create_dir_all(&tmp).expect("failed to create the job temp dir");
@@ -311,22 +494,26 @@ impl Bench {
         let start = Instant::now();
         let config = job.config();
         let prepare = job.prepare();
-        for (script, stage) in scripts.iter().zip(STAGES) {
-            job.run(script, stage);
-        }
+        let stages = scripts.iter().zip(STAGES).map(|(script, stage)| job.run(script, stage)).collect();
         let cleanup = job.cleanup();
-        FullJob { total: start.elapsed(), config, prepare, cleanup }
+        FullJob { total: start.elapsed(), config, prepare, stages, cleanup }
     }
 
-    /// `count` build_script stages of a `true` script in one booted container: each one's time.
-    fn run_stages(&self, count: usize) -> Vec<Duration> {
+    /// `count` build_script stages of a `true` script in one prepared job, each
+    /// followed by the same script run with `bash` on the host (the floor), after
+    /// `warmup` untimed pairs: each stage's time and each floor's.
+    fn run_stages(&self, count: usize, warmup: usize) -> (Vec<Duration>, Vec<Duration>) {
         let mut job = self.job();
         let script = job.script("build_script");
         job.config();
         job.prepare();
-        let runs = (0..count).map(|_| job.run(&script, "build_script")).collect();
+        for _ in 0..warmup {
+            job.run(&script, "build_script");
+            job.floor(&script);
+        }
+        let (runs, floors) = (0..count).map(|_| (job.run(&script, "build_script"), job.floor(&script))).unzip();
         job.cleanup();
-        runs
+        (runs, floors)
     }
 
     /// config, prepare, one build_script stage, cleanup.
@@ -383,12 +570,31 @@ impl Bench {
             let elapsed = start.elapsed();
             assert!(
                 failures.is_empty(),
-                "{} of {count} concurrent jobs failed:\n{}",
+                "{}: {} of {count} concurrent jobs failed:\n{}",
+                self.kind.name(),
                 failures.len(),
                 failures.join("\n")
             );
             elapsed
         })
+    }
+}
+
+impl Drop for Bench {
+    /// Keeps the temp dir rather than delete files under a mount (a failure path's leftover).
+    fn drop(&mut self) {
+        let mounted = mounts_under(self.dir.path());
+        if *self.keep.get_mut() || !mounted.is_empty() {
+            self.dir.disable_cleanup(true);
+            if !mounted.is_empty() {
+                eprintln!(
+                    "{} mount(s) left under {}; temp dir kept: {}",
+                    mounted.len(),
+                    self.dir.path().display(),
+                    mounted.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
     }
 }
 
@@ -415,7 +621,7 @@ impl Job<'_> {
     fn hook(&self, args: &[&OsStr]) -> Duration {
         let mut command = self.bench.berth();
         command.args(args).envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(&self.tmp);
-        let label = format!("job {}: berth {}", self.id, args[0].to_string_lossy());
+        let label = format!("{} job {}: berth {}", self.bench.kind.name(), self.id, args[0].to_string_lossy());
         let log = self.tmp.join(format!("{}.stderr", args[0].to_string_lossy()));
         timed(&mut command, &log, false, &label, &self.bench.scrub)
     }
@@ -432,6 +638,14 @@ impl Job<'_> {
 
     fn run(&mut self, script: &Path, stage: &str) -> Duration {
         self.hook(&["run".as_ref(), script.as_os_str(), stage.as_ref()])
+    }
+
+    /// The floor of a stage: `bash SCRIPT` on the host, spawn to exit.
+    fn floor(&self, script: &Path) -> Duration {
+        let mut command = Command::new("bash");
+        command.arg(script).current_dir(&self.tmp);
+        let log = self.tmp.join("floor.stderr");
+        timed(&mut command, &log, false, "bash SCRIPT (floor)", &self.bench.scrub)
     }
 
     fn cleanup(&mut self) -> Duration {
@@ -475,35 +689,97 @@ fn timed(command: &mut Command, log: &Path, keep_stdout: bool, label: &str, scru
     elapsed
 }
 
-/// Processes whose command line has `--machine=berth-ns-...`: pid and command line.
-fn nspawn_processes() -> Vec<(u32, String)> {
+/// Every process: pid and the arguments of its command line.
+fn processes() -> Vec<(u32, Vec<String>)> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut found: Vec<(u32, String)> = entries
+    let mut found: Vec<(u32, Vec<String>)> = entries
         .filter_map(|entry| {
             let pid = entry.ok()?.file_name().to_str()?.parse::<u32>().ok()?;
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<String> = cmdline
+            let args = cmdline
                 .split(|b| *b == 0)
                 .filter(|a| !a.is_empty())
                 .map(|a| String::from_utf8_lossy(a).into())
                 .collect();
-            let is_nspawn = args.first().is_some_and(|a| a.ends_with("systemd-nspawn"));
-            (is_nspawn && args.iter().any(|a| a.starts_with(MACHINE_ARG))).then(|| (pid, args.join(" ")))
+            Some((pid, args))
         })
         .collect();
     found.sort();
     found
 }
 
-/// What the bench left behind: nspawn processes of containers in its state directory
-/// (any `berth exec` job's too) and jobs in the state directory; and how many
-/// `berth-ns-` containers of others (another state directory) were seen.
-fn leftovers(state: &Path) -> (Vec<String>, usize) {
-    let ours = format!("{}/", state.display());
+/// Processes whose command line has `--machine=berth-ns-...`: pid and command line.
+fn nspawn_processes() -> Vec<(u32, String)> {
+    processes()
+        .into_iter()
+        .filter(|(_, args)| {
+            args.first().is_some_and(|a| a.ends_with("systemd-nspawn"))
+                && args.iter().any(|a| a.starts_with(MACHINE_ARG))
+        })
+        .map(|(pid, args)| (pid, args.join(" ")))
+        .collect()
+}
+
+/// Processes whose root directory is at or below `dir`: pid, root and command line.
+fn processes_rooted_in(dir: &Path) -> Vec<(u32, PathBuf, String)> {
+    processes()
+        .into_iter()
+        .filter_map(|(pid, args)| {
+            let root = std::fs::read_link(format!("/proc/{pid}/root")).ok()?;
+            root.starts_with(dir).then(|| (pid, root, args.join(" ")))
+        })
+        .collect()
+}
+
+/// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+/// Mount points at or below `dir` in this process's mount namespace (/proc/self/mountinfo).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|point| point.starts_with(dir))
+        .collect()
+}
+
+/// What the bench left behind in its temp dir: nspawn processes of containers in its
+/// state directory (any `berth exec` job's too), processes whose root is in it, mounts
+/// in it and jobs in the state directory; and how many `berth-ns-` containers of
+/// others (another state directory) were seen.
+fn leftovers(bench: &Bench) -> (Vec<String>, usize) {
+    let ours = format!("{}/", bench.state.display());
     let (mine, others): (Vec<_>, Vec<_>) =
         nspawn_processes().into_iter().partition(|(_, cmdline)| cmdline.contains(&ours));
     let mut found: Vec<String> = mine.into_iter().map(|(pid, cmdline)| format!("process {pid}: {cmdline}")).collect();
-    let jobs = state.join("jobs");
+    let dir = bench.dir.path();
+    found.extend(
+        processes_rooted_in(dir)
+            .into_iter()
+            .map(|(pid, root, cmdline)| format!("process {pid} (root {}): {cmdline}", root.display())),
+    );
+    found.extend(mounts_under(dir).into_iter().map(|point| format!("mount {}", point.display())));
+    let jobs = bench.state.join("jobs");
     match std::fs::read_dir(&jobs) {
         Ok(entries) => {
             let mut names: Vec<String> =
@@ -514,13 +790,15 @@ fn leftovers(state: &Path) -> (Vec<String>, usize) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => found.push(format!("{}: cannot list: {e}", jobs.display())),
     }
-    (found, others.len())
+    let foreign = if bench.kind == Kind::Nspawn { others.len() } else { 0 };
+    (found, foreign)
 }
 
 /// What a figure is compared with.
+#[derive(Debug, Clone)]
 struct Target {
     text: String,
-    /// The median must be at most this (milliseconds), if set.
+    /// The median (or the overhead, for a row with a floor) must be at most this (milliseconds), if set.
     limit_ms: Option<f64>,
 }
 
@@ -537,12 +815,17 @@ impl Target {
         Target { text: format!("≤ {ms} ms"), limit_ms: Some(ms) }
     }
 
+    fn overhead(ms: f64) -> Self {
+        Target { text: format!("≤ {ms} ms overhead"), limit_ms: Some(ms) }
+    }
+
     fn relative(text: &str, ms: f64) -> Self {
         Target { text: format!("{text} ({ms:.0} ms)"), limit_ms: Some(ms) }
     }
 }
 
-/// One line of the table.
+/// One line of a table.
+#[derive(Debug)]
 struct Row {
     label: String,
     runs: usize,
@@ -550,6 +833,8 @@ struct Row {
     median: f64,
     p95: f64,
     mean: f64,
+    /// The median minus the floor's median, for a row measured against a floor.
+    overhead: Option<f64>,
     target: Target,
 }
 
@@ -569,20 +854,29 @@ impl Row {
             median,
             p95,
             mean: ms.iter().sum::<f64>() / n as f64,
+            overhead: None,
             target,
         }
+    }
+
+    /// The overhead over a floor's median (milliseconds); the target then applies to it.
+    fn with_floor(mut self, floor_median: f64) -> Self {
+        self.overhead = Some(self.median - floor_median);
+        self
     }
 }
 
 impl std::fmt::Display for Row {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let overhead = self.overhead.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}"));
         write!(
             f,
-            "{:<40}{:>6}  {:>8.2} {:>8.2} {:>8.2} {:>8.2}   {}",
-            self.label, self.runs, self.min, self.median, self.p95, self.mean, self.target.text
+            "{:<40}{:>6}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}   {}",
+            self.label, self.runs, self.min, self.median, self.p95, self.mean, overhead, self.target.text
         )?;
         if let Some(limit) = self.target.limit_ms {
-            write!(f, "  {}", if self.median <= limit { "ok" } else { "OVER" })?;
+            let figure = self.overhead.unwrap_or(self.median);
+            write!(f, "  {}", if figure <= limit { "ok" } else { "OVER" })?;
         }
         Ok(())
     }

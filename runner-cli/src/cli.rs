@@ -45,8 +45,73 @@ pub enum Command {
     Describe(DescribeArgs),
     /// List the built-in backends.
     Backends,
-    /// Remove environments of jobs that are gone (crashed runner, reboot, killed hook).
+    /// Remove environments of jobs that are gone (crashed runner, reboot, killed hook),
+    /// and image generations no job uses any more.
     Reap(ReapArgs),
+    /// Build and maintain images (root filesystems) for the nspawn and chroot backends.
+    Image(ImageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// The images directory (the backends' `images_dir`).
+    #[arg(long, env = "BERTH_IMAGES_DIR", default_value = "/var/lib/berth/images")]
+    pub images_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a Debian or Ubuntu image with mmdebstrap (when installed) or debootstrap.
+    Create {
+        /// The image's name (what jobs write in `image:`).
+        name: String,
+        /// The distribution release: bookworm, trixie, jammy, noble, ...
+        #[arg(long)]
+        suite: String,
+        /// The package mirror (default: Debian's, or Ubuntu's for Ubuntu suites).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// More packages, comma-separated (besides systemd, dbus, git, ca-certificates, curl).
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// A provisioning script run as root inside the image before it is published.
+        #[arg(long)]
+        setup: Option<PathBuf>,
+    },
+    /// Adopt a root filesystem: a directory or a tarball (`docker export`, mkosi, ...).
+    Import {
+        /// The image's name.
+        name: String,
+        /// A directory or a tarball.
+        source: PathBuf,
+    },
+    /// List the images: generation, size, creation time, jobs using them.
+    List,
+    /// A root shell in a new generation; published when the shell exits with 0.
+    Shell {
+        /// The image.
+        name: String,
+    },
+    /// Make a new generation by running a script (default: the distribution's upgrade).
+    Update {
+        /// The image.
+        name: String,
+        /// The script to run as root inside the image.
+        #[arg(long)]
+        script: Option<PathBuf>,
+    },
+    /// Remove an image (refused while a job uses it).
+    Remove {
+        /// The image.
+        name: String,
+        /// Remove it even while jobs use it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove old generations that no job uses (also done by `berth reap`).
+    Prune,
 }
 
 #[derive(Debug, Args)]

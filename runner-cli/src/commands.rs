@@ -101,6 +101,7 @@ fn tool(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Conformance(args) => conformance(cli, args),
+        Command::Image(args) => crate::image::main(args),
         _ => unreachable!("hooks and exec are dispatched in main"),
     }
 }

@@ -7,6 +7,7 @@ mod config;
 mod exec;
 mod exit;
 mod hooks;
+mod image;
 mod registry;
 
 fn main() -> std::process::ExitCode {

@@ -58,7 +58,7 @@ fn standalone_mode_runs_the_sample_job() {
         .unwrap();
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
-    assert!(log.contains("Booted a container from image bookworm (standalone mode)"), "{log}");
+    assert!(log.contains("Booted a container from image bookworm, generation 1 (standalone mode)"), "{log}");
     assert!(log.contains("hello from berth on berth-ns-"), "the script ran in the container:\n{log}");
     assert!(log.contains("carried into the job by berth exec"), "{log}");
     assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "{log}");
@@ -149,7 +149,7 @@ impl TestHost {
         let name = format!("berth-testhost-{}", std::process::id());
         let socket_name = format!("berth-test-notify-{}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
-        let root = images.join("testhost");
+        let root = images.join("testhost/current").canonicalize().unwrap();
         let mut cmd = Command::new("systemd-nspawn");
         cmd.args(["--quiet", "--register=no", "--keep-unit", "--console=passive", "--notify-ready=yes"])
             .arg(format!("--machine={name}"))

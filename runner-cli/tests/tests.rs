@@ -6,4 +6,5 @@ mod chroot;
 mod conformance;
 mod exec;
 mod hooks;
+mod images;
 mod nspawn;

@@ -125,7 +125,7 @@ pub fn real_containers() -> Option<PathBuf> {
         Some("not running as root".to_owned())
     } else if !Path::new("/usr/bin/systemd-nspawn").exists() {
         Some("systemd-nspawn is not installed (apt-get install systemd-container)".to_owned())
-    } else if !images.join("bookworm/.berth-image").exists() || !images.join("testhost/.berth-image").exists() {
+    } else if !images.join("bookworm/current").exists() || !images.join("testhost/current").exists() {
         Some(format!("no test images in {} (scripts/test builds them)", images.display()))
     } else {
         None

@@ -363,7 +363,12 @@ impl Backend for Chroot {
             println!("WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the job (ask the admin to install it or set settings.gitlab_runner)");
         }
         let layer = if self.settings.layer == Layer::Overlay { "overlay" } else { "copied" };
-        println!("Prepared a root from image {} ({layer}) in {:.2} s", image.name, started.elapsed().as_secs_f64());
+        let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
+        println!(
+            "Prepared a root from image {}{generation} ({layer}) in {:.2} s",
+            image.name,
+            started.elapsed().as_secs_f64()
+        );
         info!(job = %job.key(), image = image.name, "chroot ready");
         Ok(())
     }
@@ -412,6 +417,10 @@ impl Backend for Chroot {
             Ended::Exited(code) => Err(Failure::script(code)),
             Ended::Cancelled => Err(Failure::Cancelled),
         }
+    }
+
+    fn reap_orphans(&self, _known: &[berth_backend_api::JobKey]) -> Result<Vec<String>, Failure> {
+        Ok(berth_backend_support::generations::Images::new(self.images.dir()).prune())
     }
 
     fn cleanup(&self, state: &JobState) -> Result<(), Failure> {

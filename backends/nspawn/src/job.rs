@@ -18,6 +18,7 @@ use crate::cgroup::JobCgroup;
 use crate::notify::{Notify, Wait};
 use crate::settings::Mode;
 use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
+use berth_backend_support::image::Image;
 use berth_backend_support::proc as host;
 
 /// What prepare made, found again by run and cleanup (`container.json`).
@@ -184,15 +185,16 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         )));
     }
     let container = match backend.mode {
-        Mode::Systemd => boot_systemd(backend, job, state, &machine, &image.root, timeout, cancel)?,
-        _ => boot_standalone(backend, job, state, &machine, &image.root, timeout, cancel)?,
+        Mode::Systemd => boot_systemd(backend, job, state, &machine, &image, timeout, cancel)?,
+        _ => boot_standalone(backend, job, state, &machine, &image, timeout, cancel)?,
     };
     let mode = match container.mode {
         ModeName::Systemd => "systemd",
         ModeName::Standalone => "standalone",
     };
+    let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
     println!(
-        "Booted a container from image {} ({mode} mode) in {:.2} s",
+        "Booted a container from image {}{generation} ({mode} mode) in {:.2} s",
         container.image,
         started.elapsed().as_secs_f64()
     );
@@ -205,11 +207,12 @@ fn boot_standalone(
     job: &JobContext,
     state: &JobState,
     machine: &str,
-    root: &Path,
+    image: &Image,
     timeout: Duration,
     cancel: &Cancel,
 ) -> Result<Container, Failure> {
-    let image = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let root = image.root.as_path();
+    let image = image.name.clone();
     let notify =
         Notify::new(&job.key().to_string()).map_err(|e| Failure::system_with("failed to create a notify socket", e))?;
     let log_path = boot_log(state);
@@ -289,11 +292,12 @@ fn boot_systemd(
     job: &JobContext,
     state: &JobState,
     machine: &str,
-    root: &Path,
+    image: &Image,
     _timeout: Duration,
     cancel: &Cancel,
 ) -> Result<Container, Failure> {
-    let image = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let root = image.root.as_path();
+    let image = image.name.clone();
     let unit = unit_name(job.key());
     let mut container = Container {
         mode: ModeName::Systemd,
@@ -539,5 +543,6 @@ pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<Str
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         removed.push(format!("container berth-{name} (no job state; nspawn pid {pid})"));
     }
+    removed.extend(berth_backend_support::generations::Images::new(backend.images.dir()).prune());
     Ok(removed)
 }

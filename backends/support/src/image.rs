@@ -24,8 +24,12 @@ pub struct ImageStore {
 pub struct Image {
     /// Its name (`bookworm`).
     pub name: String,
-    /// Its root filesystem.
+    /// Its root filesystem: the current generation (`NAME/generations/N`), or
+    /// the image directory itself for a plain image. A job keeps using this
+    /// path, untouched, until it ends, whatever `berth image` does meanwhile.
     pub root: PathBuf,
+    /// The generation, for images managed by `berth image`.
+    pub generation: Option<u64>,
 }
 
 /// The image name a job reference asks for: last path component, without
@@ -36,7 +40,9 @@ pub fn image_name(reference: &str) -> &str {
     base.split(':').next().unwrap_or(base)
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` can name an image: 1-128 of letters, digits, `.`, `_`, `-`,
+/// starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
@@ -112,7 +118,7 @@ impl ImageStore {
             return Err(self.refuse(format!("image {name:?} is not allowed on this runner")));
         }
         let candidate = self.dir.join(&name);
-        let root = match (candidate.canonicalize(), self.dir.canonicalize()) {
+        let image_dir = match (candidate.canonicalize(), self.dir.canonicalize()) {
             (Ok(root), Ok(dir)) if root.parent() == Some(dir.as_path()) && root.is_dir() => root,
             (Ok(_), Ok(_)) => {
                 return Err(self.refuse(format!("image {name:?} is not a directory of {}", self.dir.display())))
@@ -125,7 +131,11 @@ impl ImageStore {
             }
             (Err(_), _) => return Err(self.refuse(format!("image {name:?} does not exist"))),
         };
-        Ok(Image { name, root })
+        match crate::generations::current(&image_dir) {
+            Ok(Some((generation, root))) => Ok(Image { name, root, generation: Some(generation) }),
+            Ok(None) => Ok(Image { name, root: image_dir, generation: None }),
+            Err(e) => Err(Failure::system(format!("image {name:?} is broken: {e} (see `berth image list`)"))),
+        }
     }
 }
 
@@ -168,6 +178,7 @@ mod tests {
         let image = store.resolve(Some("registry.example.com/ci/trixie:latest")).unwrap();
         assert_eq!(image.name, "trixie");
         assert_eq!(image.root, dir.path().canonicalize().unwrap().join("trixie"));
+        assert_eq!(image.generation, None);
         assert_eq!(store.resolve(None).unwrap().name, "bookworm");
         assert_eq!(store.resolve(Some("  ")).unwrap().name, "bookworm");
     }

@@ -3,5 +3,6 @@
 //! and lookups of host processes. Third-party backends may use it too.
 #![deny(missing_docs)]
 
+pub mod generations;
 pub mod image;
 pub mod proc;

@@ -1,0 +1,263 @@
+//! `berth image`: building and maintaining the root filesystems jobs run on.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use berth_backend_support::generations::{disk_usage, Draft, ImageLock, Images};
+
+use crate::cli::{ImageArgs, ImageCommand};
+
+/// Packages every image gets: what booting and CI jobs need.
+const BASE_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "git", "ca-certificates", "curl"];
+const UBUNTU_SUITES: &[&str] = &["focal", "jammy", "noble", "oracular", "plucky"];
+const DEFAULT_UPDATE: &str = "#!/bin/sh\nset -e\napt-get update -qq\napt-get -y -qq dist-upgrade\napt-get clean\n";
+
+/// Progress lines with the elapsed time.
+struct Progress(Instant);
+
+impl Progress {
+    fn step(&self, what: &str) {
+        println!("[{:6.1} s] {what}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+pub fn main(args: &ImageArgs) -> Result<ExitCode> {
+    let images = Images::new(&args.images_dir);
+    let progress = Progress(Instant::now());
+    let lock = |name: &str| -> Result<ImageLock> {
+        images
+            .lock(name, || println!("waiting for another `berth image` command on {name} to finish..."))
+            .with_context(|| format!("failed to lock image {name}"))
+    };
+    match &args.command {
+        ImageCommand::Create { name, suite, mirror, include, setup } => {
+            let lock = lock(name)?;
+            let draft = images.draft(&lock).with_context(|| format!("failed to start image {name}"))?;
+            bootstrap(&draft, suite, mirror.as_deref(), include, &progress)?;
+            if let Some(script) = setup {
+                progress.step(&format!("running {} in the image", script.display()));
+                run_in(draft.path(), Some(script), None)?;
+            }
+            publish(draft, name, &progress)?;
+        }
+        ImageCommand::Import { name, source } => {
+            let lock = lock(name)?;
+            let draft = images.draft(&lock).with_context(|| format!("failed to start image {name}"))?;
+            progress.step(&format!("importing {}", source.display()));
+            import(&draft, source)?;
+            check_usable(draft.path())?;
+            publish(draft, name, &progress)?;
+        }
+        ImageCommand::Update { name, script } => {
+            let lock = lock(name)?;
+            progress.step(&format!("copying the current generation of {name}"));
+            let draft = images
+                .draft_from_current(&lock)
+                .with_context(|| format!("failed to start a new generation of {name}"))?;
+            progress.step("updating");
+            run_in(draft.path(), script.as_deref(), Some(DEFAULT_UPDATE))?;
+            publish(draft, name, &progress)?;
+        }
+        ImageCommand::Shell { name } => {
+            let lock = lock(name)?;
+            let draft = images
+                .draft_from_current(&lock)
+                .with_context(|| format!("failed to start a new generation of {name}"))?;
+            println!("A shell in a new generation of {name}: changes are published when it exits with status 0, dropped otherwise.");
+            let status = enter(draft.path(), &[], true)?;
+            if !status.success() {
+                println!("The shell exited with {status}: changes dropped, {name} is unchanged.");
+                return Ok(ExitCode::from(1));
+            }
+            publish(draft, name, &progress)?;
+        }
+        ImageCommand::Remove { name, force } => {
+            let lock = lock(name)?;
+            images.remove(&lock, *force).with_context(|| format!("failed to remove image {name}"))?;
+            println!("removed image {name}");
+        }
+        ImageCommand::List => list(&images)?,
+        ImageCommand::Prune => {
+            for line in images.prune() {
+                println!("removed {line}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn publish(draft: Draft, name: &str, progress: &Progress) -> Result<()> {
+    let number = draft.number();
+    draft.publish().with_context(|| format!("failed to publish generation {number} of {name}"))?;
+    progress.step(&format!("image {name} is now generation {number}; running jobs keep theirs"));
+    Ok(())
+}
+
+fn bootstrap(draft: &Draft, suite: &str, mirror: Option<&str>, include: &[String], progress: &Progress) -> Result<()> {
+    if !suite.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || suite.is_empty() {
+        bail!("--suite {suite:?} is not a suite name (bookworm, trixie, noble, ...)");
+    }
+    let mirror = mirror.unwrap_or(if UBUNTU_SUITES.contains(&suite) {
+        "http://archive.ubuntu.com/ubuntu"
+    } else {
+        "http://deb.debian.org/debian"
+    });
+    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    packages
+        .extend(include.iter().flat_map(|i| i.split(',')).map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned));
+    let packages = packages.join(",");
+    let mmdebstrap = which("mmdebstrap");
+    let tool = if mmdebstrap { "mmdebstrap" } else { "debootstrap" };
+    progress.step(&format!("{tool} {suite} from {mirror} (a minute or two)"));
+    let mut cmd = Command::new(tool);
+    cmd.arg("--variant=minbase").arg(format!("--include={packages}")).arg(suite).arg(draft.path()).arg(mirror);
+    let out =
+        cmd.stdin(Stdio::null()).output().with_context(|| format!("failed to run {tool} (apt-get install {tool})"))?;
+    if !out.status.success() {
+        let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        bail!(
+            "{tool} failed; nothing was published. Its output ends with:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    // Each container gets its own machine id and host name at boot.
+    std::fs::write(draft.path().join("etc/machine-id"), "").context("failed to reset etc/machine-id")?;
+    std::fs::write(draft.path().join("etc/hostname"), "localhost\n").context("failed to reset etc/hostname")?;
+    Ok(())
+}
+
+fn which(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
+fn import(draft: &Draft, source: &Path) -> Result<()> {
+    let status = if source.is_dir() {
+        Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(format!("{}/.", source.display()))
+            .arg(draft.path())
+            .status()
+    } else if source.is_file() {
+        Command::new("tar")
+            .arg("-xf")
+            .arg(source)
+            .arg("-C")
+            .arg(draft.path())
+            .args(["--numeric-owner", "--xattrs"])
+            .status()
+    } else {
+        bail!("{} is neither a directory nor a tarball", source.display());
+    }
+    .context("failed to run cp or tar")?;
+    if !status.success() {
+        bail!("failed to import {}; nothing was published", source.display());
+    }
+    Ok(())
+}
+
+/// A root filesystem needs a shell; booting it with nspawn needs systemd.
+fn check_usable(root: &Path) -> Result<()> {
+    let exists = |p: &str| root.join(p).symlink_metadata().is_ok();
+    if !exists("bin/sh") && !exists("usr/bin/sh") {
+        bail!("the imported tree has no /bin/sh: it is not a usable root filesystem; nothing was published");
+    }
+    if !exists("bin/bash") && !exists("usr/bin/bash") {
+        bail!("the imported tree has no bash, which GitLab Runner's scripts need; nothing was published");
+    }
+    if !exists("lib/systemd/systemd") && !exists("usr/lib/systemd/systemd") {
+        println!("WARNING: no systemd in the imported tree: the chroot backend can use it, the nspawn backend cannot boot it");
+    }
+    Ok(())
+}
+
+/// Runs `script` (a file, or `default` text) as root inside `root`, with
+/// /dev, /proc, /sys and the host's resolv.conf, in a private mount namespace
+/// that vanishes with it.
+fn run_in(root: &Path, script: Option<&Path>, default: Option<&str>) -> Result<()> {
+    let target = root.join("tmp/berth-image-script");
+    match (script, default) {
+        (Some(script), _) => {
+            std::fs::copy(script, &target).with_context(|| format!("failed to copy {}", script.display()))?;
+        }
+        (None, Some(text)) => std::fs::write(&target, text).context("failed to write the update script")?,
+        (None, None) => bail!("nothing to run"),
+    }
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let status = enter(root, &["/tmp/berth-image-script"], false);
+    let _ = std::fs::remove_file(&target);
+    let status = status?;
+    if !status.success() {
+        bail!("the script failed ({status}); nothing was published");
+    }
+    Ok(())
+}
+
+/// Runs `argv` (a login shell when empty) chrooted into `root`.
+fn enter(root: &Path, argv: &[&str], interactive: bool) -> Result<std::process::ExitStatus> {
+    const SETUP: &str = r#"set -e
+r=$1; shift
+mount --rbind /dev "$r/dev"
+mount -t proc proc "$r/proc"
+mount --rbind /sys "$r/sys"
+if [ -f "$r/etc/resolv.conf" ] && [ ! -L "$r/etc/resolv.conf" ]; then mount --bind /etc/resolv.conf "$r/etc/resolv.conf"; fi
+exec chroot "$r" "$@""#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--pid", "--fork", "--propagation", "private", "--", "/bin/sh", "-c", SETUP, "sh"])
+        .arg(root)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    if argv.is_empty() {
+        cmd.args(["/bin/bash", "-l"]);
+    } else {
+        cmd.args(argv);
+    }
+    if !interactive {
+        cmd.stdin(Stdio::null());
+    }
+    cmd.status().context("failed to run unshare (util-linux)")
+}
+
+fn list(images: &Images) -> Result<()> {
+    let names = images.names();
+    if names.is_empty() {
+        println!(
+            "no images in {} (create one with `berth image create NAME --suite bookworm`)",
+            images.dir().display()
+        );
+        return Ok(());
+    }
+    println!("{:<20} {:>10} {:>9} {:<20} IN USE BY", "NAME", "GENERATION", "SIZE", "CREATED");
+    for name in names {
+        let info = match images.info(&name) {
+            Ok(info) => info,
+            Err(e) => {
+                println!("{name:<20} broken: {e}");
+                continue;
+            }
+        };
+        let generation = info.generation.map_or("plain".to_owned(), |g| {
+            let older = info.generations.len().saturating_sub(1);
+            if older > 0 {
+                format!("{g} (+{older})")
+            } else {
+                g.to_string()
+            }
+        });
+        let size = format!("{} MiB", disk_usage(&info.root) >> 20);
+        let created = info.created.map(format_time).unwrap_or_default();
+        let users = if info.users.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{} ({})", info.users.len(), info.users.join(", "))
+        };
+        println!("{:<20} {:>10} {:>9} {:<20} {}", info.name, generation, size, created, users);
+    }
+    Ok(())
+}
+
+fn format_time(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}

@@ -1,0 +1,167 @@
+//! `berth image` on real images: create, import, update under a running job,
+//! generations and their pruning, locking.
+
+use std::path::Path;
+use std::process::Output;
+
+use crate::util::*;
+
+fn image(images: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(BERTH).arg("image").arg("--images-dir").arg(images).args(args).output().unwrap()
+}
+
+fn chroot_runner(images: &Path) -> String {
+    format!(
+        "[runners.ch]\nbackend = \"chroot\"\n[runners.ch.settings]\nimages_dir = {:?}\n",
+        images.display().to_string()
+    )
+}
+
+/// A job with `image:` set, prepared and ready for stages.
+fn prepared(env: &Env, name: &str, id: u64, image_name: &str) -> Job {
+    let job = env.job_with_id(name, id);
+    let response = std::fs::read_to_string(job.tmp.join("response.json")).unwrap();
+    std::fs::write(
+        job.tmp.join("response.json"),
+        response.replace("registry.example.com/ci/bookworm:latest", image_name),
+    )
+    .unwrap();
+    let out = job.hook(env, "ch", &["prepare"]);
+    assert!(out.status.success(), "{}", text(&out));
+    job
+}
+
+fn stage(env: &Env, job: &Job, body: &str) -> String {
+    let script = job.script(&format!("s{}", body.len()), body);
+    let out = job.hook(env, "ch", &["run", script.to_str().unwrap(), "build_script"]);
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn an_update_does_not_change_a_running_jobs_view_and_old_generations_are_pruned_after_it() {
+    let Some(test_images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let tarball = scratch.path().join("rootfs.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(test_images.join("bookworm/current"))
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = image(&images, &["import", "deb", tarball.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("image deb is now generation 1"), "{}", text(&out));
+
+    let env = Env::new(&chroot_runner(&images));
+    let running = prepared(&env, "running", 710_001, "deb");
+    assert!(stage(&env, &running, "cat /etc/berth-version 2>/dev/null || echo none\n").contains("none"));
+
+    let script = scratch.path().join("update.sh");
+    std::fs::write(&script, "#!/bin/sh\nset -e\necho two > /etc/berth-version\n").unwrap();
+    let out = image(&images, &["update", "deb", "--script", script.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("generation 2"), "{}", text(&out));
+
+    // The running job still sees generation 1; a new job sees generation 2.
+    assert!(stage(&env, &running, "cat /etc/berth-version 2>/dev/null || echo none\n").contains("none"));
+    let next = prepared(&env, "next", 710_002, "deb");
+    assert!(stage(&env, &next, "cat /etc/berth-version\n").contains("two"));
+    let list = text(&image(&images, &["list"]));
+    assert!(list.contains("2 (+1)") && list.contains("mount "), "generation 1 is in use:\n{list}");
+
+    // Generation 1 stays while the running job uses it, and goes after.
+    let out = env.berth("ch").args(["reap", "--grace", "0"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(images.join("deb/generations/1").exists(), "in use: kept");
+    let out = image(&images, &["remove", "deb"]);
+    assert!(!out.status.success() && text(&out).contains("in use"), "{}", text(&out));
+    for job in [&running, &next] {
+        assert!(job.hook(&env, "ch", &["cleanup"]).status.success());
+    }
+    let out = env.berth("ch").args(["reap", "--grace", "0"]).output().unwrap();
+    assert!(text(&out).contains("image deb: old generation 1"), "{}", text(&out));
+    assert!(!images.join("deb/generations/1").exists());
+    assert!(images.join("deb/generations/2").exists());
+    let out = image(&images, &["remove", "deb"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!images.join("deb").exists());
+}
+
+#[test]
+fn imports_that_are_not_root_filesystems_are_refused_leaving_nothing() {
+    let Some(_) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let junk = scratch.path().join("junk");
+    std::fs::create_dir_all(junk.join("etc")).unwrap();
+    let out = image(&images, &["import", "junk", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no /bin/sh"), "{}", text(&out));
+    assert!(!images.join("junk").exists(), "nothing half-made under the image name");
+    let out = image(&images, &["import", "../escape", junk.to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("not an image name"), "{}", text(&out));
+}
+
+#[test]
+fn concurrent_image_commands_on_one_image_take_turns() {
+    let Some(test_images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let out = image(&images, &["import", "deb", test_images.join("bookworm/current").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = scratch.path().join("slow.sh");
+    std::fs::write(&script, "#!/bin/sh\nsleep 1\necho $$ >> /etc/berth-updates\n").unwrap();
+    let spawn = || {
+        std::process::Command::new(BERTH)
+            .args([
+                "image",
+                "--images-dir",
+                images.to_str().unwrap(),
+                "update",
+                "deb",
+                "--script",
+                script.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    assert!(outs.iter().all(|o| o.status.success()));
+    assert!(outs.iter().any(|o| text(o).contains("waiting for another `berth image` command on deb")), "{outs:?}");
+    let updates = std::fs::read_to_string(images.join("deb/current/etc/berth-updates")).unwrap();
+    assert_eq!(updates.lines().count(), 2, "the second update built on the first: {updates}");
+    assert!(images.join("deb/generations/3").exists());
+}
+
+#[test]
+fn create_builds_a_usable_image_from_the_mirror_and_a_failed_build_leaves_nothing() {
+    let Some(_) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let setup = scratch.path().join("setup.sh");
+    std::fs::write(&setup, "#!/bin/sh\nset -e\necho provisioned > /etc/berth-setup\n").unwrap();
+    let out = image(&images, &["create", "fresh", "--suite", "bookworm", "--setup", setup.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("debootstrap bookworm") || log.contains("mmdebstrap bookworm"), "{log}");
+    let env = Env::new(&chroot_runner(&images));
+    let job = prepared(&env, "job", 710_010, "fresh");
+    let output = stage(&env, &job, "cat /etc/berth-setup\ngit --version\ncurl --version | head -1\ntest -x /lib/systemd/systemd && echo has-systemd\n");
+    assert!(
+        output.contains("provisioned") && output.contains("git version") && output.contains("has-systemd"),
+        "{output}"
+    );
+    assert!(job.hook(&env, "ch", &["cleanup"]).status.success());
+
+    let out = image(&images, &["create", "broken", "--suite", "no-such-suite"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing was published"), "{}", text(&out));
+    assert!(!images.join("broken").exists());
+}
