@@ -30,6 +30,7 @@ use berth_backend_api::{
     RunnerInfo,
 };
 use berth_backend_support::image::ImageStore;
+use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
 use nix::mount::MsFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -45,19 +46,6 @@ pub enum Layer {
     Overlay,
     /// A full copy of the image (`cp -a --reflink=auto`), where overlayfs is unavailable.
     Copy,
-}
-
-/// An extra bind mount.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Bind {
-    /// The host path.
-    pub source: PathBuf,
-    /// The path inside the job's root (default: the same as `source`).
-    pub target: Option<PathBuf>,
-    /// Writable by the job (default: read-only).
-    #[serde(default)]
-    pub writable: bool,
 }
 
 /// `[runners.NAME.settings]` of the chroot backend.
@@ -114,22 +102,6 @@ struct Record {
     home: String,
 }
 
-fn check_path(what: &str, path: &Path) -> Result<(), Failure> {
-    let text = path.to_string_lossy();
-    if !path.is_absolute() || text.contains([':', ',', '\\', '\n']) {
-        return Err(Failure::system(format!(
-            "settings.{what}: {} must be an absolute path without ':', ',' or '\\'",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| PATH.into());
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
-}
-
 fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
     let what = what.into();
     move |e| Failure::system_with(what, e)
@@ -147,24 +119,13 @@ impl NewBackend for Chroot {
             settings.cache_host_dir.clone().unwrap_or_else(|| runner.state_dir.join("cache").join(&runner.name));
         check_path("cache_host_dir", &cache_host_dir)?;
         check_path("state_dir", &runner.state_dir)?;
-        for bind in &settings.bind {
-            check_path("bind.source", &bind.source)?;
-            if let Some(target) = &bind.target {
-                check_path("bind.target", target)?;
-            }
-        }
+        check_binds(&settings.bind)?;
         if let Some(user) = &settings.user {
             if user.is_empty() || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
                 return Err(Failure::system(format!("settings.user: {user:?} is not a user name")));
             }
         }
-        let gitlab_runner = match &settings.gitlab_runner {
-            Some(path) => {
-                check_path("gitlab_runner", path)?;
-                Some(path.clone())
-            }
-            None => which("gitlab-runner"),
-        };
+        let gitlab_runner = gitlab_runner(settings.gitlab_runner.as_deref())?;
         Ok(Chroot { settings, images, cache_host_dir, gitlab_runner })
     }
 }
@@ -294,7 +255,7 @@ impl Chroot {
             mounts::bind(gitlab_runner, &target, false).map_err(sys("gitlab-runner"))?;
         }
         for bind in &self.settings.bind {
-            let target = inside(root, bind.target.as_deref().unwrap_or(&bind.source));
+            let target = inside(root, bind.target());
             if bind.source.is_dir() {
                 mkdir(&target)?;
             } else {

@@ -122,7 +122,7 @@ impl Nspawn {
             args.push("--private-network".into());
         }
         for bind in &self.settings.bind {
-            args.push(bind_arg(&bind.source, bind.target.as_deref().unwrap_or(&bind.source), bind.writable));
+            args.push(bind_arg(&bind.source, bind.target(), bind.writable));
         }
         args.extend(self.settings.nspawn_args.iter().map(OsString::from));
         args.push("--boot".into());

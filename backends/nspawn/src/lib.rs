@@ -33,6 +33,7 @@ use berth_backend_api::{
 
 use crate::settings::{Mode, Settings};
 use berth_backend_support::image::ImageStore;
+use berth_backend_support::settings::{check_binds, check_path, gitlab_runner};
 
 /// Where the job's builds dir is inside the container.
 const BUILDS_DIR: &str = "/builds";
@@ -59,23 +60,6 @@ pub fn systemd_is_pid1() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")
-        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
-}
-
-fn check_path(what: &str, path: &Path) -> Result<(), Failure> {
-    let text = path.to_string_lossy();
-    if !path.is_absolute() || text.contains([':', ',']) || text.contains('\n') {
-        return Err(Failure::system(format!(
-            "settings.{what}: {} must be an absolute path without ':' or ','",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
 impl NewBackend for Nspawn {
     type Settings = Settings;
 
@@ -93,24 +77,13 @@ impl NewBackend for Nspawn {
             settings.cache_host_dir.clone().unwrap_or_else(|| runner.state_dir.join("cache").join(&runner.name));
         check_path("cache_host_dir", &cache_host_dir)?;
         check_path("state_dir", &runner.state_dir)?;
-        for bind in &settings.bind {
-            check_path("bind.source", &bind.source)?;
-            if let Some(target) = &bind.target {
-                check_path("bind.target", target)?;
-            }
-        }
+        check_binds(&settings.bind)?;
         if let Some(weight) = settings.cpu_weight {
             if !(1..=10000).contains(&weight) {
                 return Err(Failure::system(format!("settings.cpu_weight: {weight} is not in 1..=10000")));
             }
         }
-        let gitlab_runner = match &settings.gitlab_runner {
-            Some(path) => {
-                check_path("gitlab_runner", path)?;
-                Some(path.clone())
-            }
-            None => which("gitlab-runner"),
-        };
+        let gitlab_runner = gitlab_runner(settings.gitlab_runner.as_deref())?;
         Ok(Nspawn { images, mode, cache_host_dir, gitlab_runner, runner: runner.clone(), settings })
     }
 }

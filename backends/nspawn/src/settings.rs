@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use berth_backend_support::settings::Bind;
 use serde::Deserialize;
 
 /// How containers are started and reached.
@@ -17,19 +18,6 @@ pub enum Mode {
     /// No systemd on the host: nspawn started detached, stages entered through
     /// the container leader's namespaces.
     Standalone,
-}
-
-/// An extra bind mount into every job's container.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Bind {
-    /// The host path.
-    pub source: PathBuf,
-    /// The path inside the container (default: the same as `source`).
-    pub target: Option<PathBuf>,
-    /// Writable by the job (default: read-only).
-    #[serde(default)]
-    pub writable: bool,
 }
 
 /// The nspawn backend's settings.

@@ -6,3 +6,4 @@
 pub mod generations;
 pub mod image;
 pub mod proc;
+pub mod settings;
