@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Cancel, Description, Failure, JobContext, JobKey, JobState};
 
 /// The runner a backend instance serves, as configured in berth's TOML.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RunnerInfo {
     /// The runner's name (`[runners.NAME]`), validated like a [`JobKey`] runner.

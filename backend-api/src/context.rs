@@ -302,7 +302,7 @@ pub struct JobContext {
 }
 
 /// Variables the runner itself sets on every exec, which are not job variables.
-const RUNNER_KEYS: &[&str] =
+pub(crate) const RUNNER_KEYS: &[&str] =
     &["TMPDIR", "BUILD_FAILURE_EXIT_CODE", "SYSTEM_FAILURE_EXIT_CODE", "BUILD_EXIT_CODE_FILE", "JOB_RESPONSE_FILE"];
 
 impl JobContext {

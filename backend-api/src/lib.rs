@@ -30,6 +30,7 @@ mod cancel;
 mod context;
 mod describe;
 mod failure;
+pub mod plugin;
 pub mod process;
 mod redact;
 pub mod script;

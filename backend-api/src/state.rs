@@ -195,7 +195,7 @@ impl StateDir {
                 _ => continue,
             }
             let dir = self.jobs.join(key.to_string());
-            let mut state = JobState { key: key.clone(), dir, lock_path, record: None, _lock: lock };
+            let mut state = JobState { key: key.clone(), dir, lock_path, record: None, _lock: Some(lock) };
             state.record = state.load("job.json")?;
             return Ok(Some(state));
         }
@@ -213,10 +213,17 @@ pub struct JobState {
     dir: PathBuf,
     lock_path: PathBuf,
     record: Option<JobRecord>,
-    _lock: Flock<File>,
+    _lock: Option<Flock<File>>,
 }
 
 impl JobState {
+    /// The state of `key` in `dir`, whose lock another party holds: the host
+    /// process, when a backend runs as a plugin ([`crate::plugin`]).
+    pub fn held_elsewhere(key: JobKey, dir: PathBuf, record: Option<JobRecord>) -> JobState {
+        let lock_path = dir.with_extension("lock");
+        JobState { key, dir, lock_path, record, _lock: None }
+    }
+
     /// The job.
     pub fn key(&self) -> &JobKey {
         &self.key

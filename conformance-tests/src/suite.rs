@@ -180,6 +180,50 @@ impl Report {
         self.results.iter().find(|r| r.id == id).map(|r| r.verdict)
     }
 
+    /// The report as JUnit XML: one test case per check, skipped and failed
+    /// ones marked as such (a failed SHOULD check is reported as skipped with
+    /// a warning, since it does not fail the suite).
+    pub fn junit(&self) -> String {
+        fn escape(text: &str) -> String {
+            text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+        }
+        let count = |v: &str| self.results.iter().filter(|r| r.verdict == v).count();
+        let failures = self.results.iter().filter(|r| r.verdict == "fail" && r.level == Level::Must).count();
+        let skipped =
+            count("skip") + self.results.iter().filter(|r| r.verdict == "fail" && r.level == Level::Should).count();
+        let total: f64 = self.results.iter().map(|r| r.seconds).sum();
+        let mut out = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"berth conformance: {} {}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{total:.3}\">\n",
+            escape(&self.backend),
+            escape(&self.version),
+            self.results.len()
+        );
+        for r in &self.results {
+            out.push_str(&format!(
+                "  <testcase classname=\"conformance.{}\" name=\"{} ({}, protocol section {}): {}\" time=\"{:.3}\">",
+                escape(r.level.as_str()),
+                escape(r.id),
+                r.level.as_str(),
+                escape(r.protocol),
+                escape(r.statement),
+                r.seconds
+            ));
+            match (r.verdict, r.level) {
+                ("fail", Level::Must) => {
+                    out.push_str(&format!("<failure message=\"{}\"/>", escape(r.detail.lines().next().unwrap_or(""))))
+                }
+                ("fail", Level::Should) => {
+                    out.push_str(&format!("<skipped message=\"SHOULD not met: {}\"/>", escape(&r.detail)))
+                }
+                ("skip", _) => out.push_str(&format!("<skipped message=\"{}\"/>", escape(&r.detail))),
+                _ => {}
+            }
+            out.push_str("</testcase>\n");
+        }
+        out.push_str("</testsuite>\n");
+        out
+    }
+
     /// A readable table.
     pub fn table(&self) -> String {
         let mut out = format!("conformance of backend {} {}\n\n", self.backend, self.version);

@@ -95,6 +95,42 @@ fn main() {
         rows.push(Row::new(label, Some(5.0), samples));
     }
 
+    // What loading a backend as a plugin adds to a hook: the same backend
+    // (the host-test fixture) built in and as a shared library.
+    let plugin = Path::new(BERTH).with_file_name("libberth_backend_host_test.so");
+    let plugin_note = if plugin.exists() {
+        let config = fixture.dir.path().join("plugin.toml");
+        let state =
+            serde_json::to_string(fixture.dir.path().join("plugin-state").to_str().expect("UTF-8")).expect("encodes");
+        let lib = serde_json::to_string(plugin.to_str().expect("UTF-8")).expect("encodes");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {state}\n[runners.builtin]\nbackend = \"host-test\"\n[runners.plugin]\nplugin = {lib}\n"
+            ),
+        )
+        .expect("failed to write the plugin configuration");
+        let mut medians = Vec::new();
+        for runner in ["builtin", "plugin"] {
+            let samples = measure(hook_warmup, hook_iters, || {
+                let mut command = Command::new(BERTH);
+                command.args(["--config", config.to_str().expect("UTF-8"), "--runner", runner, "config"]);
+                command.envs(fixture.hook_env.iter().map(|(k, v)| (k, v))).env("BERTH_ALLOW_TEST_BACKENDS", "1");
+                fixture.time(&mut command, runner)
+            });
+            let row = Row::new(&format!("berth config (host-test, {runner})"), Some(5.0), samples);
+            medians.push(row.median);
+            rows.push(row);
+        }
+        format!(
+            "loading the backend as a plugin adds {:.2} ms to a hook (medians; target <= 1 ms) {}",
+            medians[1] - medians[0],
+            if medians[1] - medians[0] <= 1.0 { "ok" } else { "OVER" }
+        )
+    } else {
+        format!("plugin load not measured: {} is not built (cargo build --release --workspace)", plugin.display())
+    };
+
     let pipeline = fixture.root.join("examples/hello/.gitlab-ci.yml");
     let sources = fixture.root.join("examples/hello");
     rows.push(Row::new(
@@ -114,6 +150,7 @@ fn main() {
     for row in &rows {
         println!("{row}");
     }
+    println!("{plugin_note}");
     println!("(milliseconds, wall time from spawn to exit; target applies to the median)");
     if !bench_mode {
         println!("(smoke run: one run each; use `cargo bench` for figures)");

@@ -183,6 +183,15 @@ pub struct ConformanceArgs {
     /// List the checks and exit.
     #[arg(long)]
     pub list: bool,
+    /// Also write the report as JUnit XML to this file (for a CI system).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Test this backend library instead of a configured runner.
+    #[arg(long, value_name = "PATH")]
+    pub plugin: Option<PathBuf>,
+    /// The plugin's settings: a TOML file of what would be `[runners.NAME.settings]`.
+    #[arg(long, value_name = "FILE", requires = "plugin")]
+    pub settings: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -186,15 +186,48 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (runner, backend) = load(cli)?;
+    // A plugin under development needs no configuration file: make one.
+    let scratch =
+        tempfile::Builder::new().prefix("berth-conformance").tempdir().context("failed to create a temp dir")?;
+    let (config_path, runner_name) = match &args.plugin {
+        Some(plugin) => {
+            let plugin =
+                std::fs::canonicalize(plugin).with_context(|| format!("failed to find {}", plugin.display()))?;
+            let settings: toml::Table = match &args.settings {
+                Some(file) => {
+                    let text =
+                        std::fs::read_to_string(file).with_context(|| format!("failed to read {}", file.display()))?;
+                    toml::from_str(&text).with_context(|| format!("invalid settings file {}", file.display()))?
+                }
+                None => toml::Table::new(),
+            };
+            let mut runner = toml::Table::new();
+            runner.insert("plugin".into(), toml::Value::String(plugin.display().to_string()));
+            runner.insert("settings".into(), toml::Value::Table(settings));
+            let mut runners = toml::Table::new();
+            runners.insert("plugin".into(), toml::Value::Table(runner));
+            let mut file = toml::Table::new();
+            file.insert("state_dir".into(), toml::Value::String(scratch.path().join("state").display().to_string()));
+            file.insert("runners".into(), toml::Value::Table(runners));
+            let path = scratch.path().join("config.toml");
+            std::fs::write(&path, toml::to_string(&file)?)
+                .with_context(|| format!("failed to write {}", path.display()))?;
+            (path, Some("plugin".to_owned()))
+        }
+        None => (absolute(&cli.config), cli.runner.clone()),
+    };
+    let runner = config::load(&config_path, runner_name.as_deref())?;
+    let backend = registry::load(&runner)?;
     let exe = std::env::current_exe().context("failed to find this executable's path")?;
-    let mut hook_args: Vec<OsString> =
-        vec!["--config".into(), absolute(&cli.config).into(), "--runner".into(), runner.name.clone().into()];
-    hook_args.shrink_to_fit();
+    let hook_args: Vec<OsString> =
+        vec!["--config".into(), config_path.into(), "--runner".into(), runner.name.clone().into()];
     let target = suite::Target::new(exe, hook_args, backend.describe(), Some(runner.state_dir.clone()));
     drop(backend);
     let filter = suite::Filter { only: args.checks.clone(), skip: args.skips.clone() };
     let report = suite::run(&target, &filter).map_err(anyhow::Error::msg)?;
+    if let Some(junit) = &args.junit {
+        std::fs::write(junit, report.junit()).with_context(|| format!("failed to write {}", junit.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -8,6 +8,7 @@ mod exec;
 mod exit;
 mod hooks;
 mod image;
+mod plugin;
 mod registry;
 
 fn main() -> std::process::ExitCode {

@@ -13,8 +13,8 @@ use crate::config::{BackendChoice, ConfigError, Runner};
 pub enum LoadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("failed to set up backend {backend} of runner {runner}: {source}")]
-    Backend { backend: String, runner: String, source: Failure },
+    #[error("failed to set up backend {backend} of runner {runner}: {failure}")]
+    Backend { backend: String, runner: String, failure: Failure },
 }
 
 /// Environment variable that unlocks test-fixture backends.
@@ -69,7 +69,7 @@ fn build<B: NewBackend + 'static>(runner: &Runner, info: &RunnerInfo) -> Result<
     let backend = B::new(settings, info).map_err(|source| LoadError::Backend {
         backend: info_backend_name(runner),
         runner: runner.name.clone(),
-        source,
+        failure: source,
     })?;
     Ok(Box::new(backend))
 }
@@ -102,12 +102,11 @@ pub fn load(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
             }
             (builtin.build)(runner, &info)
         }
-        BackendChoice::Plugin(path) => Err(LoadError::Backend {
-            backend: path.display().to_string(),
-            runner: runner.name.clone(),
-            source: Failure::system(
-                "plugin backends are not supported by this version of berth; use a built-in `backend`",
-            ),
-        }),
+        BackendChoice::Plugin(path) => match crate::plugin::PluginBackend::load(path, &info, &runner.settings) {
+            Ok(plugin) => Ok(Box::new(plugin)),
+            Err(failure) => {
+                Err(LoadError::Backend { backend: path.display().to_string(), runner: runner.name.clone(), failure })
+            }
+        },
     }
 }

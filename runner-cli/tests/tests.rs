@@ -8,3 +8,4 @@ mod exec;
 mod hooks;
 mod images;
 mod nspawn;
+mod plugin;

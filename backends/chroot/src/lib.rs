@@ -15,8 +15,6 @@
 //! saying so) and the framework removes the writable layer.
 #![deny(missing_docs)]
 
-mod mounts;
-
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -30,6 +28,7 @@ use berth_backend_api::{
     RunnerInfo,
 };
 use berth_backend_support::image::ImageStore;
+use berth_backend_support::mounts;
 use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
 use nix::mount::MsFlags;
 use nix::sys::signal::{kill, Signal};
@@ -158,16 +157,8 @@ impl Chroot {
         }
         match self.settings.layer {
             Layer::Overlay => {
-                let data = format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    image_root.display(),
-                    upper.display(),
-                    work.display()
-                );
-                mounts::mount_fs("overlay", &root, "overlay", MsFlags::empty(), Some(&data))
+                mounts::mount_overlay(image_root, &upper, &work, &root)
                     .map_err(sys("failed to mount the job's overlay (if overlayfs is unavailable here, set settings.layer = \"copy\")"))?;
-                nix::mount::mount(None::<&str>, &root, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
-                    .map_err(|e| Failure::system(format!("failed to make {} private: {e}", root.display())))?;
             }
             Layer::Copy => {
                 let out = Command::new("cp")

@@ -50,6 +50,8 @@ pub enum Fault {
     ClaimIsolation,
     /// prepare mounts a tmpfs (at `/run/berth-leak-<job>`) that cleanup leaves mounted. Needs root.
     LeakMount,
+    /// prepare panics (a plugin must turn that into a system failure).
+    PanicInPrepare,
 }
 
 /// `[runners.NAME.settings]` of the fixture.
@@ -121,6 +123,7 @@ impl Backend for HostTest {
         state.save("dir.json", &self.dir_for(job))?;
         println!("host-test: job directory {}", self.dir_for(job).display());
         match self.fault {
+            Some(Fault::PanicInPrepare) => panic!("host-test: deliberate panic in prepare"),
             Some(Fault::DaemonHoldsLog) => {
                 // Inherits stdout and stderr and outlives the hook.
                 Command::new("sleep")
@@ -224,6 +227,45 @@ impl Backend for HostTest {
                 Ok(())
             }
             Err(e) => Err(fs_failure("remove", &dir, e)),
+        }
+    }
+}
+
+/// The fixture as a plugin (`plugin = ".../libberth_backend_host_test.so"`).
+/// `BERTH_TEST_PLUGIN_ABI` makes it export a deliberately incompatible table,
+/// to prove berth refuses it: `null`, `major-2`, `truncated`, or
+/// `future-minor` (a table of a later minor version, which must load).
+pub mod plugin {
+    use berth_backend_api::plugin::{entry, BerthPlugin};
+
+    use crate::HostTest;
+
+    const TABLE: BerthPlugin = entry::table::<HostTest>();
+
+    /// A table as a later minor version might define it: one more entry.
+    #[repr(C)]
+    struct Future {
+        base: BerthPlugin,
+        added_in_a_later_minor: usize,
+    }
+
+    static CURRENT: BerthPlugin = TABLE;
+    static MAJOR_2: BerthPlugin = BerthPlugin { abi_major: 2, ..TABLE };
+    static TRUNCATED: BerthPlugin = BerthPlugin { size: 16, ..TABLE };
+    static FUTURE: Future = Future {
+        base: BerthPlugin { size: std::mem::size_of::<Future>() as u32, abi_minor: 99, ..TABLE },
+        added_in_a_later_minor: 0,
+    };
+
+    /// The plugin entry point.
+    #[no_mangle]
+    pub extern "C" fn berth_backend_v1() -> *const BerthPlugin {
+        match std::env::var("BERTH_TEST_PLUGIN_ABI").as_deref() {
+            Ok("null") => std::ptr::null(),
+            Ok("major-2") => &MAJOR_2,
+            Ok("truncated") => &TRUNCATED,
+            Ok("future-minor") => &FUTURE.base,
+            _ => &CURRENT,
         }
     }
 }

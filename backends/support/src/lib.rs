@@ -1,9 +1,11 @@
 //! What berth's built-in backends share, so that they behave alike: the image
-//! store (how a job's `image:` becomes a root filesystem, and what is refused)
-//! and lookups of host processes. Third-party backends may use it too.
+//! store (how a job's `image:` becomes a root filesystem, and what is refused),
+//! mounting a job's root (and unmounting everything under it again) and
+//! lookups of host processes. Third-party backends may use it too.
 #![deny(missing_docs)]
 
 pub mod generations;
 pub mod image;
+pub mod mounts;
 pub mod proc;
 pub mod settings;

@@ -1,4 +1,6 @@
-//! Mounting a job's root, and taking every mount under it down again.
+//! Mounting a job's root, and taking every mount under it down again: an
+//! overlay of an image, filesystems and private bind mounts inside it, and
+//! [`unmount_all`] to undo all of that deepest first at cleanup.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,20 @@ pub fn bind(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
         mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| mount_err(&what, target, e))?;
     }
     Ok(())
+}
+
+/// Mounts a job's copy-on-write root at `merged`: an overlay with the image's
+/// root `image_root` as its lower layer and the job's writable layer in `upper`
+/// (with overlayfs's scratch directory `work`, on the same filesystem as
+/// `upper`), then makes `merged` a private mount, so that mounts below it never
+/// propagate to or from the host. The three directories must exist; none of
+/// the paths may contain `,` or `:` (overlayfs's option separators).
+pub fn mount_overlay(image_root: &Path, upper: &Path, work: &Path, merged: &Path) -> io::Result<()> {
+    let data = format!("lowerdir={},upperdir={},workdir={}", image_root.display(), upper.display(), work.display());
+    mount_fs("overlay", merged, "overlay", MsFlags::empty(), Some(&data))?;
+    mount(None::<&str>, merged, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(|e| {
+        io::Error::new(io::Error::from(e).kind(), format!("failed to make {} private: {e}", merged.display()))
+    })
 }
 
 /// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.
@@ -123,5 +139,29 @@ mod tests {
         assert_eq!(unescape("/a\\040b/c"), PathBuf::from("/a b/c"));
         assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
         assert_eq!(unescape("/x\\"), PathBuf::from("/x\\"));
+    }
+
+    #[test]
+    fn an_overlay_root_is_private_and_unmounted_again() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: not running as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let [image, upper, work, merged] = ["image", "upper", "work", "merged"].map(|d| dir.path().join(d));
+        for d in [&image, &upper, &work, &merged] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(image.join("file"), "image").unwrap();
+        mount_overlay(&image, &upper, &work, &merged).unwrap();
+        assert_eq!(mounts_under(dir.path()), vec![merged.clone()]);
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info.lines().find(|l| l.split(' ').nth(4) == merged.to_str()).unwrap();
+        assert!(!line.contains("shared:"), "not private: {line}");
+        std::fs::write(merged.join("file"), "job").unwrap();
+        assert_eq!(std::fs::read_to_string(image.join("file")).unwrap(), "image", "the image is never written");
+        assert_eq!(std::fs::read_to_string(upper.join("file")).unwrap(), "job");
+        assert!(unmount_all(dir.path()).unwrap().detached.is_empty());
+        assert!(mounts_under(dir.path()).is_empty());
     }
 }

@@ -1,0 +1,529 @@
+//! The plugin ABI: how a backend built as a shared library (`cdylib`) is
+//! loaded by berth (`plugin = "/path/lib.so"` in a runner's TOML), and the SDK
+//! that makes any [`NewBackend`] such a library with one line:
+//!
+//! ```ignore
+//! berth_backend_api::export_backend!(MyBackend);
+//! ```
+//!
+//! # The ABI, version 1.0 (C declarations in `include/berth_backend.h`)
+//!
+//! - The library exports one symbol, `berth_backend_v1`, a function returning
+//!   a pointer to a static [`BerthPlugin`] table of function pointers.
+//! - Every struct starts with its own `size`, so fields can be appended in
+//!   later minor versions. The table and [`BerthHost`] carry `abi_major` and
+//!   `abi_minor`, checked by the other side before anything else is trusted:
+//!   the majors must be equal; a table shorter than the version it claims is
+//!   refused. Either side may be the newer minor: each reads only the fields it
+//!   knows and checks the other's `size` before reading a field added later.
+//! - Inputs are JSON documents passed as [`BerthBytes`] the caller owns for the
+//!   duration of the call. Outputs (JSON, messages, exit codes) are handed back
+//!   through host callbacks that copy them: no memory is ever freed by the
+//!   side that did not allocate it.
+//! - Every operation returns a [`Status`] code.
+//! - The job log is the process's stdout and stderr, which the plugin writes
+//!   to directly; runner-side diagnostics go through [`BerthHost::log`].
+//! - Cancellation: [`BerthHost::cancel_fd`] becomes readable on SIGTERM (poll
+//!   it), and [`BerthHost::is_cancelled`] answers directly.
+//! - A panic never crosses the boundary: the SDK catches it and reports a
+//!   system failure.
+//!
+//! Compatibility promise: within major version 1, fields are only appended,
+//! meanings never change, and new operations are new trailing table entries
+//! that an older host does not call.
+//!
+//! # Safety
+//!
+//! All `unsafe` of the plugin side is in this module; the host side is in
+//! `berth`'s `plugin` module.
+
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Backend, Cancel, ConfigOutput, Failure, JobContext, JobKey, JobRecord, JobState, NewBackend, RunnerInfo};
+
+/// The ABI major version this crate implements.
+pub const ABI_MAJOR: u16 = 1;
+/// The ABI minor version this crate implements.
+pub const ABI_MINOR: u16 = 0;
+/// The entry symbol a plugin exports (NUL-terminated).
+pub const ENTRY_SYMBOL: &[u8] = b"berth_backend_v1\0";
+
+/// Borrowed bytes: valid for the duration of the call they are passed to.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BerthBytes {
+    /// The first byte (may be null when `len` is 0).
+    pub ptr: *const u8,
+    /// The number of bytes.
+    pub len: usize,
+}
+
+impl BerthBytes {
+    /// Bytes borrowing `slice`.
+    pub fn new(slice: &[u8]) -> Self {
+        BerthBytes { ptr: slice.as_ptr(), len: slice.len() }
+    }
+
+    /// The bytes as a slice.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes that outlive the returned slice.
+    pub unsafe fn as_slice<'a>(self) -> &'a [u8] {
+        if self.len == 0 || self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// What an operation returned.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// The script exited non-zero; the code was given with `set_exit_code`.
+    ScriptExited = 1,
+    /// A job-caused refusal; the message was given with `set_message`.
+    Refused = 2,
+    /// A system failure; the message was given with `set_message`.
+    SystemFailure = 3,
+    /// Cancelled by the runner.
+    Cancelled = 4,
+    /// The operation is not supported by this plugin.
+    Unsupported = 5,
+}
+
+/// Levels of [`BerthHost::log`].
+pub mod level {
+    /// Errors.
+    pub const ERROR: i32 = 1;
+    /// Warnings.
+    pub const WARN: i32 = 2;
+    /// Information.
+    pub const INFO: i32 = 3;
+    /// Debugging.
+    pub const DEBUG: i32 = 4;
+}
+
+/// What the host offers the plugin during one call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct BerthHost {
+    /// `size_of::<BerthHost>()` as the host knows it.
+    pub size: u32,
+    /// The host's ABI major version.
+    pub abi_major: u16,
+    /// The host's ABI minor version.
+    pub abi_minor: u16,
+    /// The host's context, passed back to every callback.
+    pub ctx: *mut c_void,
+    /// Becomes readable when the runner asks to stop (SIGTERM); -1 when the
+    /// operation cannot be cancelled. Owned by the host: do not close it.
+    pub cancel_fd: i32,
+    /// A runner-side log line (not the job log).
+    pub log: extern "C" fn(ctx: *mut c_void, level: i32, message: BerthBytes),
+    /// The operation's output document (JSON), copied by the host.
+    pub set_output: extern "C" fn(ctx: *mut c_void, bytes: BerthBytes),
+    /// The message of a failure, copied by the host.
+    pub set_message: extern "C" fn(ctx: *mut c_void, bytes: BerthBytes),
+    /// The script's exit code, with [`Status::ScriptExited`].
+    pub set_exit_code: extern "C" fn(ctx: *mut c_void, code: i32),
+    /// Non-zero once the runner asked to stop.
+    pub is_cancelled: extern "C" fn(ctx: *mut c_void) -> i32,
+}
+
+/// The table a plugin exports (through `berth_backend_v1`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct BerthPlugin {
+    /// `size_of::<BerthPlugin>()` as the plugin knows it.
+    pub size: u32,
+    /// The plugin's ABI major version.
+    pub abi_major: u16,
+    /// The plugin's ABI minor version.
+    pub abi_minor: u16,
+    /// Builds an instance from `settings` (JSON object) for `runner` (JSON
+    /// [`RunnerInfo`]); stores it in `*instance`.
+    pub create: unsafe extern "C" fn(
+        host: *const BerthHost,
+        settings: BerthBytes,
+        runner: BerthBytes,
+        instance: *mut *mut c_void,
+    ) -> i32,
+    /// Destroys an instance.
+    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    /// Output: the [`crate::Description`] as JSON.
+    pub describe: unsafe extern "C" fn(instance: *mut c_void, host: *const BerthHost) -> i32,
+    /// `job`: a [`JobDoc`]. Output: a [`ConfigDoc`].
+    pub config: unsafe extern "C" fn(instance: *mut c_void, host: *const BerthHost, job: BerthBytes) -> i32,
+    /// `job`: a [`JobDoc`]; `state`: a [`StateDoc`].
+    pub prepare:
+        unsafe extern "C" fn(instance: *mut c_void, host: *const BerthHost, job: BerthBytes, state: BerthBytes) -> i32,
+    /// As prepare, plus the script path and stage name (UTF-8).
+    pub run: unsafe extern "C" fn(
+        instance: *mut c_void,
+        host: *const BerthHost,
+        job: BerthBytes,
+        state: BerthBytes,
+        script: BerthBytes,
+        stage: BerthBytes,
+    ) -> i32,
+    /// `state`: a [`StateDoc`].
+    pub cleanup: unsafe extern "C" fn(instance: *mut c_void, host: *const BerthHost, state: BerthBytes) -> i32,
+    /// `known`: a JSON array of job keys. Output: a JSON array of lines.
+    pub reap_orphans: unsafe extern "C" fn(instance: *mut c_void, host: *const BerthHost, known: BerthBytes) -> i32,
+}
+
+/// The job, as passed to a plugin: the runner's name and the hook's
+/// environment variables berth's job context is built from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobDoc {
+    /// The runner's name.
+    pub runner: String,
+    /// `CUSTOM_ENV_*` and the runner's own variables (`JOB_RESPONSE_FILE`, ...).
+    pub vars: Vec<(String, String)>,
+}
+
+/// A job's state, as passed to a plugin (the host holds the lock).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateDoc {
+    /// The job.
+    pub key: JobKey,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its record.
+    pub record: Option<JobRecord>,
+}
+
+/// config's output, as passed back by a plugin.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConfigDoc {
+    /// What to tell the runner.
+    pub output: ConfigOutput,
+    /// [`ConfigOutput::warnings`].
+    pub warnings: Vec<String>,
+}
+
+impl JobDoc {
+    /// The document of `job`'s hook environment (taken from this process).
+    pub fn from_env(runner: &str) -> JobDoc {
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("CUSTOM_ENV_") || crate::context::RUNNER_KEYS.contains(&k.as_str()))
+            .collect();
+        JobDoc { runner: runner.to_owned(), vars }
+    }
+}
+
+impl StateDoc {
+    /// The document of `state`.
+    pub fn of(state: &JobState) -> StateDoc {
+        StateDoc { key: state.key().clone(), dir: state.dir().to_owned(), record: state.record().cloned() }
+    }
+}
+
+// ---- The SDK: the plugin side. ----
+
+/// The host of the call in progress, for [`host_log`].
+struct Call<'a> {
+    host: &'a BerthHost,
+}
+
+impl Call<'_> {
+    fn output(&self, bytes: &[u8]) {
+        (self.host.set_output)(self.host.ctx, BerthBytes::new(bytes));
+    }
+
+    fn fail(&self, failure: &Failure) -> i32 {
+        let message = failure.to_string();
+        (self.host.set_message)(self.host.ctx, BerthBytes::new(message.as_bytes()));
+        match failure {
+            Failure::Script { code } => {
+                (self.host.set_exit_code)(self.host.ctx, *code);
+                Status::ScriptExited as i32
+            }
+            Failure::Refused { .. } => Status::Refused as i32,
+            Failure::Cancelled => Status::Cancelled as i32,
+            _ => Status::SystemFailure as i32,
+        }
+    }
+
+    fn cancel(&self) -> Result<Cancel, Failure> {
+        if self.host.cancel_fd < 0 {
+            return Cancel::never().map_err(|e| Failure::system_with("cancel pipe", e));
+        }
+        // SAFETY: the host keeps cancel_fd open for the whole call; we duplicate
+        // it so that the Cancel owns (and closes) its own descriptor.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.host.cancel_fd) };
+        let owned =
+            fd.try_clone_to_owned().map_err(|e| Failure::system_with("failed to duplicate the cancel fd", e))?;
+        Ok(Cancel::from_fd(owned))
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(bytes: BerthBytes, what: &str) -> Result<T, Failure> {
+    // SAFETY: the host passes bytes valid for the duration of the call.
+    let slice = unsafe { bytes.as_slice() };
+    serde_json::from_slice(slice).map_err(|e| Failure::system(format!("plugin: the host sent an invalid {what}: {e}")))
+}
+
+fn job_of(doc: JobDoc) -> Result<JobContext, Failure> {
+    JobContext::from_vars(&doc.runner, doc.vars).map_err(|e| Failure::system_with("job context", e))
+}
+
+fn state_of(doc: StateDoc) -> JobState {
+    JobState::held_elsewhere(doc.key, doc.dir, doc.record)
+}
+
+/// Runs `body` for the SDK entry points: checks the host, catches panics,
+/// turns the result into a status.
+///
+/// # Safety
+/// `host` must be null or point to a valid [`BerthHost`] for the duration of the call.
+pub unsafe fn sdk_call(host: *const BerthHost, body: impl FnOnce(&BerthHostRef<'_>) -> Result<(), Failure>) -> i32 {
+    if host.is_null() {
+        return Status::SystemFailure as i32;
+    }
+    // SAFETY: non-null, valid per the caller's contract.
+    let host = unsafe { &*host };
+    if host.abi_major != ABI_MAJOR || (host.size as usize) < std::mem::size_of::<BerthHost>() {
+        return Status::Unsupported as i32;
+    }
+    let call = Call { host };
+    let wrapped = BerthHostRef { call: &call };
+    match catch_unwind(AssertUnwindSafe(|| body(&wrapped))) {
+        Ok(Ok(())) => Status::Ok as i32,
+        Ok(Err(failure)) => call.fail(&failure),
+        Err(panic) => {
+            let what =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            call.fail(&Failure::system(format!(
+                "the plugin panicked: {}",
+                what.unwrap_or_else(|| "unknown panic".into())
+            )))
+        }
+    }
+}
+
+/// The host of an SDK call, as the generated entry points see it.
+pub struct BerthHostRef<'a> {
+    call: &'a Call<'a>,
+}
+
+impl std::fmt::Debug for BerthHostRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BerthHostRef")
+    }
+}
+
+impl BerthHostRef<'_> {
+    /// A runner-side log line.
+    pub fn log(&self, level: i32, message: &str) {
+        (self.call.host.log)(self.call.host.ctx, level, BerthBytes::new(message.as_bytes()));
+    }
+}
+
+/// The entry points `export_backend!` generates, generic over the backend.
+/// Not for direct use.
+#[doc(hidden)]
+pub mod entry {
+    use super::*;
+
+    /// `create`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn create<B: NewBackend + 'static>(
+        host: *const BerthHost,
+        settings: BerthBytes,
+        runner: BerthBytes,
+        instance: *mut *mut c_void,
+    ) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |_| {
+                if instance.is_null() {
+                    return Err(Failure::system("plugin: null instance pointer"));
+                }
+                let settings: B::Settings = parse(settings, "settings table")?;
+                let runner: RunnerInfo = parse(runner, "runner")?;
+                let backend: Box<dyn Backend> = Box::new(B::new(settings, &runner)?);
+                *instance = Box::into_raw(Box::new(backend)).cast();
+                Ok(())
+            })
+        }
+    }
+
+    /// # Safety
+    /// `instance` must come from [`create`] of the same library.
+    unsafe fn backend<'a>(instance: *mut c_void) -> Result<&'a dyn Backend, Failure> {
+        if instance.is_null() {
+            return Err(Failure::system("plugin: null instance"));
+        }
+        // SAFETY: created by `create` as a Box<Box<dyn Backend>>.
+        Ok(unsafe { &**(instance as *const Box<dyn Backend>) })
+    }
+
+    /// `destroy`.
+    ///
+    /// # Safety
+    /// `instance` must come from [`create`] and not be used afterwards.
+    pub unsafe extern "C" fn destroy(instance: *mut c_void) {
+        if !instance.is_null() {
+            let _ = catch_unwind(|| {
+                // SAFETY: created by `create` as a Box<Box<dyn Backend>>; destroyed once.
+                drop(unsafe { Box::from_raw(instance as *mut Box<dyn Backend>) });
+            });
+        }
+    }
+
+    /// `describe`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn describe(instance: *mut c_void, host: *const BerthHost) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |h| {
+                let description = backend(instance)?.describe();
+                let json = serde_json::to_vec(&description).map_err(|e| Failure::system_with("describe", e))?;
+                h.call.output(&json);
+                Ok(())
+            })
+        }
+    }
+
+    /// `config`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn config(instance: *mut c_void, host: *const BerthHost, job: BerthBytes) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |h| {
+                let job = job_of(parse(job, "job")?)?;
+                let output = backend(instance)?.config(&job)?;
+                let doc = ConfigDoc { warnings: output.warnings.clone(), output };
+                let json = serde_json::to_vec(&doc).map_err(|e| Failure::system_with("config", e))?;
+                h.call.output(&json);
+                Ok(())
+            })
+        }
+    }
+
+    /// `prepare`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn prepare(
+        instance: *mut c_void,
+        host: *const BerthHost,
+        job: BerthBytes,
+        state: BerthBytes,
+    ) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |h| {
+                let job = job_of(parse(job, "job")?)?;
+                let state = state_of(parse(state, "state")?);
+                let cancel = h.call.cancel()?;
+                backend(instance)?.prepare(&job, &state, &cancel)
+            })
+        }
+    }
+
+    /// `run`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn run(
+        instance: *mut c_void,
+        host: *const BerthHost,
+        job: BerthBytes,
+        state: BerthBytes,
+        script: BerthBytes,
+        stage: BerthBytes,
+    ) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |h| {
+                let job = job_of(parse(job, "job")?)?;
+                let state = state_of(parse(state, "state")?);
+                let script = String::from_utf8(script.as_slice().to_vec())
+                    .map_err(|_| Failure::system("plugin: script path is not UTF-8"))?;
+                let stage = String::from_utf8(stage.as_slice().to_vec())
+                    .map_err(|_| Failure::system("plugin: stage is not UTF-8"))?;
+                let cancel = h.call.cancel()?;
+                backend(instance)?.run(&job, &state, Path::new(&script), &stage, &cancel)
+            })
+        }
+    }
+
+    /// `cleanup`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn cleanup(instance: *mut c_void, host: *const BerthHost, state: BerthBytes) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |_| {
+                let state = state_of(parse(state, "state")?);
+                backend(instance)?.cleanup(&state)
+            })
+        }
+    }
+
+    /// `reap_orphans`.
+    ///
+    /// # Safety
+    /// Called by the host per the ABI.
+    pub unsafe extern "C" fn reap_orphans(instance: *mut c_void, host: *const BerthHost, known: BerthBytes) -> i32 {
+        // SAFETY: forwarded from the host per the ABI.
+        unsafe {
+            sdk_call(host, |h| {
+                let known: Vec<JobKey> = parse(known, "list of jobs")?;
+                let lines = backend(instance)?.reap_orphans(&known)?;
+                let json = serde_json::to_vec(&lines).map_err(|e| Failure::system_with("reap", e))?;
+                h.call.output(&json);
+                Ok(())
+            })
+        }
+    }
+
+    /// The table for backend `B`.
+    pub const fn table<B: NewBackend + 'static>() -> BerthPlugin {
+        BerthPlugin {
+            size: std::mem::size_of::<BerthPlugin>() as u32,
+            abi_major: ABI_MAJOR,
+            abi_minor: ABI_MINOR,
+            create: create::<B>,
+            destroy,
+            describe,
+            config,
+            prepare,
+            run,
+            cleanup,
+            reap_orphans,
+        }
+    }
+}
+
+/// Exports a [`NewBackend`] as a berth plugin: generates the
+/// `berth_backend_v1` entry symbol. Build the crate as a `cdylib`.
+#[macro_export]
+macro_rules! export_backend {
+    ($backend:ty) => {
+        /// The berth plugin entry point (ABI major 1).
+        #[no_mangle]
+        pub extern "C" fn berth_backend_v1() -> *const $crate::plugin::BerthPlugin {
+            static TABLE: $crate::plugin::BerthPlugin = $crate::plugin::entry::table::<$backend>();
+            &TABLE
+        }
+    };
+}

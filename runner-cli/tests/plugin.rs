@@ -1,0 +1,161 @@
+//! Backends loaded as plugins through the ABI: the fixture and the bwrap
+//! backend pass the conformance suite across it; incompatible or unsafe
+//! libraries are refused with a clear message and a system failure.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::util::*;
+
+/// A plugin built by `cargo build --workspace` (scripts/test does it first).
+fn plugin(name: &str) -> Option<PathBuf> {
+    let path = Path::new(BERTH).parent().unwrap().join(format!("lib{name}.so"));
+    if path.exists() {
+        return Some(path);
+    }
+    let reason = format!("{} is not built (run `cargo build --workspace` first; scripts/test does)", path.display());
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but {reason}");
+    }
+    eprintln!("skipped: {reason}");
+    None
+}
+
+fn conformance(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(BERTH);
+    cmd.arg("conformance").args(args).env_remove("BERTH_ALLOW_TEST_BACKENDS");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+#[test]
+fn the_fixture_passes_the_suite_through_the_plugin_abi_and_writes_junit() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let junit = tempfile::NamedTempFile::new().unwrap();
+    let out =
+        conformance(&["--plugin", lib.to_str().unwrap(), "--json", "--junit", junit.path().to_str().unwrap()], &[]);
+    let report = report(&out);
+    assert_eq!(report["backend"], "host-test");
+    for r in report["results"].as_array().unwrap() {
+        assert!(r["verdict"] == "pass" || r["id"] == "isolation.concurrent", "{r}");
+    }
+    let xml = std::fs::read_to_string(junit.path()).unwrap();
+    assert!(
+        xml.starts_with("<?xml")
+            && xml.contains("<testsuite name=\"berth conformance: host-test")
+            && xml.contains("failures=\"0\""),
+        "{xml}"
+    );
+    assert!(xml.contains("<skipped message=\"the backend declares no isolation between jobs\"/>"), "{xml}");
+}
+
+#[test]
+fn a_failing_check_through_the_abi_is_a_junit_failure() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("settings.toml"), "fault = \"lose-exit-code\"\n").unwrap();
+    let junit = dir.path().join("report.xml");
+    let settings = dir.path().join("settings.toml");
+    let out = conformance(
+        &[
+            "--plugin",
+            lib.to_str().unwrap(),
+            "--settings",
+            settings.to_str().unwrap(),
+            "--check",
+            "exit.codes",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let xml = std::fs::read_to_string(junit).unwrap();
+    assert!(xml.contains("failures=\"1\"") && xml.contains("<failure message=\"a script that exits 42"), "{xml}");
+}
+
+#[test]
+fn a_plugin_built_for_a_later_minor_version_loads() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let out = conformance(
+        &["--plugin", lib.to_str().unwrap(), "--check", "job.success", "--json"],
+        &[("BERTH_TEST_PLUGIN_ABI", "future-minor")],
+    );
+    assert_eq!(report(&out)["results"][0]["verdict"], "pass", "{}", text(&out));
+}
+
+#[test]
+fn incompatible_or_unsafe_libraries_are_refused_with_a_system_failure() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let lib = lib.to_str().unwrap();
+    for (variant, message) in [
+        ("major-2", "built for backend ABI 2.0; this berth speaks 1.0"),
+        ("truncated", "its table is truncated"),
+        ("null", "returned no table"),
+    ] {
+        let out = conformance(&["--plugin", lib], &[("BERTH_TEST_PLUGIN_ABI", variant)]);
+        assert_eq!(out.status.code(), Some(2), "{variant}: {}", text(&out));
+        assert!(text(&out).contains(message), "{variant}: {}", text(&out));
+    }
+    let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a libc to try as a plugin");
+    let out = conformance(&["--plugin", libc], &[]);
+    assert!(text(&out).contains("exports no berth_backend_v1"), "{}", text(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let writable = dir.path().join("writable.so");
+    std::fs::copy(lib, &writable).unwrap();
+    std::fs::set_permissions(&writable, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = conformance(&["--plugin", writable.to_str().unwrap()], &[]);
+    assert!(text(&out).contains("writable by its group or by everyone"), "{}", text(&out));
+}
+
+#[test]
+fn a_panicking_plugin_is_a_system_failure_not_a_crash() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let env = Env::new(&format!(
+        "[runners.p]\nplugin = {:?}\n[runners.p.settings]\nfault = \"panic-in-prepare\"\n",
+        lib.display().to_string()
+    ));
+    let job = env.job_with_id("job", 720_001);
+    let out = job.hook(&env, "p", &["prepare"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("the plugin panicked: host-test: deliberate panic in prepare"), "{}", text(&out));
+    assert!(job.hook(&env, "p", &["cleanup"]).status.success());
+}
+
+#[test]
+fn the_bwrap_plugin_passes_the_whole_suite_through_the_abi() {
+    let Some(images) = real_containers() else { return };
+    let Some(lib) = plugin("berth_backend_bwrap") else { return };
+    if !Path::new("/usr/bin/bwrap").exists() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but bubblewrap is not installed");
+        eprintln!("skipped: bubblewrap is not installed (apt-get install bubblewrap)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.toml");
+    std::fs::write(
+        &settings,
+        format!("images_dir = {:?}\ndefault_image = \"bookworm\"\n", images.display().to_string()),
+    )
+    .unwrap();
+    let out =
+        conformance(&["--plugin", lib.to_str().unwrap(), "--settings", settings.to_str().unwrap(), "--json"], &[]);
+    let report = report(&out);
+    assert_eq!(report["backend"], "bwrap");
+    let results = report["results"].as_array().unwrap();
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r["verdict"] != "pass")
+        .map(|r| format!("{} {}: {}", r["id"], r["verdict"], r["detail"]))
+        .collect();
+    assert!(results.len() >= 18 && bad.is_empty(), "{}", bad.join("\n"));
+}
