@@ -22,7 +22,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use berth_backend_api::{
 };
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::mounts;
+use berth_backend_support::rootfs;
 use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -124,22 +125,6 @@ fn find_bwrap() -> Option<PathBuf> {
 /// `rel` below `root`, as a real directory (created if a stage removed it):
 /// the host would follow a symbolic link a stage put there out of the job's
 /// root, so every component must be a directory, not a link to one.
-fn real_dir(root: &Path, rel: &str) -> Result<PathBuf, Failure> {
-    let mut dir = root.to_path_buf();
-    for part in Path::new(rel).components() {
-        dir.push(part);
-        match fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(Failure::system(format!("{} in the job's root is not a directory", dir.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir(&dir).map_err(sys(format!("failed to create {}", dir.display())))?
-            }
-            Err(e) => return Err(Failure::system_with(format!("{} in the job's root", dir.display()), e)),
-        }
-    }
-    Ok(dir)
-}
-
 impl Bwrap {
     /// Everything bwrap needs besides the root: where builds and stage scripts
     /// go, and name resolution as on the host.
@@ -275,17 +260,9 @@ impl Backend for Bwrap {
         }
         let bwrap = find_bwrap().ok_or_else(|| Failure::system(INSTALL_HINT))?;
         let name = format!("stage-{}.sh", std::process::id());
-        let copy = real_dir(&root, SCRIPTS_DIR)?.join(&name);
         let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
-        let _ = fs::remove_file(&copy);
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&copy)
-            .and_then(|mut file| file.write_all(&body))
-            .map_err(sys(format!("failed to copy the stage script to {}", copy.display())))?;
+        let copy = rootfs::place_file(&root, SCRIPTS_DIR, &name, &body)
+            .map_err(sys(format!("failed to copy the stage script into {}", root.display())))?;
         let mut cmd = Command::new(bwrap);
         cmd.args(self.args(&root, state.key(), &name))
             .env_clear()

@@ -17,7 +17,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use berth_backend_api::{
 };
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::mounts;
+use berth_backend_support::rootfs;
 use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
 use nix::mount::MsFlags;
 use nix::sys::signal::{kill, Signal};
@@ -341,9 +342,10 @@ impl Backend for Chroot {
             return Err(Failure::system(format!("the job's root {} is not mounted (host rebooted?)", root.display())));
         }
         let name = format!("stage-{}.sh", std::process::id());
-        let copy = root.join(SCRIPTS_DIR).join(&name);
-        fs::copy(script, &copy).map_err(sys(format!("failed to copy the stage script {}", script.display())))?;
-        let _ = fs::set_permissions(&copy, fs::Permissions::from_mode(0o644));
+        let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
+        // The job owns its root: never follow a link it planted.
+        let copy = rootfs::place_file(&root, SCRIPTS_DIR, &name, &body)
+            .map_err(sys(format!("failed to copy the stage script into {}", root.display())))?;
         let mut cmd = Command::new("unshare");
         cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc"]);
         if self.settings.private_network {

@@ -20,6 +20,7 @@ use crate::settings::Mode;
 use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
 use berth_backend_support::image::Image;
 use berth_backend_support::proc as host;
+use berth_backend_support::rootfs;
 
 /// What prepare made, found again by run and cleanup (`container.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -373,15 +374,18 @@ pub(crate) fn run(
     let wrapper = dir.join(format!("stage-{seq}.run"));
     let rc_file = dir.join(format!("stage-{seq}.rc"));
     let _ = fs::remove_file(&rc_file);
-    fs::copy(script, &copy)
-        .map_err(|e| Failure::system_with(format!("failed to copy the stage script {}", script.display()), e))?;
+    // The container can write into the scripts dir: never follow what it planted.
+    let body = fs::read(script)
+        .map_err(|e| Failure::system_with(format!("failed to read the stage script {}", script.display()), e))?;
+    rootfs::place_file(&dir, "", &format!("stage-{seq}.sh"), &body)
+        .map_err(|e| Failure::system_with("failed to copy the stage script", e))?;
     // The wrapper records the script's exit status (so that a failure of
     // systemd-run itself is never taken for the script's) and exits with it
     // (a script killed by a signal is 128+N, not what systemd-run makes of it).
     let wrapper_text = format!(
         "#!/bin/sh\n/bin/bash {SCRIPTS_DIR}/stage-{seq}.sh\nrc=$?\necho $rc > {SCRIPTS_DIR}/stage-{seq}.rc\nexit $rc\n"
     );
-    fs::write(&wrapper, wrapper_text)
+    rootfs::place_file(&dir, "", &format!("stage-{seq}.run"), wrapper_text.as_bytes())
         .map_err(|e| Failure::system_with(format!("failed to write {}", wrapper.display()), e))?;
     let unit = format!("berth-stage-{seq}.service");
     // systemd-run expands $VARIABLES in its arguments: pass only plain paths.
@@ -431,7 +435,7 @@ pub(crate) fn run(
     .map_err(|e| Failure::system_with("failed to run the stage in the container", e))?;
     let _ = fs::remove_file(&copy);
     let _ = fs::remove_file(&wrapper);
-    let recorded = fs::read_to_string(&rc_file).ok().and_then(|t| t.trim().parse::<i32>().ok());
+    let recorded = rootfs::read_small(&rc_file).ok().and_then(|t| t.trim().parse::<i32>().ok());
     let _ = fs::remove_file(&rc_file);
     match (ended, recorded) {
         (Ended::Cancelled, _) => Err(Failure::Cancelled),

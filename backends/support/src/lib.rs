@@ -8,4 +8,5 @@ pub mod generations;
 pub mod image;
 pub mod mounts;
 pub mod proc;
+pub mod rootfs;
 pub mod settings;
