@@ -2,7 +2,7 @@
 //! loaded by berth (`plugin = "/path/lib.so"` in a runner's TOML), and the SDK
 //! that makes any [`NewBackend`] such a library with one line:
 //!
-//! ```ignore
+//! ```text
 //! berth_backend_api::export_backend!(MyBackend);
 //! ```
 //!
