@@ -82,7 +82,7 @@ fn run_inner(cmd: &mut Command, cancel: &Cancel, stop: Option<&mut dyn FnMut()>,
 /// `timeout` passes (false).
 fn wait_exit(child: &mut Child, cancel: Option<&Cancel>, timeout: Option<Duration>) -> io::Result<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    let Some(pidfd) = pidfd_open(child.id()) else {
+    let Some(pidfd) = pidfd(child.id()) else {
         return poll_exit(child, cancel, deadline);
     };
     loop {
@@ -136,7 +136,9 @@ fn poll_exit(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instan
     }
 }
 
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+/// A pidfd for process `pid` (Linux 5.3+): readable once the process exits,
+/// without reaping it. `None` if the kernel has none or the process is gone.
+pub fn pidfd(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {

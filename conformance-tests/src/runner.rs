@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -486,9 +486,7 @@ enum Waited {
 
 /// Waits without reaping until the child exits, `cancel` fires or `deadline` passes.
 fn wait_child(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instant>) -> Waited {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-    if fd < 0 {
+    let Some(pidfd) = berth_backend_api::process::pidfd(child.id()) else {
         // The child was already reaped or the kernel lacks pidfd: fall back to polling.
         loop {
             if let Ok(Some(_)) = child.try_wait() {
@@ -499,9 +497,7 @@ fn wait_child(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Insta
             }
             thread::sleep(Duration::from_millis(5));
         }
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    };
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if left == Some(Duration::ZERO) {

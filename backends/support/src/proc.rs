@@ -1,6 +1,6 @@
 //! Looking at host processes through /proc.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 /// The start time of `pid` (clock ticks since boot, field 22 of
@@ -74,10 +74,7 @@ pub fn wait_gone(pids: &[i32], timeout: Duration) -> bool {
 
 /// A pidfd for `pid`, readable once it exits.
 pub fn pidfd(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a fresh descriptor that nothing else owns.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    berth_backend_api::process::pidfd(u32::try_from(pid).ok()?)
 }
 
 #[cfg(test)]
