@@ -79,3 +79,29 @@ fn the_copy_layer_works_where_overlayfs_is_not_wanted() {
     assert!(!images.join("bookworm/etc/written-by-job").exists(), "the image is never written");
     assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0);
 }
+
+#[test]
+fn chroot_runs_the_readme_sample_job() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, ""));
+    let hello = repo().join("examples/hello");
+    let out = env
+        .berth("ch")
+        .args([
+            "exec",
+            "--file",
+            hello.join(".gitlab-ci.yml").to_str().unwrap(),
+            "--sources",
+            hello.to_str().unwrap(),
+            "test",
+        ])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("Prepared a root from image bookworm, generation 1 (overlay)"), "{log}");
+    assert!(
+        log.contains("carried into the job by berth exec") && log.contains("after_script sees CI_JOB_STATUS=success"),
+        "{log}"
+    );
+}
