@@ -22,7 +22,6 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,8 +35,6 @@ use berth_backend_support::image::ImageStore;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs;
 use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -170,31 +167,6 @@ impl Bwrap {
     }
 }
 
-/// Processes running on the job's root: those whose root directory is on the
-/// job's overlay (bwrap's sandboxes, whose root the host sees as `/` of
-/// another mount namespace), or under the job's root by path.
-fn processes_in(root: &Path) -> Vec<i32> {
-    let mounted = mounts::mounts_under(root).iter().any(|point| point == root);
-    // Mounted: the overlay has a device of its own, and anything on it is the
-    // job's. Not mounted: only the directory itself.
-    let target = fs::metadata(root).ok().map(|m| (m.dev(), m.ino()));
-    let me = std::process::id() as i32;
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            let link = format!("/proc/{pid}/root");
-            if fs::read_link(&link).is_ok_and(|r| r.starts_with(root)) {
-                return true;
-            }
-            let (Some((dev, ino)), Ok(meta)) = (target, fs::metadata(&link)) else { return false };
-            meta.dev() == dev && (mounted || meta.ino() == ino)
-        })
-        .collect()
-}
-
 impl Backend for Bwrap {
     fn describe(&self) -> Description {
         Description::new(
@@ -231,7 +203,7 @@ impl Backend for Bwrap {
         }
         self.furnish(&root)?;
         if self.gitlab_runner.is_none() {
-            println!("WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the job (ask the admin to install it or set settings.gitlab_runner)");
+            println!("{}", rootfs::GITLAB_RUNNER_MISSING);
         }
         let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
         println!(
@@ -286,19 +258,7 @@ impl Backend for Bwrap {
 
     fn cleanup(&self, state: &JobState) -> Result<(), Failure> {
         let (_, _, root) = layer_dirs(state);
-        let stragglers = processes_in(&root);
-        for pid in &stragglers {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-        }
-        if !berth_backend_support::proc::wait_gone(&stragglers, Duration::from_secs(5)) {
-            return Err(Failure::system(format!("processes {stragglers:?} in {} survived SIGKILL", root.display())));
-        }
-        let report =
-            mounts::unmount_all(&root).map_err(sys(format!("failed to unmount the job's root {}", root.display())))?;
-        for point in &report.detached {
-            eprintln!("WARNING: {} was busy; detached it (lazy unmount) so that cleanup could finish", point.display());
-        }
-        Ok(())
+        rootfs::tear_down(&root)
     }
 }
 

@@ -110,7 +110,7 @@ fn cleanup_works_for_a_job_never_prepared_and_twice() {
         fs::create_dir_all(state.dir().join(sub)).unwrap();
     }
     b.cleanup(&state).unwrap();
-    assert!(processes_in(&state.dir().join("root")).is_empty());
+    assert!(berth_backend_support::rootfs::processes_in(&state.dir().join("root")).is_empty());
 }
 
 #[test]

@@ -32,8 +32,6 @@ use berth_backend_support::mounts;
 use berth_backend_support::rootfs;
 use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
 use nix::mount::MsFlags;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -269,16 +267,6 @@ impl Chroot {
     }
 }
 
-/// Processes whose root directory is the job's root (left by a stage that was killed with its hook).
-fn processes_in(root: &Path) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|r| r.starts_with(root)))
-        .collect()
-}
-
 impl Backend for Chroot {
     fn describe(&self) -> Description {
         Description::new(
@@ -313,7 +301,7 @@ impl Backend for Chroot {
         }
         self.furnish(&root, &record)?;
         if self.gitlab_runner.is_none() {
-            println!("WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the job (ask the admin to install it or set settings.gitlab_runner)");
+            println!("{}", rootfs::GITLAB_RUNNER_MISSING);
         }
         let layer = if self.settings.layer == Layer::Overlay { "overlay" } else { "copied" };
         let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
@@ -379,18 +367,6 @@ impl Backend for Chroot {
 
     fn cleanup(&self, state: &JobState) -> Result<(), Failure> {
         let (_, _, root) = layer_dirs(state);
-        let stragglers = processes_in(&root);
-        for pid in &stragglers {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-        }
-        if !berth_backend_support::proc::wait_gone(&stragglers, Duration::from_secs(5)) {
-            return Err(Failure::system(format!("processes {stragglers:?} in {} survived SIGKILL", root.display())));
-        }
-        let report =
-            mounts::unmount_all(&root).map_err(sys(format!("failed to unmount the job's root {}", root.display())))?;
-        for point in &report.detached {
-            eprintln!("WARNING: {} was busy; detached it (lazy unmount) so that cleanup could finish", point.display());
-        }
-        Ok(())
+        rootfs::tear_down(&root)
     }
 }

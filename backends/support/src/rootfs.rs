@@ -6,8 +6,61 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_backend_api::Failure;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::mounts;
+
+/// The job-log warning of a backend that found no gitlab-runner binary to put into jobs.
+pub const GITLAB_RUNNER_MISSING: &str = "WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the job (ask the admin to install it or set settings.gitlab_runner)";
+
+/// Processes running on the job's root `root`: chrooted into it, or (as
+/// under bwrap, where /proc/PID/root reads `/`) with their root on its overlay.
+pub fn processes_in(root: &Path) -> Vec<i32> {
+    let mounted = mounts::mounts_under(root).iter().any(|point| point == root);
+    // Mounted: the overlay has a device of its own, and anything on it is the
+    // job's. Not mounted: only the directory itself.
+    let target = fs::metadata(root).ok().map(|m| (m.dev(), m.ino()));
+    let me = std::process::id() as i32;
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let link = format!("/proc/{pid}/root");
+            if fs::read_link(&link).is_ok_and(|r| r.starts_with(root)) {
+                return true;
+            }
+            let (Some((dev, ino)), Ok(meta)) = (target, fs::metadata(&link)) else { return false };
+            meta.dev() == dev && (mounted || meta.ino() == ino)
+        })
+        .collect()
+}
+
+/// Takes a job's root down: kills what still runs on it, then unmounts
+/// everything under it deepest first (a busy mount is detached as a last
+/// resort, with a warning on stderr, the runner's log). Idempotent.
+pub fn tear_down(root: &Path) -> Result<(), Failure> {
+    let stragglers = processes_in(root);
+    for pid in &stragglers {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    if !crate::proc::wait_gone(&stragglers, Duration::from_secs(5)) {
+        return Err(Failure::system(format!("processes {stragglers:?} in {} survived SIGKILL", root.display())));
+    }
+    let report = mounts::unmount_all(root)
+        .map_err(|e| Failure::system_with(format!("failed to unmount the job's root {}", root.display()), e))?;
+    for point in &report.detached {
+        eprintln!("WARNING: {} was busy; detached it (lazy unmount) so that cleanup could finish", point.display());
+    }
+    Ok(())
+}
 
 /// `root/rel`, created where missing, refusing any component that is not a
 /// real directory (a symbolic link planted by the job).
