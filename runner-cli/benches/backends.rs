@@ -58,6 +58,9 @@
 //! stages and the concurrency figure 3 rounds. Without `--bench`
 //! (`cargo test --benches`) each figure is taken once, as a smoke test.
 
+mod common;
+
+use common::Stats;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -839,24 +842,9 @@ struct Row {
 }
 
 impl Row {
-    fn new(label: &str, target: Target, mut samples: Vec<Duration>) -> Self {
-        assert!(!samples.is_empty(), "{label}: no samples");
-        samples.sort();
-        let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        let n = ms.len();
-        let median = if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 };
-        // Nearest rank: the smallest sample with at least 95 % of samples at or below it.
-        let p95 = ms[(n * 95).div_ceil(100) - 1];
-        Row {
-            label: label.to_owned(),
-            runs: n,
-            min: ms[0],
-            median,
-            p95,
-            mean: ms.iter().sum::<f64>() / n as f64,
-            overhead: None,
-            target,
-        }
+    fn new(label: &str, target: Target, samples: Vec<Duration>) -> Self {
+        let Stats { runs, min, median, p95, mean } = Stats::of(label, samples);
+        Row { label: label.to_owned(), runs, min, median, p95, mean, overhead: None, target }
     }
 
     /// The overhead over a floor's median (milliseconds); the target then applies to it.

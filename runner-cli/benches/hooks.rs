@@ -29,6 +29,9 @@
 //! command. Without `--bench` (`cargo test --benches`) every command runs once,
 //! as a smoke test.
 
+mod common;
+
+use common::Stats;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -157,14 +160,6 @@ fn main() {
     }
 }
 
-/// Runs `once` `warmup` times untimed, then `iters` times timed.
-fn measure(warmup: usize, iters: usize, mut once: impl FnMut() -> Duration) -> Vec<Duration> {
-    for _ in 0..warmup {
-        once();
-    }
-    (0..iters).map(|_| once()).collect()
-}
-
 /// The files a hook needs, in a temporary directory that plays the runner's
 /// per-job temp dir, plus berth's configuration and state directory.
 struct Fixture {
@@ -275,23 +270,9 @@ struct Row {
 }
 
 impl Row {
-    fn new(label: &str, target_ms: Option<f64>, mut samples: Vec<Duration>) -> Self {
-        assert!(!samples.is_empty(), "{label}: no samples");
-        samples.sort();
-        let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        let n = ms.len();
-        let median = if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 };
-        // Nearest rank: the smallest sample with at least 95 % of samples at or below it.
-        let p95 = ms[(n * 95).div_ceil(100) - 1];
-        Row {
-            label: label.to_owned(),
-            runs: n,
-            min: ms[0],
-            median,
-            p95,
-            mean: ms.iter().sum::<f64>() / n as f64,
-            target_ms,
-        }
+    fn new(label: &str, target_ms: Option<f64>, samples: Vec<Duration>) -> Self {
+        let Stats { runs, min, median, p95, mean } = Stats::of(label, samples);
+        Row { label: label.to_owned(), runs, min, median, p95, mean, target_ms }
     }
 }
 
@@ -310,4 +291,12 @@ impl std::fmt::Display for Row {
             None => write!(f, "-"),
         }
     }
+}
+
+/// Runs `once` `warmup` times untimed, then `iters` times timed.
+pub fn measure(warmup: usize, iters: usize, mut once: impl FnMut() -> Duration) -> Vec<Duration> {
+    for _ in 0..warmup {
+        once();
+    }
+    (0..iters).map(|_| once()).collect()
 }
