@@ -202,15 +202,7 @@ impl Backend for Bwrap {
             return Err(Failure::Cancelled);
         }
         self.furnish(&root)?;
-        if self.gitlab_runner.is_none() {
-            println!("{}", rootfs::GITLAB_RUNNER_MISSING);
-        }
-        let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
-        println!(
-            "Prepared a root from image {}{generation} (bubblewrap) in {:.2} s",
-            image.name,
-            started.elapsed().as_secs_f64()
-        );
+        rootfs::announce_prepared(&image, "bubblewrap", started, self.gitlab_runner.is_some());
         info!(job = %job.key(), image = image.name, "bwrap root ready");
         Ok(())
     }

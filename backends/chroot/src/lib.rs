@@ -300,16 +300,8 @@ impl Backend for Chroot {
             return Err(Failure::Cancelled);
         }
         self.furnish(&root, &record)?;
-        if self.gitlab_runner.is_none() {
-            println!("{}", rootfs::GITLAB_RUNNER_MISSING);
-        }
         let layer = if self.settings.layer == Layer::Overlay { "overlay" } else { "copied" };
-        let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
-        println!(
-            "Prepared a root from image {}{generation} ({layer}) in {:.2} s",
-            image.name,
-            started.elapsed().as_secs_f64()
-        );
+        rootfs::announce_prepared(&image, layer, started, self.gitlab_runner.is_some());
         info!(job = %job.key(), image = image.name, "chroot ready");
         Ok(())
     }

@@ -19,6 +19,20 @@ use crate::mounts;
 /// The job-log warning of a backend that found no gitlab-runner binary to put into jobs.
 pub const GITLAB_RUNNER_MISSING: &str = "WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the job (ask the admin to install it or set settings.gitlab_runner)";
 
+/// Prints prepare's job-log lines for a root made from `image`: the
+/// gitlab-runner warning when there is none, then one progress line.
+pub fn announce_prepared(image: &crate::image::Image, how: &str, started: std::time::Instant, has_gitlab_runner: bool) {
+    if !has_gitlab_runner {
+        println!("{GITLAB_RUNNER_MISSING}");
+    }
+    let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
+    println!(
+        "Prepared a root from image {}{generation} ({how}) in {:.2} s",
+        image.name,
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// Processes running on the job's root `root`: chrooted into it, or (as
 /// under bwrap, where /proc/PID/root reads `/`) with their root on its overlay.
 pub fn processes_in(root: &Path) -> Vec<i32> {
