@@ -32,7 +32,11 @@
 //! - `berth run` of a `true` script, again and again in one prepared job,
 //!   each run followed by the floor (`bash SCRIPT` on the host);
 //! - 8 jobs started at once (8 threads, each config/prepare/run/cleanup of its
-//!   own job), against one such job alone.
+//!   own job), against one such job alone. The host-wide CPU time of both
+//!   (`/proc/stat`, every core and process) is printed too, with the bound the
+//!   CPU alone puts on their ratio: 8 jobs cannot take less than 8 × the CPU
+//!   time of one job / the number of cores, so when one job keeps a core busy
+//!   for most of its wall time, 8 jobs on 2 cores take about 4× one job.
 //!
 //! Every hook must exit 0 (otherwise the bench panics with its stderr), so a
 //! broken hook cannot pass for a fast one. Every job is cleaned up, on failure
@@ -298,12 +302,20 @@ fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
     let (runs, floors) = bench.run_stages(run_stages, warmup);
 
     // 3. One job alone, then 8 at once, per round.
+    // Host-wide CPU time is taken around each, to tell a CPU-bound run from one that waits.
     let mut alone = Vec::with_capacity(rounds);
     let mut together = Vec::with_capacity(rounds);
+    let (mut alone_cpu, mut together_cpu) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
     for _ in 0..rounds {
+        let cpu = host_cpu();
         alone.push(bench.short_job());
+        alone_cpu.push(host_cpu().saturating_sub(cpu));
+        let cpu = host_cpu();
         together.push(bench.concurrent_jobs(CONCURRENT));
+        together_cpu.push(host_cpu().saturating_sub(cpu));
     }
+    let cpu_alone = Stats::of("CPU of 1 job", alone_cpu).median;
+    let cpu_together = Stats::of("CPU of 8 jobs", together_cpu).median;
 
     let (found, foreign) = leftovers(bench);
 
@@ -316,6 +328,7 @@ fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
     };
     let together = Row::new(&format!("{CONCURRENT} jobs at once (total wall)"), together_target, together);
     let ratio = together.median / alone.median;
+    let (alone_ms, together_ms) = (alone.median, together.median);
     let (prepare_label, prepare_target) = kind.prepare_row();
     let cleanup_target = targets.cleanup.map_or_else(Target::none, Target::max);
     let floor_median = floor.median;
@@ -352,6 +365,18 @@ fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
         None => "no target)".to_owned(),
     };
     println!("{CONCURRENT} jobs at once / 1 job: {ratio:.2}× (medians; all {CONCURRENT} jobs succeeded in every round; {verdict}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bound = CONCURRENT as f64 * cpu_alone / cores;
+    println!(
+        "CPU (host-wide, medians): 1 job {cpu_alone:.0} ms of CPU in {:.0} ms ({:.0}% of one core); \
+         {CONCURRENT} at once {cpu_together:.0} ms in {:.0} ms ({:.0}% of {cores} cores). \
+         The CPU alone bounds {CONCURRENT} jobs to ≥ {CONCURRENT} × {cpu_alone:.0} / {cores} = {bound:.0} ms = {:.2}× one job.",
+        alone_ms,
+        100.0 * cpu_alone / alone_ms,
+        together_ms,
+        100.0 * cpu_together / (together_ms * cores),
+        bound / alone_ms,
+    );
     println!(
         "(milliseconds, wall time from spawn to exit; overhead = median − median of the floor; \
          targets apply to the median, or to the overhead where there is one)"
@@ -381,6 +406,18 @@ fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
         println!("(temp dir kept: {})", bench.dir.path().display());
         false
     }
+}
+
+/// CPU time spent on the whole host so far, every core and process (`/proc/stat`).
+fn host_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reads /proc/stat");
+    let line = stat.lines().next().expect("/proc/stat has a cpu line");
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|t| t.parse().expect("a tick count")).collect();
+    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(busy * 1000 / hz)
 }
 
 /// Why the bench cannot run `kind` here, if it cannot.

@@ -281,3 +281,44 @@ fn caches_survive_jobs_and_gitlab_runner_is_on_the_containers_path() {
     assert_eq!(out.status.code(), Some(0), "the cache dir outlives the job:\n{}", text(&out));
     assert!(env.state().join("cache/ns/berth-cache-probe").exists());
 }
+
+#[test]
+fn containers_boot_lean_and_the_masks_are_settings() {
+    let Some(images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("ci.yml");
+    std::fs::write(
+        &file,
+        r#"lean:
+  script:
+    - test "$(systemctl is-system-running)" = running
+    - test "$(systemctl is-enabled apt-daily.timer)" = masked
+    - test "$(systemctl is-enabled systemd-sysusers.service)" = masked
+    - test "$(readlink /etc/systemd/system-generators/systemd-gpt-auto-generator)" = /dev/null
+    - systemctl is-active systemd-journald.service dbus.service
+full:
+  script:
+    - test "$(systemctl is-enabled apt-daily.timer)" = enabled
+    - test ! -e /etc/systemd/system-generators/systemd-gpt-auto-generator
+    - test "$(systemctl is-enabled cron.service)" = masked-runtime
+"#,
+    )
+    .unwrap();
+    let exec = |env: &Env, job: &str| {
+        let out =
+            env.berth("ns").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), job]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{job}:\n{}", text(&out));
+    };
+    exec(&Env::new(&runner(&images, "standalone")), "lean");
+    // Nothing masked; init_args reach systemd (its debug generator runs then).
+    let settings = "mask_units = []\nmask_generators = []\ninit_args = [\"systemd.mask=cron.service\"]\n";
+    exec(&Env::new(&format!("{}{settings}", runner(&images, "standalone"))), "full");
+    let env = Env::new(&format!("{}mask_units = [\"../../etc/passwd.service\"]\n", runner(&images, "standalone")));
+    let out = env.berth("ns").arg("describe").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("settings.mask_units: \"../../etc/passwd.service\" is not a unit name"),
+        "{}",
+        text(&out)
+    );
+}

@@ -44,14 +44,6 @@ enum ModeName {
 }
 
 const RECORD: &str = "container.json";
-/// What the container's init is told by default (`settings.init_args`).
-const DEFAULT_INIT_ARGS: &[&str] = &[
-    "systemd.mask=console-getty.service",
-    "systemd.mask=systemd-logind.service",
-    "systemd.mask=systemd-journal-flush.service",
-    "systemd.mask=systemd-update-utmp.service",
-    "systemd.mask=systemd-update-utmp-runlevel.service",
-];
 /// How long a stage may take to stop after a cancel before its unit is killed.
 const STOP_TIMEOUT: &str = "3s";
 
@@ -73,6 +65,25 @@ fn unit_name(key: &JobKey) -> String {
 
 fn mkdir(path: &Path) -> Result<(), Failure> {
     fs::create_dir_all(path).map_err(|e| Failure::system_with(format!("failed to create {}", path.display()), e))
+}
+
+/// Masks units or generators for the container's systemd: a link to
+/// /dev/null in `dir` of the job's fresh overlay (the image is not touched).
+fn mask(dir: &Path, names: &[String]) -> Result<(), Failure> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    mkdir(dir)?;
+    for name in names {
+        let link = dir.join(name);
+        match std::os::unix::fs::symlink("/dev/null", &link) {
+            // Made by an earlier prepare of this job.
+            Err(e) if fs::read_link(&link).is_ok_and(|target| target == Path::new("/dev/null")) => drop(e),
+            Err(e) => return Err(Failure::system_with(format!("failed to mask {name} ({})", link.display()), e)),
+            Ok(()) => {}
+        }
+    }
+    Ok(())
 }
 
 /// The last lines of a log file, for error messages.
@@ -127,10 +138,7 @@ impl Nspawn {
         }
         args.extend(self.settings.nspawn_args.iter().map(OsString::from));
         args.push("--boot".into());
-        match &self.settings.init_args {
-            Some(init_args) => args.extend(init_args.iter().map(OsString::from)),
-            None => args.extend(DEFAULT_INIT_ARGS.iter().map(OsString::from)),
-        }
+        args.extend(self.settings.init_args.iter().flatten().map(OsString::from));
         args
     }
 
@@ -173,6 +181,8 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         fs::write(&path, content)
             .map_err(|e| Failure::system_with(format!("failed to write {}", path.display()), e))?;
     }
+    mask(&upper.join("etc/systemd/system"), &backend.masked_units)?;
+    mask(&upper.join("etc/systemd/system-generators"), &backend.masked_generators)?;
     mkdir(&scripts_dir(state))?;
     mkdir(&backend.cache_host_dir)?;
     if backend.gitlab_runner.is_none() {

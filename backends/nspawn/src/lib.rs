@@ -53,6 +53,9 @@ pub struct Nspawn {
     runner: RunnerInfo,
     cache_host_dir: PathBuf,
     gitlab_runner: Option<PathBuf>,
+    /// Units and generators masked on every job's overlay (checked names).
+    masked_units: Vec<String>,
+    masked_generators: Vec<String>,
 }
 
 /// Whether PID 1 is systemd (`sd_booted()`).
@@ -84,7 +87,18 @@ impl NewBackend for Nspawn {
             }
         }
         let gitlab_runner = gitlab_runner(settings.gitlab_runner.as_deref())?;
-        Ok(Nspawn { images, mode, cache_host_dir, gitlab_runner, runner: runner.clone(), settings })
+        let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
+        let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
+        Ok(Nspawn {
+            images,
+            mode,
+            cache_host_dir,
+            gitlab_runner,
+            runner: runner.clone(),
+            settings,
+            masked_units,
+            masked_generators,
+        })
     }
 }
 

@@ -62,7 +62,152 @@ pub struct Settings {
     #[serde(default)]
     pub nspawn_args: Vec<String>,
     /// Arguments for the container's init (systemd), kernel-command-line style
-    /// (default: mask the console getty, logind, the journal flush and utmp
-    /// records, which a CI job does not use, so that containers boot with less work).
+    /// (default: none).
     pub init_args: Option<Vec<String>>,
+    /// Units masked in every container, on the job's overlay (default
+    /// [`DEFAULT_MASK_UNITS`]: services a throw-away CI container does not use
+    /// and timers that would only compete with the job); `[]` masks none.
+    pub mask_units: Option<Vec<String>>,
+    /// systemd generators masked in every container, on the job's overlay
+    /// (default [`DEFAULT_MASK_GENERATORS`], without the debug and run
+    /// generators when `init_args` is set, since they read it); `[]` masks none.
+    pub mask_generators: Option<Vec<String>>,
+}
+
+/// Units masked by default (`mask_units`). Every one is either meaningless in a
+/// container that lives for one job (a console getty, logins, utmp records,
+/// moving the journal to disk, users the image already has, remounting the
+/// root) or a timer that would only compete with the job (apt's daily runs take
+/// the dpkg lock that a job's `apt-get` needs).
+pub const DEFAULT_MASK_UNITS: &[&str] = &[
+    "console-getty.service",
+    "systemd-logind.service",
+    "systemd-journal-flush.service",
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "systemd-sysusers.service",
+    "systemd-remount-fs.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "logrotate.timer",
+    "man-db.timer",
+    "systemd-tmpfiles-clean.timer",
+];
+
+/// Generators masked by default (`mask_generators`): every boot runs each
+/// generator as a process (about 6 ms of CPU each here), and these find nothing
+/// to do in a container: block devices (cryptsetup, integrity, verity, GPT
+/// partitions, hibernation), consoles, offline updates, and the kernel command
+/// line (debug, run: kept when `init_args` is set). The fstab, SysV and
+/// rc.local generators still run: an image can configure them.
+pub const DEFAULT_MASK_GENERATORS: &[&str] = &[
+    "systemd-cryptsetup-generator",
+    "systemd-integritysetup-generator",
+    "systemd-veritysetup-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-getty-generator",
+    "systemd-system-update-generator",
+    "systemd-debug-generator",
+    "systemd-run-generator",
+];
+
+/// Generators that read the container's init arguments.
+const COMMAND_LINE_GENERATORS: &[&str] = &["systemd-debug-generator", "systemd-run-generator"];
+
+/// Checks that `name` is a unit name: no path, a known unit type.
+pub fn check_unit_name(name: &str) -> Result<(), String> {
+    const TYPES: &[&str] =
+        &["service", "socket", "target", "timer", "path", "mount", "automount", "swap", "slice", "scope", "device"];
+    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c));
+    let (stem, kind) = name.rsplit_once('.').unwrap_or((name, ""));
+    if name.len() > 255 || stem.is_empty() || name.starts_with('.') || !valid_chars || !TYPES.contains(&kind) {
+        return Err(format!(
+            "{name:?} is not a unit name (NAME.service, .socket, .timer, .target, ...; letters, digits and :_.\\@-)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `name` is a file name a generator could have.
+pub fn check_generator_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid {
+        return Err(format!("{name:?} is not a generator's file name (letters, digits and _.-)"));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// The units to mask, checked.
+    pub fn masked_units(&self) -> Result<Vec<String>, String> {
+        let units = match &self.mask_units {
+            Some(units) => units.clone(),
+            None => DEFAULT_MASK_UNITS.iter().map(|u| (*u).to_owned()).collect(),
+        };
+        for unit in &units {
+            check_unit_name(unit).map_err(|e| format!("mask_units: {e}"))?;
+        }
+        Ok(units)
+    }
+
+    /// The generators to mask, checked.
+    pub fn masked_generators(&self) -> Result<Vec<String>, String> {
+        let generators = match &self.mask_generators {
+            Some(generators) => generators.clone(),
+            None => DEFAULT_MASK_GENERATORS
+                .iter()
+                .filter(|g| self.init_args.is_none() || !COMMAND_LINE_GENERATORS.contains(g))
+                .map(|g| (*g).to_owned())
+                .collect(),
+        };
+        for generator in &generators {
+            check_generator_name(generator).map_err(|e| format!("mask_generators: {e}"))?;
+        }
+        Ok(generators)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_names_are_checked() {
+        for ok in ["apt-daily.timer", "getty@tty1.service", "dev-hugepages.mount", "x\\x2d.slice"] {
+            assert_eq!(check_unit_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".service", "apt-daily", "../../etc/passwd.service", "a/b.service", "x.conf", "a b.service"] {
+            assert!(check_unit_name(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn generator_names_are_checked() {
+        assert_eq!(check_generator_name("systemd-gpt-auto-generator"), Ok(()));
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden"] {
+            assert!(check_generator_name(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn defaults_keep_the_command_line_generators_for_init_args() {
+        let default = Settings::default();
+        assert_eq!(default.masked_generators().unwrap().len(), DEFAULT_MASK_GENERATORS.len());
+        assert_eq!(default.masked_units().unwrap().len(), DEFAULT_MASK_UNITS.len());
+        let with_args = Settings { init_args: Some(vec!["systemd.mask=foo.service".into()]), ..Settings::default() };
+        let masked = with_args.masked_generators().unwrap();
+        assert!(!masked.iter().any(|g| g == "systemd-debug-generator" || g == "systemd-run-generator"), "{masked:?}");
+        assert!(masked.iter().any(|g| g == "systemd-gpt-auto-generator"));
+        let none = Settings { mask_units: Some(vec![]), mask_generators: Some(vec![]), ..Settings::default() };
+        assert!(none.masked_units().unwrap().is_empty() && none.masked_generators().unwrap().is_empty());
+        let bad = Settings { mask_units: Some(vec!["../x.service".into()]), ..Settings::default() };
+        assert!(bad.masked_units().unwrap_err().starts_with("mask_units: "));
+    }
 }
