@@ -17,6 +17,19 @@ fn runner(images: &Path, mode: &str) -> String {
     )
 }
 
+/// A pipeline file holding `yaml`, in a temp dir that lives as long as the first value.
+fn pipeline(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ci.yml");
+    std::fs::write(&file, yaml).unwrap();
+    (dir, file)
+}
+
+/// `berth exec` of `job` of the pipeline `file` on runner `ns`, without sources.
+fn exec(env: &Env, file: &Path, job: &str) -> std::process::Output {
+    env.berth("ns").args(["exec", "--no-sources", "--file"]).arg(file).arg(job).output().unwrap()
+}
+
 fn assert_all_pass(report: &serde_json::Value) {
     let results = report["results"].as_array().unwrap();
     assert!(results.len() >= 18, "{report}");
@@ -115,10 +128,27 @@ fn reap_removes_the_container_of_a_job_whose_runner_is_gone() {
     let machine = "--machine=berth-ns-700003";
     assert!(pids_with_arg(machine).len() == 1);
     std::fs::remove_dir_all(&job.tmp).unwrap();
+    // Cgroups of jobs whose cleanup never ran: an old one goes, a young one
+    // (a prepare that has not started nspawn yet) stays.
+    let top = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "/sys/fs/cgroup"
+    } else {
+        "/sys/fs/cgroup/systemd"
+    };
+    let (old, young) = (Path::new(top).join("berth/berth-ns-700098"), Path::new(top).join("berth/berth-ns-700097"));
+    for dir in [&old, &young] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    assert!(Command::new("touch").args(["-d", "2 minutes ago"]).arg(&old).status().unwrap().success());
     let out = env.berth("ns").args(["reap", "--grace", "0"]).output().unwrap();
-    assert!(text(&out).contains("removed ns-700003"), "{}", text(&out));
+    let _ = std::fs::remove_dir(&young);
+    let log = text(&out);
+    assert!(log.contains("removed ns-700003"), "{log}");
     assert!(pids_with_arg(machine).is_empty(), "the container is gone");
     assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0);
+    assert!(log.contains("removed cgroup of container berth-ns-700098 (no job state, no process)"), "{log}");
+    assert!(!old.exists(), "{log}");
+    assert!(!log.contains("berth-ns-700097"), "a young cgroup is left alone:\n{log}");
 }
 
 fn pids_with_arg(arg: &str) -> Vec<String> {
@@ -215,8 +245,11 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     std::fs::create_dir_all(&etc).unwrap();
     // Inside the test host: images at /var/lib/berth/images, state on a bind
     // mount (an overlay's upper dir cannot live on the test host's own overlay).
-    let config =
-        format!("state_dir = \"/var/lib/berth/state\"\n{}", runner(Path::new("/var/lib/berth/images"), "auto"));
+    // With limits: every job's unit must be accepted by systemd with them.
+    let config = format!(
+        "state_dir = \"/var/lib/berth/state\"\n{}memory_max = \"2G\"\ncpu_quota = \"150%\"\ncpu_weight = 50\ntasks_max = 2000\n",
+        runner(Path::new("/var/lib/berth/images"), "auto")
+    );
     std::fs::write(etc.join("config.toml"), config).unwrap();
     let host = TestHost::boot(
         &images,
@@ -257,27 +290,17 @@ fn caches_survive_jobs_and_gitlab_runner_is_on_the_containers_path() {
     let fake = scratch.path().join("gitlab-runner");
     std::fs::write(&fake, "#!/bin/sh\necho \"stand-in gitlab-runner $*\"\n").unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let settings = format!("gitlab_runner = {:?}\nmemory_max = \"1G\"\n", fake.display().to_string());
+    let settings = format!("gitlab_runner = {:?}\n", fake.display().to_string());
     let env = Env::new(&format!("{}{settings}", runner(&images, "standalone")));
-    let file = scratch.path().join("ci.yml");
-    std::fs::write(
-        &file,
+    let (_dir, file) = pipeline(
         "write:\n  script:\n    - gitlab-runner cache-archiver --file x\n    - echo kept > /cache/berth-cache-probe\nread:\n  script:\n    - test \"$(cat /cache/berth-cache-probe)\" = kept\n",
-    )
-    .unwrap();
-    let exec = |job: &str| {
-        env.berth("ns").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), job]).output().unwrap()
-    };
-    let out = exec("write");
+    );
+    let out = exec(&env, &file, "write");
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("stand-in gitlab-runner cache-archiver --file x"), "{log}");
     assert!(!log.contains("gitlab-runner is not installed"), "{log}");
-    assert!(
-        log.contains("memory_max is not enforced in standalone mode"),
-        "unhonoured settings are said at config time:\n{log}"
-    );
-    let out = exec("read");
+    let out = exec(&env, &file, "read");
     assert_eq!(out.status.code(), Some(0), "the cache dir outlives the job:\n{}", text(&out));
     assert!(env.state().join("cache/ns/berth-cache-probe").exists());
 }
@@ -285,10 +308,7 @@ fn caches_survive_jobs_and_gitlab_runner_is_on_the_containers_path() {
 #[test]
 fn containers_boot_lean_and_the_masks_are_settings() {
     let Some(images) = real_containers() else { return };
-    let scratch = tempfile::tempdir().unwrap();
-    let file = scratch.path().join("ci.yml");
-    std::fs::write(
-        &file,
+    let (_dir, file) = pipeline(
         r#"lean:
   script:
     - test "$(systemctl is-system-running)" = running
@@ -302,17 +322,13 @@ full:
     - test ! -e /etc/systemd/system-generators/systemd-gpt-auto-generator
     - test "$(systemctl is-enabled cron.service)" = masked-runtime
 "#,
-    )
-    .unwrap();
-    let exec = |env: &Env, job: &str| {
-        let out =
-            env.berth("ns").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), job]).output().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{job}:\n{}", text(&out));
-    };
-    exec(&Env::new(&runner(&images, "standalone")), "lean");
+    );
+    let out = exec(&Env::new(&runner(&images, "standalone")), &file, "lean");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // Nothing masked; init_args reach systemd (its debug generator runs then).
     let settings = "mask_units = []\nmask_generators = []\ninit_args = [\"systemd.mask=cron.service\"]\n";
-    exec(&Env::new(&format!("{}{settings}", runner(&images, "standalone"))), "full");
+    let out = exec(&Env::new(&format!("{}{settings}", runner(&images, "standalone"))), &file, "full");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let env = Env::new(&format!("{}mask_units = [\"../../etc/passwd.service\"]\n", runner(&images, "standalone")));
     let out = env.berth("ns").arg("describe").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -321,4 +337,41 @@ full:
         "{}",
         text(&out)
     );
+}
+
+#[test]
+fn standalone_mode_enforces_memory_cpu_and_task_limits() {
+    let Some(images) = real_containers() else { return };
+    // Each limit is shown to bite: without them the same job fails (0.99 s of
+    // CPU, the hog exits 0, the 100 processes start).
+    let (_dir, file) = pipeline(
+        r#"limits:
+  script:
+    - echo "in machine $(hostname)."
+    - bash -c 'timeout 1 bash -c "while :; do :; done"; times' > /tmp/times || true
+    - t=$(tail -1 /tmp/times); t=${t%% *}; t=${t#*m}; echo "a busy loop got ${t%s} s of CPU in 1 s"
+    - awk -v s="${t%s}" 'BEGIN { exit !(s < 0.75) }'
+    - rc=0; head -c 400M /dev/zero | tail > /dev/null || rc=$?; echo "a 400M memory hog exited $rc"
+    - test $rc = 137
+    - rc=0; sh -c 'for i in $(seq 100); do sleep 5 & done' 2>/tmp/fork.err || rc=$?; echo "100 processes exited $rc"
+    - grep -q "Cannot fork" /tmp/fork.err
+"#,
+    );
+    let settings = "memory_max = \"128M\"\ncpu_quota = \"50%\"\ntasks_max = 60\n";
+
+    let env = Env::new(&format!("{}{settings}", runner(&images, "standalone")));
+    let out =
+        env.berth("ns").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "limits"]).output().unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(!log.contains("not enforced"), "this host has the memory, cpu and pids controllers:\n{log}");
+    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "{log}");
+    let machine = log.split("in machine ").nth(2).and_then(|rest| rest.split('.').next()).expect("the machine's name");
+    assert!(machine.starts_with("berth-ns-"), "{log}");
+    let left: Vec<PathBuf> = ["memory", "pids", "cpu", "systemd", "unified", ""]
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join("berth").join(machine))
+        .filter(|dir| dir.exists())
+        .collect();
+    assert!(left.is_empty(), "the job's cgroups are left: {left:?}");
 }

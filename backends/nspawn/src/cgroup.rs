@@ -7,41 +7,194 @@
 //! joins `berth/<machine>` in every hierarchy systemd uses (the cgroup2
 //! hierarchy, and on hybrid hosts the named `systemd` one too). Teardown
 //! kills the whole cgroup and removes its directories, deepest first.
+//!
+//! The runner's resource limits are written into that cgroup before nspawn
+//! joins it, so that they hold from the container's first process on: into
+//! `memory.max`, `pids.max`, `cpu.max` and `cpu.weight` on a cgroup2 host
+//! (berth enables the controllers for its `berth` subtree), or on a v1 or
+//! hybrid host into `berth/<machine>` of the `memory`, `pids` and `cpu`
+//! hierarchies, which the process then joins too.
 
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::limits::{weight_to_shares, Amount, Limits, CPU_PERIOD_US};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
-/// The per-job cgroup directories of one container.
-#[derive(Debug, Clone)]
-pub struct JobCgroup {
-    dirs: Vec<PathBuf>,
+/// A cgroup controller berth can set a limit with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    Memory,
+    Pids,
+    Cpu,
 }
 
+impl Controller {
+    /// The controller's name in cgroupfs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+
+    /// Whether berth can set limits with this controller on this host.
+    pub fn available(self) -> bool {
+        let root = Path::new(ROOT);
+        if unified() {
+            std::fs::read_to_string(root.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|n| n == self.name()))
+        } else {
+            writable(&root.join(self.name()))
+        }
+    }
+}
+
+fn writable(dir: &Path) -> bool {
+    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: `path` is a valid NUL-terminated string.
+    dir.join("cgroup.procs").exists() && unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0
+}
+
+/// Whether the host has only the cgroup2 hierarchy.
+fn unified() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+/// The hierarchies a container's processes join, whatever its limits.
 fn hierarchies() -> Vec<PathBuf> {
     let root = Path::new(ROOT);
-    if root.join("cgroup.controllers").exists() {
+    if unified() {
         return vec![root.to_owned()];
     }
     ["systemd", "unified"].iter().map(|h| root.join(h)).filter(|h| h.join("cgroup.procs").exists()).collect()
 }
 
+/// The per-job cgroup directories of one container.
+#[derive(Debug, Clone)]
+pub struct JobCgroup {
+    /// Every directory the container may have, in every hierarchy (what teardown looks at).
+    dirs: Vec<PathBuf>,
+    /// Those a new process joins: made by [`JobCgroup::create`].
+    joined: Vec<PathBuf>,
+}
+
+fn with_path(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    std::fs::write(path, value).map_err(|e| with_path(e, path))
+}
+
 impl JobCgroup {
     /// The cgroup of `machine` (nothing is created yet).
     pub fn of(machine: &str) -> JobCgroup {
-        JobCgroup { dirs: hierarchies().into_iter().map(|h| h.join("berth").join(machine)).collect() }
+        let mut dirs: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.join("berth").join(machine)).collect();
+        if !unified() {
+            for controller in [Controller::Memory, Controller::Pids, Controller::Cpu] {
+                let hierarchy = Path::new(ROOT).join(controller.name());
+                if hierarchy.join("cgroup.procs").exists() {
+                    dirs.push(hierarchy.join("berth").join(machine));
+                }
+            }
+        }
+        JobCgroup { dirs, joined: Vec::new() }
     }
 
-    /// Creates the directories.
-    pub fn create(&self) -> io::Result<()> {
-        if self.dirs.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no writable cgroup hierarchy under {ROOT}")));
+    /// Machines with a cgroup under `berth/` in any hierarchy, named with
+    /// `prefix` and at least `age` old.
+    pub fn machines(prefix: &str, age: Duration) -> Vec<String> {
+        let root = Path::new(ROOT);
+        let mut tops: Vec<PathBuf> = hierarchies();
+        if !unified() {
+            tops.extend([Controller::Memory, Controller::Pids, Controller::Cpu].iter().map(|c| root.join(c.name())));
         }
-        for dir in &self.dirs {
-            std::fs::create_dir_all(dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        let mut machines: Vec<String> = tops
+            .iter()
+            .filter_map(|top| std::fs::read_dir(top.join("berth")).ok())
+            .flat_map(|dir| dir.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a >= age)))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| name.starts_with(prefix))
+            .collect();
+        machines.sort();
+        machines.dedup();
+        machines
+    }
+
+    /// Creates the directories and sets `limits` in them; a limit whose
+    /// controller the host lacks is skipped (`berth config` says so).
+    pub fn create(&mut self, limits: &Limits) -> io::Result<()> {
+        let root = Path::new(ROOT);
+        let machine = self.dirs.first().and_then(|d| d.file_name()).map(ToOwned::to_owned);
+        let Some(machine) = machine else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no writable cgroup hierarchy under {ROOT}")));
+        };
+        let mut joined: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.join("berth").join(&machine)).collect();
+        let wanted: Vec<Controller> = [
+            (Controller::Memory, limits.memory.is_some()),
+            (Controller::Pids, limits.tasks.is_some()),
+            (Controller::Cpu, limits.cpu_quota.is_some() || limits.cpu_weight.is_some()),
+        ]
+        .into_iter()
+        .filter(|(c, wanted)| *wanted && c.available())
+        .map(|(c, _)| c)
+        .collect();
+        if unified() && !wanted.is_empty() {
+            // Controllers must be enabled on every level above the job's cgroup.
+            let enable: String = wanted.iter().map(|c| format!("+{} ", c.name())).collect();
+            let berth = root.join("berth");
+            std::fs::create_dir_all(&berth).map_err(|e| with_path(e, &berth))?;
+            for parent in [root, berth.as_path()] {
+                write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
+            }
+        } else {
+            joined.extend(wanted.iter().map(|c| root.join(c.name()).join("berth").join(&machine)));
+        }
+        for dir in &joined {
+            std::fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
+        }
+        let dir_of = |controller: Controller| {
+            if unified() {
+                root.join("berth").join(&machine)
+            } else {
+                root.join(controller.name()).join("berth").join(&machine)
+            }
+        };
+        self.joined = joined;
+        for controller in wanted {
+            let dir = dir_of(controller);
+            match controller {
+                Controller::Memory => {
+                    let (file, max) = if unified() { ("memory.max", "max") } else { ("memory.limit_in_bytes", "-1") };
+                    write(&dir.join(file), &amount(limits.memory, max))?;
+                }
+                Controller::Pids => write(&dir.join("pids.max"), &amount(limits.tasks, "max"))?,
+                Controller::Cpu if unified() => {
+                    if let Some(percent) = limits.cpu_quota {
+                        write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", percent * CPU_PERIOD_US / 100))?;
+                    }
+                    if let Some(weight) = limits.cpu_weight {
+                        write(&dir.join("cpu.weight"), &weight.to_string())?;
+                    }
+                }
+                Controller::Cpu => {
+                    if let Some(percent) = limits.cpu_quota {
+                        write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                        write(&dir.join("cpu.cfs_quota_us"), &(percent * CPU_PERIOD_US / 100).to_string())?;
+                    }
+                    if let Some(weight) = limits.cpu_weight {
+                        write(&dir.join("cpu.shares"), &weight_to_shares(weight).to_string())?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -50,7 +203,7 @@ impl JobCgroup {
     /// It allocates nothing and calls only open(2), write(2) and close(2).
     pub fn joiner(&self) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
         let paths: Vec<CString> = self
-            .dirs
+            .joined
             .iter()
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
             .collect::<Result<_, _>>()
@@ -124,5 +277,12 @@ fn walk_dirs(dir: &Path, visit: &mut dyn FnMut(&Path)) {
                 walk_dirs(&entry.path(), visit);
             }
         }
+    }
+}
+
+fn amount(amount: Option<Amount>, max: &str) -> String {
+    match amount {
+        Some(Amount::Value(n)) => n.to_string(),
+        Some(Amount::Max) | None => max.to_owned(),
     }
 }

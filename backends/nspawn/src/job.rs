@@ -152,7 +152,7 @@ impl Nspawn {
             "KillMode=mixed".to_owned(),
             format!("TimeoutStartSec={boot}s"),
             "TimeoutStopSec=5s".to_owned(),
-            format!("TasksMax={}", self.settings.tasks_max.unwrap_or(4096)),
+            format!("TasksMax={}", self.settings.tasks_max.map_or(crate::limits::DEFAULT_TASKS_MAX, u64::from)),
         ];
         if let Some(memory) = &self.settings.memory_max {
             props.push(format!("MemoryMax={memory}"));
@@ -238,8 +238,10 @@ fn boot_standalone(
         .stderr(log2);
     // Its own process group: the runner's signals to the hook's group are not for it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let cgroup = JobCgroup::of(machine);
-    cgroup.create().map_err(|e| Failure::system_with("failed to create the container's cgroup", e))?;
+    let mut cgroup = JobCgroup::of(machine);
+    cgroup
+        .create(&backend.limits)
+        .map_err(|e| Failure::system_with("failed to create the container's cgroup with its resource limits", e))?;
     let join = cgroup.joiner().map_err(|e| Failure::system_with("failed to prepare the container's cgroup", e))?;
     // SAFETY: the closure only performs async-signal-safe system calls (see JobCgroup::joiner).
     unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
@@ -537,7 +539,10 @@ pub(crate) fn cleanup(_backend: &Nspawn, state: &JobState) -> Result<(), Failure
 
 pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<String>, Failure> {
     let prefix = format!("--machine=berth-{}-", backend.runner.name);
-    let ours = format!("{}/", backend.runner.state_dir.join("jobs").display());
+    let jobs = backend.runner.state_dir.join("jobs");
+    let ours = format!("{}/", jobs.display());
+    // A job prepared since reap listed the known ones has its state by now.
+    let orphan = |key: &JobKey| !known.contains(key) && !jobs.join(key.to_string()).exists();
     let mut removed = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else { return Ok(removed) };
     for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
@@ -548,7 +553,7 @@ pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<Str
         let args = host::cmdline(pid);
         let in_our_state =
             args.iter().any(|a| a.starts_with(b"--overlay=") && String::from_utf8_lossy(a).contains(&ours));
-        if known.contains(&key) || !in_our_state {
+        if !orphan(&key) || !in_our_state {
             continue;
         }
         if let Some(leader) = host::leader_of(pid) {
@@ -556,6 +561,16 @@ pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<Str
         }
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         removed.push(format!("container berth-{name} (no job state; nspawn pid {pid})"));
+    }
+    // Empty cgroups of jobs whose cleanup never ran (standalone mode). A young
+    // one may belong to a prepare that has not started nspawn yet.
+    let machine_prefix = format!("berth-{}-", backend.runner.name);
+    for machine in JobCgroup::machines(&machine_prefix, Duration::from_secs(60)) {
+        let Ok(key) = JobKey::try_from(machine["berth-".len()..].to_owned()) else { continue };
+        let cgroup = JobCgroup::of(&machine);
+        if orphan(&key) && cgroup.pids().is_empty() && cgroup.remove().is_ok() {
+            removed.push(format!("cgroup of container {machine} (no job state, no process)"));
+        }
     }
     removed.extend(berth_backend_support::generations::Images::new(backend.images.dir()).prune());
     Ok(removed)

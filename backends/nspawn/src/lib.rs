@@ -21,6 +21,7 @@
 
 mod cgroup;
 mod job;
+pub mod limits;
 mod notify;
 pub mod settings;
 
@@ -31,6 +32,8 @@ use berth_backend_api::{
     NewBackend, RunnerInfo,
 };
 
+use crate::cgroup::Controller;
+use crate::limits::Limits;
 use crate::settings::{Mode, Settings};
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::settings::{check_binds, check_path, gitlab_runner};
@@ -56,6 +59,7 @@ pub struct Nspawn {
     /// Units and generators masked on every job's overlay (checked names).
     masked_units: Vec<String>,
     masked_generators: Vec<String>,
+    limits: Limits,
 }
 
 /// Whether PID 1 is systemd (`sd_booted()`).
@@ -81,11 +85,7 @@ impl NewBackend for Nspawn {
         check_path("cache_host_dir", &cache_host_dir)?;
         check_path("state_dir", &runner.state_dir)?;
         check_binds(&settings.bind)?;
-        if let Some(weight) = settings.cpu_weight {
-            if !(1..=10000).contains(&weight) {
-                return Err(Failure::system(format!("settings.cpu_weight: {weight} is not in 1..=10000")));
-            }
-        }
+        let limits = Limits::of(&settings).map_err(|e| Failure::system(format!("settings.{e}")))?;
         let gitlab_runner = gitlab_runner(settings.gitlab_runner.as_deref())?;
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
@@ -98,6 +98,7 @@ impl NewBackend for Nspawn {
             settings,
             masked_units,
             masked_generators,
+            limits,
         })
     }
 }
@@ -112,16 +113,17 @@ impl Nspawn {
     fn unhonoured(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.mode == Mode::Standalone {
-            for (name, set) in [
-                ("memory_max", self.settings.memory_max.is_some()),
-                ("cpu_quota", self.settings.cpu_quota.is_some()),
-                ("cpu_weight", self.settings.cpu_weight.is_some()),
-                ("tasks_max", self.settings.tasks_max.is_some()),
+            for (name, set, controller) in [
+                ("memory_max", self.settings.memory_max.is_some(), Controller::Memory),
+                ("cpu_quota", self.settings.cpu_quota.is_some(), Controller::Cpu),
+                ("cpu_weight", self.settings.cpu_weight.is_some(), Controller::Cpu),
+                ("tasks_max", self.settings.tasks_max.is_some(), Controller::Pids),
             ] {
-                if set {
+                if set && !controller.available() {
                     out.push(format!(
-                        "nspawn runner {}: settings.{name} is not enforced in standalone mode (no systemd on this host to apply it)",
-                        self.runner.name
+                        "nspawn runner {}: settings.{name} is not enforced: this host has no usable {} cgroup controller (standalone mode sets limits in the container's cgroup)",
+                        self.runner.name,
+                        controller.name()
                     ));
                 }
             }

@@ -1,0 +1,176 @@
+//! A runner's resource limits, checked once and applied in either host mode.
+//!
+//! The settings use systemd's syntax (systemd.resource-control(5)), since in
+//! systemd mode they become properties of the container's unit. In standalone
+//! mode berth writes them into the container's own cgroup ([`crate::cgroup`]),
+//! in the cgroup2 or the cgroup v1 files, whichever the host has.
+
+use crate::settings::Settings;
+
+/// A limit that can also be lifted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amount {
+    /// No limit (`infinity`).
+    Max,
+    /// At most this many (bytes, tasks).
+    Value(u64),
+}
+
+/// The limits of every container of a runner.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `memory_max`: bytes of memory, page cache included.
+    pub memory: Option<Amount>,
+    /// `tasks_max`: processes and threads (default 4096).
+    pub tasks: Option<Amount>,
+    /// `cpu_quota`: percent of one CPU (200 = two CPUs).
+    pub cpu_quota: Option<u64>,
+    /// `cpu_weight`: 1-10000, 100 being the default of every other process.
+    pub cpu_weight: Option<u64>,
+}
+
+/// Tasks a container may have when `tasks_max` is not set (systemd mode's default too).
+pub const DEFAULT_TASKS_MAX: u64 = 4096;
+/// The period `cpu_quota` is enforced over, in microseconds (systemd's default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+impl Limits {
+    /// The limits of `settings`, or what is wrong with one of them (`memory_max: ...`).
+    pub fn of(settings: &Settings) -> Result<Limits, String> {
+        let memory = settings
+            .memory_max
+            .as_deref()
+            .map(|v| parse_bytes(v, physical_memory).map_err(|e| format!("memory_max: {e}")))
+            .transpose()?;
+        let tasks = Some(settings.tasks_max.map_or(Amount::Value(DEFAULT_TASKS_MAX), |n| Amount::Value(n.into())));
+        let cpu_quota = settings
+            .cpu_quota
+            .as_deref()
+            .map(|v| parse_percent(v).map_err(|e| format!("cpu_quota: {e}")))
+            .transpose()?;
+        let cpu_weight = settings.cpu_weight.map(u64::from);
+        if let Some(weight) = cpu_weight {
+            if !(1..=10000).contains(&weight) {
+                return Err(format!("cpu_weight: {weight} is not in 1..=10000"));
+            }
+        }
+        if settings.tasks_max == Some(0) {
+            return Err("tasks_max: 0 would not even let the container's init run".to_owned());
+        }
+        Ok(Limits { memory, tasks, cpu_quota, cpu_weight })
+    }
+}
+
+/// `4G`, `512M`, `1.5G`, `1073741824`, `50%` (of the host's memory) or `infinity`.
+pub fn parse_bytes(text: &str, total: impl FnOnce() -> u64) -> Result<Amount, String> {
+    let value = text.trim();
+    let bad = || format!("{text:?} is not an amount of memory (like 4G, 512M, 50% or infinity)");
+    if value == "infinity" {
+        return Ok(Amount::Max);
+    }
+    if let Some(percent) = value.strip_suffix('%') {
+        let percent: f64 = percent.parse().map_err(|_| bad())?;
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(bad());
+        }
+        return Ok(Amount::Value((total() as f64 * percent / 100.0) as u64));
+    }
+    let split = value.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(value.len());
+    let (number, suffix) = value.split_at(split);
+    let factor: u64 = match suffix.trim_end_matches('B') {
+        "" if suffix.is_empty() || suffix == "B" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = number * factor as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(Amount::Value(bytes as u64))
+}
+
+/// `20%`, `200%` (two CPUs): percent of one CPU.
+pub fn parse_percent(text: &str) -> Result<u64, String> {
+    text.trim()
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a CPU quota (a percentage of one CPU: 50%, 200% for two CPUs)"))
+}
+
+/// The host's physical memory, in bytes.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}
+
+/// systemd's conversion of a CPU weight to cgroup v1 `cpu.shares`.
+pub fn weight_to_shares(weight: u64) -> u64 {
+    (weight * 1024 / 100).clamp(2, 262_144)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_amounts_use_systemd_syntax() {
+        let total = || 8 << 30;
+        assert_eq!(parse_bytes("4G", total), Ok(Amount::Value(4 << 30)));
+        assert_eq!(parse_bytes("512M", total), Ok(Amount::Value(512 << 20)));
+        assert_eq!(parse_bytes("1.5G", total), Ok(Amount::Value(3 << 29)));
+        assert_eq!(parse_bytes("1048576", total), Ok(Amount::Value(1 << 20)));
+        assert_eq!(parse_bytes("64KB", total), Ok(Amount::Value(64 << 10)));
+        assert_eq!(parse_bytes("25%", total), Ok(Amount::Value(2 << 30)));
+        assert_eq!(parse_bytes("infinity", total), Ok(Amount::Max));
+        for bad in ["", "G", "4X", "-1G", "0", "150%", "4 G", "1e3"] {
+            assert!(parse_bytes(bad, total).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn cpu_quotas_are_percentages() {
+        assert_eq!(parse_percent("50%"), Ok(50));
+        assert_eq!(parse_percent("200%"), Ok(200));
+        for bad in ["50", "0%", "-5%", "x%", "1.5%"] {
+            assert!(parse_percent(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn settings_become_limits_or_name_the_bad_one() {
+        let limits = Limits::of(&Settings::default()).unwrap();
+        assert_eq!(limits, Limits { tasks: Some(Amount::Value(DEFAULT_TASKS_MAX)), ..Limits::default() });
+        let settings = Settings {
+            memory_max: Some("2G".into()),
+            cpu_quota: Some("150%".into()),
+            cpu_weight: Some(50),
+            tasks_max: Some(100),
+            ..Settings::default()
+        };
+        let limits = Limits::of(&settings).unwrap();
+        assert_eq!(limits.memory, Some(Amount::Value(2 << 30)));
+        assert_eq!(
+            (limits.cpu_quota, limits.cpu_weight, limits.tasks),
+            (Some(150), Some(50), Some(Amount::Value(100)))
+        );
+        let bad = Settings { memory_max: Some("lots".into()), ..Settings::default() };
+        assert!(Limits::of(&bad).unwrap_err().starts_with("memory_max: \"lots\""));
+        let bad = Settings { cpu_weight: Some(0), ..Settings::default() };
+        assert!(Limits::of(&bad).unwrap_err().starts_with("cpu_weight:"));
+        let bad = Settings { tasks_max: Some(0), ..Settings::default() };
+        assert!(Limits::of(&bad).unwrap_err().starts_with("tasks_max:"));
+    }
+
+    #[test]
+    fn weights_convert_like_systemd() {
+        assert_eq!(weight_to_shares(100), 1024);
+        assert_eq!(weight_to_shares(1), 10);
+        assert_eq!(weight_to_shares(10000), 102_400);
+    }
+}
