@@ -297,7 +297,10 @@ pub unsafe fn sdk_call(host: *const BerthHost, body: impl FnOnce(&BerthHostRef<'
     }
     let call = Call { host };
     let wrapped = BerthHostRef { call: &call };
-    match catch_unwind(AssertUnwindSafe(|| body(&wrapped))) {
+    // The plugin's `tracing` events (on this thread) go to the host's log.
+    let caught =
+        tracing::subscriber::with_default(HostLog::new(host), || catch_unwind(AssertUnwindSafe(|| body(&wrapped))));
+    match caught {
         Ok(Ok(())) => Status::Ok as i32,
         Ok(Err(failure)) => call.fail(&failure),
         Err(panic) => {
@@ -309,6 +312,102 @@ pub unsafe fn sdk_call(host: *const BerthHost, body: impl FnOnce(&BerthHostRef<'
             )))
         }
     }
+}
+
+/// A `tracing` subscriber for the duration of one SDK call: every event
+/// becomes a [`BerthHost::log`] line, `[target] message key=value ...`, and
+/// the host's own filter (`BERTH_LOG`, target `plugin`) decides what is shown.
+/// Spans are not forwarded. Events of threads the plugin starts are not
+/// forwarded either (the subscriber is this thread's default for the call).
+struct HostLog {
+    log: extern "C" fn(ctx: *mut c_void, level: i32, message: BerthBytes),
+    ctx: *mut c_void,
+    max: tracing::Level,
+}
+
+// SAFETY: a HostLog lives only as the default subscriber of the calling
+// thread during one call, while the host keeps `ctx` valid; it is never
+// reached from another thread.
+unsafe impl Send for HostLog {}
+// SAFETY: as above.
+unsafe impl Sync for HostLog {}
+
+impl HostLog {
+    fn new(host: &BerthHost) -> HostLog {
+        HostLog { log: host.log, ctx: host.ctx, max: max_level(std::env::var("BERTH_LOG").ok().as_deref()) }
+    }
+}
+
+/// The most verbose level `BERTH_LOG` (an env-filter) may show: events above
+/// it are not even formatted. Without it, `info` (what cleanup shows).
+fn max_level(filter: Option<&str>) -> tracing::Level {
+    use tracing::Level;
+    let Some(filter) = filter else { return Level::INFO };
+    let filter = filter.to_ascii_lowercase();
+    [(Level::TRACE, "trace"), (Level::DEBUG, "debug"), (Level::INFO, "info"), (Level::WARN, "warn")]
+        .into_iter()
+        .find(|(_, word)| filter.contains(word))
+        .map_or(Level::ERROR, |(level, _)| level)
+}
+
+/// Formats an event's fields: the message first, then `key=value` pairs.
+struct Fields<'a> {
+    message: &'a mut String,
+    pairs: &'a mut String,
+}
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = std::fmt::Write::write_fmt(self.pairs, format_args!(" {}={value}", field.name()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = std::fmt::Write::write_fmt(self.message, format_args!("{value:?}"));
+        } else {
+            let _ = std::fmt::Write::write_fmt(self.pairs, format_args!(" {}={value:?}", field.name()));
+        }
+    }
+}
+
+impl tracing::Subscriber for HostLog {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= self.max
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(self.max.into())
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let metadata = event.metadata();
+        let (mut message, mut pairs) = (String::new(), String::new());
+        event.record(&mut Fields { message: &mut message, pairs: &mut pairs });
+        let line = format!("[{}] {message}{pairs}", metadata.target());
+        let level = match *metadata.level() {
+            tracing::Level::ERROR => level::ERROR,
+            tracing::Level::WARN => level::WARN,
+            tracing::Level::INFO => level::INFO,
+            _ => level::DEBUG,
+        };
+        (self.log)(self.ctx, level, BerthBytes::new(line.as_bytes()));
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// The host of an SDK call, as the generated entry points see it.
@@ -526,4 +625,19 @@ macro_rules! export_backend {
             &TABLE
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_events_are_formatted_up_to_the_most_verbose_level_of_berth_log() {
+        use tracing::Level;
+        assert_eq!(max_level(None), Level::INFO);
+        assert_eq!(max_level(Some("debug")), Level::DEBUG);
+        assert_eq!(max_level(Some("berth=info,plugin=trace")), Level::TRACE);
+        assert_eq!(max_level(Some("WARN")), Level::WARN);
+        assert_eq!(max_level(Some("off")), Level::ERROR);
+    }
 }

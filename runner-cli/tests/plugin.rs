@@ -132,6 +132,24 @@ fn a_panicking_plugin_is_a_system_failure_not_a_crash() {
 }
 
 #[test]
+fn a_plugins_tracing_events_reach_the_runner_side_log() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let env = Env::new(&format!("[runners.p]\nplugin = {:?}\n", lib.display().to_string()));
+    let job = env.job_with_id("job", 720_002);
+    let out = job.hook(&env, "p", &["prepare"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Cleanup's stderr is the runner's log, at info by default.
+    let out = job.hook(&env, "p", &["cleanup"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("INFO")
+            && log.contains("[berth_backend_host_test] host-test: removed the job's directory job=p-720002"),
+        "{log}"
+    );
+}
+
+#[test]
 fn the_bwrap_plugin_passes_the_whole_suite_through_the_abi() {
     let Some(images) = real_containers() else { return };
     let Some(lib) = plugin("berth_backend_bwrap") else { return };

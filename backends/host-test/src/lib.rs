@@ -219,7 +219,10 @@ impl Backend for HostTest {
             return Ok(());
         }
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                tracing::info!(job = %state.key(), "host-test: removed the job's directory");
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if self.fault == Some(Fault::CleanupNotIdempotent) {
                     return Err(Failure::system(format!("{} is already gone", dir.display())));

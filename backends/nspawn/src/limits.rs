@@ -2,7 +2,7 @@
 //!
 //! The settings use systemd's syntax (systemd.resource-control(5)), since in
 //! systemd mode they become properties of the container's unit. In standalone
-//! mode berth writes them into the container's own cgroup ([`crate::cgroup`]),
+//! mode berth writes them into the container's own cgroup (the `cgroup` module),
 //! in the cgroup2 or the cgroup v1 files, whichever the host has.
 
 use crate::settings::Settings;
