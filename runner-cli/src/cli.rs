@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// berth: a GitLab Runner custom-executor driver with pluggable isolation backends.
 ///
@@ -79,6 +79,9 @@ pub enum ImageCommand {
         /// A provisioning script run as root inside the image before it is published.
         #[arg(long)]
         setup: Option<PathBuf>,
+        /// The tool that builds the root filesystem.
+        #[arg(long, value_enum, default_value_t = Bootstrapper::Auto)]
+        tool: Bootstrapper,
     },
     /// Adopt a root filesystem: a directory or a tarball (`docker export`, mkosi, ...).
     Import {
@@ -209,4 +212,15 @@ pub struct ReapArgs {
     /// Show what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// What builds an image's root filesystem (`berth image create --tool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Bootstrapper {
+    /// mmdebstrap when it is installed, else debootstrap.
+    Auto,
+    /// mmdebstrap (faster; apt resolves the packages).
+    Mmdebstrap,
+    /// debootstrap.
+    Debootstrap,
 }

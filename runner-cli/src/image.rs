@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use berth_backend_support::generations::{disk_usage, Draft, ImageLock, Images};
 
-use crate::cli::{ImageArgs, ImageCommand};
+use crate::cli::{Bootstrapper, ImageArgs, ImageCommand};
 
 /// Packages every image gets: what booting and CI jobs need.
 const BASE_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "git", "ca-certificates", "curl"];
@@ -32,10 +32,18 @@ pub fn main(args: &ImageArgs) -> Result<ExitCode> {
             .with_context(|| format!("failed to lock image {name}"))
     };
     match &args.command {
-        ImageCommand::Create { name, suite, mirror, include, setup } => {
+        ImageCommand::Create { name, suite, mirror, include, setup, tool } => {
+            let tool = match tool {
+                Bootstrapper::Auto if which("mmdebstrap") => "mmdebstrap",
+                Bootstrapper::Auto | Bootstrapper::Debootstrap => "debootstrap",
+                Bootstrapper::Mmdebstrap => "mmdebstrap",
+            };
+            if !which(tool) {
+                bail!("{tool} is not installed (apt-get install {tool})");
+            }
             let lock = lock(name)?;
             let draft = images.draft(&lock).with_context(|| format!("failed to start image {name}"))?;
-            bootstrap(&draft, suite, mirror.as_deref(), include, &progress)?;
+            bootstrap(&draft, tool, suite, mirror.as_deref(), include, &progress)?;
             if let Some(script) = setup {
                 progress.step(&format!("running {} in the image", script.display()));
                 run_in(draft.path(), Some(script), None)?;
@@ -95,7 +103,14 @@ fn publish(draft: Draft, name: &str, progress: &Progress) -> Result<()> {
     Ok(())
 }
 
-fn bootstrap(draft: &Draft, suite: &str, mirror: Option<&str>, include: &[String], progress: &Progress) -> Result<()> {
+fn bootstrap(
+    draft: &Draft,
+    tool: &str,
+    suite: &str,
+    mirror: Option<&str>,
+    include: &[String],
+    progress: &Progress,
+) -> Result<()> {
     if !suite.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || suite.is_empty() {
         bail!("--suite {suite:?} is not a suite name (bookworm, trixie, noble, ...)");
     }
@@ -108,8 +123,6 @@ fn bootstrap(draft: &Draft, suite: &str, mirror: Option<&str>, include: &[String
     packages
         .extend(include.iter().flat_map(|i| i.split(',')).map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned));
     let packages = packages.join(",");
-    let mmdebstrap = which("mmdebstrap");
-    let tool = if mmdebstrap { "mmdebstrap" } else { "debootstrap" };
     progress.step(&format!("{tool} {suite} from {mirror} (a minute or two)"));
     let mut cmd = Command::new(tool);
     cmd.arg("--variant=minbase").arg(format!("--include={packages}")).arg(suite).arg(draft.path()).arg(mirror);

@@ -141,27 +141,76 @@ fn concurrent_image_commands_on_one_image_take_turns() {
 }
 
 #[test]
-fn create_builds_a_usable_image_from_the_mirror_and_a_failed_build_leaves_nothing() {
+fn create_builds_a_usable_image_from_the_mirror_with_either_tool_and_a_failed_build_leaves_nothing() {
     let Some(_) = real_containers() else { return };
     let scratch = tempfile::tempdir().unwrap();
     let images = scratch.path().join("images");
     let setup = scratch.path().join("setup.sh");
     std::fs::write(&setup, "#!/bin/sh\nset -e\necho provisioned > /etc/berth-setup\n").unwrap();
-    let out = image(&images, &["create", "fresh", "--suite", "bookworm", "--setup", setup.to_str().unwrap()]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("debootstrap bookworm") || log.contains("mmdebstrap bookworm"), "{log}");
     let env = Env::new(&chroot_runner(&images));
-    let job = prepared(&env, "job", 710_010, "fresh");
-    let output = stage(&env, &job, "cat /etc/berth-setup\ngit --version\ncurl --version | head -1\ntest -x /lib/systemd/systemd && echo has-systemd\n");
-    assert!(
-        output.contains("provisioned") && output.contains("git version") && output.contains("has-systemd"),
-        "{output}"
-    );
-    assert!(job.hook(&env, "ch", &["cleanup"]).status.success());
+    for (tool, id) in [("debootstrap", 710_010), ("mmdebstrap", 710_011)] {
+        if !Path::new("/usr/bin").join(tool).exists() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but {tool} is not installed");
+            eprintln!("skipped: {tool} is not installed (apt-get install {tool})");
+            continue;
+        }
+        let out = image(
+            &images,
+            &["create", tool, "--suite", "bookworm", "--tool", tool, "--setup", setup.to_str().unwrap()],
+        );
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains(&format!("{tool} bookworm from http://deb.debian.org/debian")), "{log}");
+        let job = prepared(&env, "job", id, tool);
+        let output = stage(
+            &env,
+            &job,
+            "cat /etc/berth-setup\ngit --version\ncurl --version | head -1\ntest -x /lib/systemd/systemd && echo has-systemd\n",
+        );
+        assert!(
+            output.contains("provisioned") && output.contains("git version") && output.contains("has-systemd"),
+            "{tool}: {output}"
+        );
+        assert!(job.hook(&env, "ch", &["cleanup"]).status.success());
+    }
 
     let out = image(&images, &["create", "broken", "--suite", "no-such-suite"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("nothing was published"), "{}", text(&out));
     assert!(!images.join("broken").exists());
+}
+
+#[test]
+fn shell_publishes_its_changes_on_success_and_drops_them_otherwise() {
+    let Some(test_images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let out = image(&images, &["import", "deb", test_images.join("bookworm/current").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The shell reads its commands from stdin, as an admin would type them.
+    let shell = |commands: &str| {
+        let mut child = std::process::Command::new(BERTH)
+            .args(["image", "--images-dir", images.to_str().unwrap(), "shell", "deb"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), commands.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = shell("echo 'by hand' > /etc/berth-shell\ntest -d /proc/1 && test -c /dev/null\nexit 0\n");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("image deb is now generation 2"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(images.join("deb/current/etc/berth-shell")).unwrap(), "by hand\n");
+    let out = shell("rm /etc/berth-shell\nexit 3\n");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("exited with exit status: 3: changes dropped, deb is unchanged"), "{}", text(&out));
+    assert!(images.join("deb/current/etc/berth-shell").exists(), "the failed shell's change was dropped");
+    let generations: Vec<_> =
+        std::fs::read_dir(images.join("deb/generations")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(generations.len(), 2, "no third generation, no draft left: {generations:?}");
+    // Nothing mounted is left behind by the shell's namespace.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(images.to_str().unwrap()), "{mounts}");
 }
