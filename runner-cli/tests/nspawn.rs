@@ -268,15 +268,47 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     assert_all_pass(&report);
-    // The sample job, through systemd mode.
+    // A sample job, through systemd mode. It waits (up to 60 s) while the
+    // test looks at its container's unit in the test host's systemd.
     let file = etc.join("ci.yml");
-    std::fs::write(&file, "test:\n  script:\n    - echo \"in $(hostname) with $(cat /proc/1/comm) as init\"\n")
-        .unwrap();
-    let out = host
+    std::fs::write(
+        &file,
+        "test:\n  script:\n    - echo \"in $(hostname) with $(cat /proc/1/comm) as init\"\n    - for i in $(seq 600); do test -e /cache/release && break; sleep 0.1; done\n",
+    )
+    .unwrap();
+    let exec = host
         .command("berth")
         .args(["--runner", "ns", "exec", "--no-sources", "--file", "/etc/berth/ci.yml", "test"])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let unit = loop {
+        let out =
+            host.command("systemctl").args(["list-units", "--plain", "--no-legend", "berth-ns-*"]).output().unwrap();
+        if let Some(unit) = text(&out).split_whitespace().find(|w| w.ends_with(".service")) {
+            break unit.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no berth-ns-* unit in the test host: {}", text(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let props = ["MemoryMax", "TasksMax", "CPUQuotaPerSecUSec", "CPUWeight", "Delegate", "KillMode", "Slice"];
+    let out = host.command("systemctl").arg("show").arg(&unit).args(props.map(|p| format!("-p{p}"))).output().unwrap();
+    std::fs::write(state.join("cache/ns/release"), "").unwrap();
+    let shown = text(&out);
+    for expected in [
+        "MemoryMax=2147483648",
+        "TasksMax=2000",
+        "CPUQuotaPerSecUSec=1.500000s",
+        "CPUWeight=50",
+        "Delegate=yes",
+        "KillMode=mixed",
+        "Slice=machine.slice",
+    ] {
+        assert!(shown.lines().any(|l| l == expected), "{unit} lacks {expected}:\n{shown}");
+    }
+    let out = exec.wait_with_output().unwrap();
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("(systemd mode)") && log.contains("with systemd as init"), "{log}");
