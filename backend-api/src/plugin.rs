@@ -298,8 +298,13 @@ pub unsafe fn sdk_call(host: *const BerthHost, body: impl FnOnce(&BerthHostRef<'
     let call = Call { host };
     let wrapped = BerthHostRef { call: &call };
     // The plugin's `tracing` events (on this thread) go to the host's log.
-    let caught =
-        tracing::subscriber::with_default(HostLog::new(host), || catch_unwind(AssertUnwindSafe(|| body(&wrapped))));
+    let caught = tracing::subscriber::with_default(
+        HostLog { max: max_level(std::env::var("BERTH_LOG").ok().as_deref()) },
+        || {
+            let _current = CurrentHost::set(host);
+            catch_unwind(AssertUnwindSafe(|| body(&wrapped)))
+        },
+    );
     match caught {
         Ok(Ok(())) => Status::Ok as i32,
         Ok(Err(failure)) => call.fail(&failure),
@@ -317,37 +322,55 @@ pub unsafe fn sdk_call(host: *const BerthHost, body: impl FnOnce(&BerthHostRef<'
 /// A `tracing` subscriber for the duration of one SDK call: every event
 /// becomes a [`BerthHost::log`] line, `[target] message key=value ...`, and
 /// the host's own filter (`BERTH_LOG`, target `plugin`) decides what is shown.
-/// Spans are not forwarded. Events of threads the plugin starts are not
-/// forwarded either (the subscriber is this thread's default for the call).
+/// It reaches the host only through [`CURRENT_HOST`], set by [`sdk_call`] on
+/// the calling thread for the call's duration: spans are not forwarded, and
+/// events of other threads, or after the call, are dropped (even if plugin
+/// code kept a clone of the dispatcher).
 struct HostLog {
-    log: extern "C" fn(ctx: *mut c_void, level: i32, message: BerthBytes),
-    ctx: *mut c_void,
     max: tracing::Level,
 }
 
-// SAFETY: a HostLog lives only as the default subscriber of the calling
-// thread during one call, while the host keeps `ctx` valid; it is never
-// reached from another thread.
-unsafe impl Send for HostLog {}
-// SAFETY: as above.
-unsafe impl Sync for HostLog {}
+/// The host's log callback and context, on the thread of the SDK call in progress.
+type HostLogFn = (extern "C" fn(ctx: *mut c_void, level: i32, message: BerthBytes), *mut c_void);
 
-impl HostLog {
-    fn new(host: &BerthHost) -> HostLog {
-        HostLog { log: host.log, ctx: host.ctx, max: max_level(std::env::var("BERTH_LOG").ok().as_deref()) }
+thread_local! {
+    static CURRENT_HOST: std::cell::Cell<Option<HostLogFn>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes `host` this thread's [`CURRENT_HOST`] until dropped (also on unwind).
+struct CurrentHost(Option<HostLogFn>);
+
+impl CurrentHost {
+    fn set(host: &BerthHost) -> CurrentHost {
+        CurrentHost(CURRENT_HOST.with(|current| current.replace(Some((host.log, host.ctx)))))
+    }
+}
+
+impl Drop for CurrentHost {
+    fn drop(&mut self) {
+        CURRENT_HOST.with(|current| current.set(self.0.take()));
     }
 }
 
 /// The most verbose level `BERTH_LOG` (an env-filter) may show: events above
-/// it are not even formatted. Without it, `info` (what cleanup shows).
+/// it are not even formatted. Without it, `info` (what cleanup shows). A
+/// directive without a level (a bare target) or with one not known here counts
+/// as `trace`: forwarding too much only costs formatting, the host filters.
 fn max_level(filter: Option<&str>) -> tracing::Level {
     use tracing::Level;
     let Some(filter) = filter else { return Level::INFO };
-    let filter = filter.to_ascii_lowercase();
-    [(Level::TRACE, "trace"), (Level::DEBUG, "debug"), (Level::INFO, "info"), (Level::WARN, "warn")]
-        .into_iter()
-        .find(|(_, word)| filter.contains(word))
-        .map_or(Level::ERROR, |(level, _)| level)
+    let level_of = |directive: &str| -> Option<Level> {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level).trim().to_ascii_lowercase();
+        match level.as_str() {
+            "off" | "0" => None,
+            "error" | "1" => Some(Level::ERROR),
+            "warn" | "2" => Some(Level::WARN),
+            "info" | "3" => Some(Level::INFO),
+            "debug" | "4" => Some(Level::DEBUG),
+            _ => Some(Level::TRACE),
+        }
+    };
+    filter.split(',').filter(|d| !d.trim().is_empty()).filter_map(level_of).max().unwrap_or(Level::ERROR)
 }
 
 /// Formats an event's fields: the message first, then `key=value` pairs.
@@ -392,6 +415,7 @@ impl tracing::Subscriber for HostLog {
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
 
     fn event(&self, event: &tracing::Event<'_>) {
+        let Some((log, ctx)) = CURRENT_HOST.with(std::cell::Cell::get) else { return };
         let metadata = event.metadata();
         let (mut message, mut pairs) = (String::new(), String::new());
         event.record(&mut Fields { message: &mut message, pairs: &mut pairs });
@@ -402,7 +426,7 @@ impl tracing::Subscriber for HostLog {
             tracing::Level::INFO => level::INFO,
             _ => level::DEBUG,
         };
-        (self.log)(self.ctx, level, BerthBytes::new(line.as_bytes()));
+        log(ctx, level, BerthBytes::new(line.as_bytes()));
     }
 
     fn enter(&self, _: &tracing::span::Id) {}
@@ -639,5 +663,61 @@ mod tests {
         assert_eq!(max_level(Some("berth=info,plugin=trace")), Level::TRACE);
         assert_eq!(max_level(Some("WARN")), Level::WARN);
         assert_eq!(max_level(Some("off")), Level::ERROR);
+        // A bare target shows everything of it; numbers are levels too.
+        assert_eq!(max_level(Some("plugin")), Level::TRACE);
+        assert_eq!(max_level(Some("berth=info,plugin=4")), Level::DEBUG);
+        assert_eq!(max_level(Some("x[span{a=1}]=warn")), Level::WARN);
+    }
+
+    static LINES: std::sync::Mutex<Vec<(i32, String)>> = std::sync::Mutex::new(Vec::new());
+
+    extern "C" fn record_log(_: *mut c_void, level: i32, message: BerthBytes) {
+        // SAFETY: valid for the call, per the ABI.
+        let text = String::from_utf8_lossy(unsafe { message.as_slice() }).into_owned();
+        LINES.lock().unwrap().push((level, text));
+    }
+    extern "C" fn ignore_bytes(_: *mut c_void, _: BerthBytes) {}
+    extern "C" fn ignore_code(_: *mut c_void, _: i32) {}
+    extern "C" fn not_cancelled(_: *mut c_void) -> i32 {
+        0
+    }
+
+    #[test]
+    fn events_reach_the_host_only_on_the_calls_thread_and_during_the_call() {
+        let host = BerthHost {
+            size: std::mem::size_of::<BerthHost>() as u32,
+            abi_major: ABI_MAJOR,
+            abi_minor: ABI_MINOR,
+            ctx: std::ptr::null_mut(),
+            cancel_fd: -1,
+            log: record_log,
+            set_output: ignore_bytes,
+            set_message: ignore_bytes,
+            set_exit_code: ignore_code,
+            is_cancelled: not_cancelled,
+        };
+        let mut kept = None;
+        // SAFETY: `host` is valid for the whole call.
+        let status = unsafe {
+            sdk_call(&host, |_| {
+                tracing::info!(job = "p-1", "in the call");
+                tracing::trace!("above the level BERTH_LOG allows");
+                std::thread::scope(|scope| {
+                    scope.spawn(|| tracing::warn!("on another thread"));
+                });
+                // Plugin code may keep the dispatcher, as `with_current_subscriber` does.
+                kept = Some(tracing::dispatcher::get_default(Clone::clone));
+                Ok(())
+            })
+        };
+        assert_eq!(status, Status::Ok as i32);
+        tracing::dispatcher::with_default(&kept.unwrap(), || tracing::error!("after the call"));
+        let lines = LINES.lock().unwrap().clone();
+        let expected = format!("[{}] in the call job=p-1", module_path!());
+        assert!(lines.contains(&(level::INFO, expected)), "{lines:?}");
+        assert!(!lines.iter().any(|(_, l)| l.contains("another thread") || l.contains("after the call")), "{lines:?}");
+        if std::env::var_os("BERTH_LOG").is_none() {
+            assert_eq!(lines.len(), 1, "trace is not formatted at the default level: {lines:?}");
+        }
     }
 }

@@ -136,12 +136,19 @@ fn reap_removes_the_container_of_a_job_whose_runner_is_gone() {
         "/sys/fs/cgroup/systemd"
     };
     let (old, young) = (Path::new(top).join("berth/berth-ns-700098"), Path::new(top).join("berth/berth-ns-700097"));
-    for dir in [&old, &young] {
+    // Runner `ns-x`'s: not runner `ns`'s, though its name starts the same.
+    let other = Path::new(top).join("berth/berth-ns-x-700096");
+    for dir in [&old, &young, &other] {
         std::fs::create_dir_all(dir).unwrap();
     }
-    assert!(Command::new("touch").args(["-d", "2 minutes ago"]).arg(&old).status().unwrap().success());
+    for dir in [&old, &other] {
+        assert!(Command::new("touch").args(["-d", "2 minutes ago"]).arg(dir).status().unwrap().success());
+    }
     let out = env.berth("ns").args(["reap", "--grace", "0"]).output().unwrap();
+    let other_survived = other.exists();
     let _ = std::fs::remove_dir(&young);
+    let _ = std::fs::remove_dir(&other);
+    assert!(other_survived, "another runner's cgroup was reaped:\n{}", text(&out));
     let log = text(&out);
     assert!(log.contains("removed ns-700003"), "{log}");
     assert!(pids_with_arg(machine).is_empty(), "the container is gone");

@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::limits::{weight_to_shares, Amount, Limits, CPU_PERIOD_US};
+use crate::limits::{quota_us, weight_to_shares, Amount, Limits, CPU_PERIOD_US};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
@@ -45,13 +45,33 @@ impl Controller {
 
     /// Whether berth can set limits with this controller on this host.
     pub fn available(self) -> bool {
+        self.unavailable_because().is_none()
+    }
+
+    /// Why berth cannot set limits with this controller here, with what to do.
+    pub fn unavailable_because(self) -> Option<String> {
+        let name = self.name();
         let root = Path::new(ROOT);
-        if unified() {
-            std::fs::read_to_string(root.join("cgroup.controllers"))
-                .is_ok_and(|c| c.split_whitespace().any(|n| n == self.name()))
-        } else {
-            writable(&root.join(self.name()))
+        if !unified() {
+            return (!writable(&root.join(name)))
+                .then(|| format!("this host has no writable cgroup v1 {name} hierarchy at {ROOT}/{name}"));
         }
+        let listed = |file: &str| {
+            std::fs::read_to_string(root.join(file)).is_ok_and(|c| c.split_whitespace().any(|n| n == name))
+        };
+        if !listed("cgroup.controllers") {
+            return Some(format!("the {name} controller is not in {ROOT}/cgroup.controllers"));
+        }
+        // berth enables it at the true root. Below it (a cgroup namespace, as
+        // in a container) the root holds processes and the kernel refuses to
+        // enable controllers for its children: it must be enabled already.
+        if root.join("cgroup.type").exists() && !listed("cgroup.subtree_control") {
+            return Some(format!(
+                "{ROOT} is a cgroup namespace (berth runs in a container) where the {name} controller is not enabled for child cgroups; \
+                 move the processes of {ROOT} into a child cgroup and run `echo +{name} > {ROOT}/cgroup.subtree_control`"
+            ));
+        }
+        None
     }
 }
 
@@ -82,6 +102,14 @@ pub struct JobCgroup {
     dirs: Vec<PathBuf>,
     /// Those a new process joins: made by [`JobCgroup::create`].
     joined: Vec<PathBuf>,
+}
+
+impl std::fmt::Display for JobCgroup {
+    /// The directories a new process joins.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dirs: Vec<String> = self.joined.iter().map(|d| d.display().to_string()).collect();
+        f.write_str(&dirs.join(", "))
+    }
 }
 
 fn with_path(e: io::Error, path: &Path) -> io::Error {
@@ -147,13 +175,25 @@ impl JobCgroup {
         .filter(|(c, wanted)| *wanted && c.available())
         .map(|(c, _)| c)
         .collect();
+        // What a cleanup that failed left of this container's cgroup would
+        // carry over (child cgroups, enabled controllers): start afresh.
+        if self.dirs.iter().any(|d| d.exists()) && self.pids().is_empty() {
+            self.remove()?;
+        }
         if unified() && !wanted.is_empty() {
             // Controllers must be enabled on every level above the job's cgroup.
-            let enable: String = wanted.iter().map(|c| format!("+{} ", c.name())).collect();
             let berth = root.join("berth");
             std::fs::create_dir_all(&berth).map_err(|e| with_path(e, &berth))?;
             for parent in [root, berth.as_path()] {
-                write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
+                let enabled = std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+                let enable: Vec<String> = wanted
+                    .iter()
+                    .filter(|c| !enabled.split_whitespace().any(|n| n == c.name()))
+                    .map(|c| format!("+{}", c.name()))
+                    .collect();
+                if !enable.is_empty() {
+                    write(&parent.join("cgroup.subtree_control"), &enable.join(" "))?;
+                }
             }
         } else {
             joined.extend(wanted.iter().map(|c| root.join(c.name()).join("berth").join(&machine)));
@@ -178,17 +218,17 @@ impl JobCgroup {
                 }
                 Controller::Pids => write(&dir.join("pids.max"), &amount(limits.tasks, "max"))?,
                 Controller::Cpu if unified() => {
-                    if let Some(percent) = limits.cpu_quota {
-                        write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", percent * CPU_PERIOD_US / 100))?;
+                    if let Some(quota) = limits.cpu_quota {
+                        write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", quota_us(quota)))?;
                     }
                     if let Some(weight) = limits.cpu_weight {
                         write(&dir.join("cpu.weight"), &weight.to_string())?;
                     }
                 }
                 Controller::Cpu => {
-                    if let Some(percent) = limits.cpu_quota {
+                    if let Some(quota) = limits.cpu_quota {
                         write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                        write(&dir.join("cpu.cfs_quota_us"), &(percent * CPU_PERIOD_US / 100).to_string())?;
+                        write(&dir.join("cpu.cfs_quota_us"), &quota_us(quota).to_string())?;
                     }
                     if let Some(weight) = limits.cpu_weight {
                         write(&dir.join("cpu.shares"), &weight_to_shares(weight).to_string())?;

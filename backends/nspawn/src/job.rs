@@ -68,7 +68,8 @@ fn mkdir(path: &Path) -> Result<(), Failure> {
 }
 
 /// Masks units or generators for the container's systemd: a link to
-/// /dev/null in `dir` of the job's fresh overlay (the image is not touched).
+/// /dev/null in `dir` of the job's fresh overlay layer (the image is not
+/// touched; nothing in the layer was written by a container yet).
 fn mask(dir: &Path, names: &[String]) -> Result<(), Failure> {
     if names.is_empty() {
         return Ok(());
@@ -76,12 +77,8 @@ fn mask(dir: &Path, names: &[String]) -> Result<(), Failure> {
     mkdir(dir)?;
     for name in names {
         let link = dir.join(name);
-        match std::os::unix::fs::symlink("/dev/null", &link) {
-            // Made by an earlier prepare of this job.
-            Err(e) if fs::read_link(&link).is_ok_and(|target| target == Path::new("/dev/null")) => drop(e),
-            Err(e) => return Err(Failure::system_with(format!("failed to mask {name} ({})", link.display()), e)),
-            Ok(()) => {}
-        }
+        std::os::unix::fs::symlink("/dev/null", &link)
+            .map_err(|e| Failure::system_with(format!("failed to mask {name} ({})", link.display()), e))?;
     }
     Ok(())
 }
@@ -171,7 +168,20 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
     let started = Instant::now();
     let image = backend.images.resolve(job.image())?;
     let machine = machine_name(job.key());
+    if !host::pids_with_arg(&format!("--machine={machine}")).is_empty() {
+        return Err(Failure::system(format!(
+            "a container named {machine} already runs on this host: another berth configuration has a runner named {:?} (runner names must be unique per host)",
+            job.key().runner()
+        )));
+    }
     let upper = upper_dir(state);
+    // An earlier attempt's layer (its container is gone: checked above) is
+    // not reused: the container could write it, and berth writes into it now.
+    if upper.exists() {
+        fs::remove_dir_all(&upper).map_err(|e| {
+            Failure::system_with(format!("failed to remove {} of an earlier attempt", upper.display()), e)
+        })?;
+    }
     mkdir(&upper.join("etc"))?;
     mkdir(&upper.join(BUILDS_DIR.trim_start_matches('/')))?;
     // The image's /etc/hostname would win over --machine; an empty machine-id
@@ -189,12 +199,6 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         println!("WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the container (ask the admin to install it or set settings.gitlab_runner)");
     }
     let timeout = Duration::from_secs(backend.settings.boot_timeout.unwrap_or(60));
-    if !host::pids_with_arg(&format!("--machine={machine}")).is_empty() {
-        return Err(Failure::system(format!(
-            "a container named {machine} already runs on this host: another berth configuration has a runner named {:?} (runner names must be unique per host)",
-            job.key().runner()
-        )));
-    }
     let container = match backend.mode {
         Mode::Systemd => boot_systemd(backend, job, state, &machine, &image, timeout, cancel)?,
         _ => boot_standalone(backend, job, state, &machine, &image, timeout, cancel)?,
@@ -246,9 +250,13 @@ fn boot_standalone(
     // SAFETY: the closure only performs async-signal-safe system calls (see JobCgroup::joiner).
     unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
     debug!(?cmd, "booting");
-    let child = cmd
-        .spawn()
-        .map_err(|e| Failure::system_with("failed to run systemd-nspawn (is systemd-container installed?)", e))?;
+    let child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Failure::system_with("systemd-nspawn is not installed (apt-get install systemd-container)", e)
+        }
+        // The joiner's errors come back from spawn too.
+        _ => Failure::system_with(format!("failed to start systemd-nspawn in the container's cgroup ({cgroup})"), e),
+    })?;
     let pid = child.id() as i32;
     let mut container = Container {
         mode: ModeName::Standalone,
@@ -542,7 +550,10 @@ pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<Str
     let jobs = backend.runner.state_dir.join("jobs");
     let ours = format!("{}/", jobs.display());
     // A job prepared since reap listed the known ones has its state by now.
-    let orphan = |key: &JobKey| !known.contains(key) && !jobs.join(key.to_string()).exists();
+    // (`berth-<runner>-` also prefixes the machines of a runner named `<runner>-x`.)
+    let orphan = |key: &JobKey| {
+        key.runner() == backend.runner.name && !known.contains(key) && !jobs.join(key.to_string()).exists()
+    };
     let mut removed = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else { return Ok(removed) };
     for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {

@@ -119,11 +119,13 @@ impl Nspawn {
                 ("cpu_weight", self.settings.cpu_weight.is_some(), Controller::Cpu),
                 ("tasks_max", self.settings.tasks_max.is_some(), Controller::Pids),
             ] {
-                if set && !controller.available() {
+                if !set {
+                    continue;
+                }
+                if let Some(reason) = controller.unavailable_because() {
                     out.push(format!(
-                        "nspawn runner {}: settings.{name} is not enforced: this host has no usable {} cgroup controller (standalone mode sets limits in the container's cgroup)",
-                        self.runner.name,
-                        controller.name()
+                        "nspawn runner {}: settings.{name} is not enforced: {reason} (standalone mode sets limits in the container's cgroup)",
+                        self.runner.name
                     ));
                 }
             }

@@ -23,9 +23,10 @@ pub struct Limits {
     pub memory: Option<Amount>,
     /// `tasks_max`: processes and threads (default 4096).
     pub tasks: Option<Amount>,
-    /// `cpu_quota`: percent of one CPU (200 = two CPUs).
+    /// `cpu_quota`: hundredths of a percent of one CPU (20000 = two CPUs).
     pub cpu_quota: Option<u64>,
-    /// `cpu_weight`: 1-10000, 100 being the default of every other process.
+    /// `cpu_weight`: 1-10000 (the default weight is 100). In standalone mode it
+    /// weighs a container against the other berth containers of the host.
     pub cpu_weight: Option<u64>,
 }
 
@@ -33,6 +34,13 @@ pub struct Limits {
 pub const DEFAULT_TASKS_MAX: u64 = 4096;
 /// The period `cpu_quota` is enforced over, in microseconds (systemd's default).
 pub const CPU_PERIOD_US: u64 = 100_000;
+/// The largest `cpu_quota`: 1024 CPUs, in hundredths of a percent.
+const MAX_CPU_QUOTA: u64 = 1024 * 100 * 100;
+
+/// The quota of `cpu_quota` hundredths of a percent of one CPU per [`CPU_PERIOD_US`], in microseconds.
+pub fn quota_us(cpu_quota: u64) -> u64 {
+    (cpu_quota * CPU_PERIOD_US / 10_000).max(1000)
+}
 
 impl Limits {
     /// The limits of `settings`, or what is wrong with one of them (`memory_max: ...`).
@@ -61,45 +69,65 @@ impl Limits {
     }
 }
 
-/// `4G`, `512M`, `1.5G`, `1073741824`, `50%` (of the host's memory) or `infinity`.
+/// An amount of memory the way systemd's `MemoryMax=` takes it: `4G`, `512M`,
+/// `1.5G`, `512 M`, `1073741824`, `64B` (1024-based K, M, G, T, P, E), `50%`
+/// of the host's memory, or `infinity`.
 pub fn parse_bytes(text: &str, total: impl FnOnce() -> u64) -> Result<Amount, String> {
     let value = text.trim();
     let bad = || format!("{text:?} is not an amount of memory (like 4G, 512M, 50% or infinity)");
     if value == "infinity" {
         return Ok(Amount::Max);
     }
-    if let Some(percent) = value.strip_suffix('%') {
-        let percent: f64 = percent.parse().map_err(|_| bad())?;
-        if !(0.0..=100.0).contains(&percent) {
-            return Err(bad());
-        }
-        return Ok(Amount::Value((total() as f64 * percent / 100.0) as u64));
-    }
-    let split = value.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(value.len());
-    let (number, suffix) = value.split_at(split);
-    let factor: u64 = match suffix.trim_end_matches('B') {
-        "" if suffix.is_empty() || suffix == "B" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => return Err(bad()),
+    let bytes = if let Some(percent) = value.strip_suffix('%') {
+        let percent = decimal(percent).filter(|p| *p <= 100.0).ok_or_else(bad)?;
+        total() as f64 * percent / 100.0
+    } else {
+        let split = value.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(value.len());
+        let (number, suffix) = value.split_at(split);
+        let exponent = match suffix.trim_start() {
+            "" | "B" => 0,
+            "K" => 1,
+            "M" => 2,
+            "G" => 3,
+            "T" => 4,
+            "P" => 5,
+            "E" => 6,
+            _ => return Err(bad()),
+        };
+        decimal(number).ok_or_else(bad)? * 1024f64.powi(exponent)
     };
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let bytes = number * factor as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
         return Err(bad());
     }
     Ok(Amount::Value(bytes as u64))
 }
 
-/// `20%`, `200%` (two CPUs): percent of one CPU.
+/// A non-negative decimal number without exponent (`12`, `1.5`).
+fn decimal(text: &str) -> Option<f64> {
+    let valid = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && text.bytes().filter(|b| *b == b'.').count() <= 1
+        && text.bytes().next().is_some_and(|b| b.is_ascii_digit());
+    valid.then(|| text.parse().ok()).flatten()
+}
+
+/// A CPU quota the way systemd's `CPUQuota=` takes it: a percentage of one
+/// CPU with up to two decimals (`20%`, `12.5%`, `200%` for two CPUs), in
+/// hundredths of a percent.
 pub fn parse_percent(text: &str) -> Result<u64, String> {
-    text.trim()
-        .strip_suffix('%')
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?} is not a CPU quota (a percentage of one CPU: 50%, 200% for two CPUs)"))
+    let bad = || format!("{text:?} is not a CPU quota (a percentage of one CPU: 50%, 12.5%, 200% for two CPUs)");
+    let number = text.trim().strip_suffix('%').ok_or_else(bad)?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || whole.len() > 7 || fraction.len() > 2 || !digits(whole) || !digits(fraction) {
+        return Err(bad());
+    }
+    let hundredths =
+        whole.parse::<u64>().map_err(|_| bad())? * 100 + format!("{fraction:0<2}").parse::<u64>().unwrap_or(0);
+    if hundredths == 0 || hundredths > MAX_CPU_QUOTA {
+        return Err(bad());
+    }
+    Ok(hundredths)
 }
 
 /// The host's physical memory, in bytes.
@@ -125,19 +153,27 @@ mod tests {
         assert_eq!(parse_bytes("512M", total), Ok(Amount::Value(512 << 20)));
         assert_eq!(parse_bytes("1.5G", total), Ok(Amount::Value(3 << 29)));
         assert_eq!(parse_bytes("1048576", total), Ok(Amount::Value(1 << 20)));
-        assert_eq!(parse_bytes("64KB", total), Ok(Amount::Value(64 << 10)));
+        assert_eq!(parse_bytes("64B", total), Ok(Amount::Value(64)));
+        assert_eq!(parse_bytes("512 M", total), Ok(Amount::Value(512 << 20)));
+        assert_eq!(parse_bytes("1P", total), Ok(Amount::Value(1 << 50)));
         assert_eq!(parse_bytes("25%", total), Ok(Amount::Value(2 << 30)));
+        assert_eq!(parse_bytes("12.5%", total), Ok(Amount::Value(1 << 30)));
         assert_eq!(parse_bytes("infinity", total), Ok(Amount::Max));
-        for bad in ["", "G", "4X", "-1G", "0", "150%", "4 G", "1e3"] {
+        // What systemd refuses too (64KB), and what would be no memory at all.
+        for bad in ["", "G", "4X", "64KB", "-1G", "0", "0%", "150%", ".5G", "1.2.3G", "1e3", "99999E"] {
             assert!(parse_bytes(bad, total).is_err(), "{bad:?} was accepted");
         }
     }
 
     #[test]
     fn cpu_quotas_are_percentages() {
-        assert_eq!(parse_percent("50%"), Ok(50));
-        assert_eq!(parse_percent("200%"), Ok(200));
-        for bad in ["50", "0%", "-5%", "x%", "1.5%"] {
+        assert_eq!(parse_percent("50%"), Ok(5000));
+        assert_eq!(parse_percent("200%"), Ok(20000));
+        assert_eq!(parse_percent("12.5%"), Ok(1250));
+        assert_eq!(parse_percent("0.25%"), Ok(25));
+        assert_eq!(quota_us(5000), 50_000);
+        assert_eq!(quota_us(20000), 200_000);
+        for bad in ["50", "0%", "0.00%", "-5%", "x%", "1.234%", "%", ".5%", "99999999%", "200000%"] {
             assert!(parse_percent(bad).is_err(), "{bad:?} was accepted");
         }
     }
@@ -157,7 +193,7 @@ mod tests {
         assert_eq!(limits.memory, Some(Amount::Value(2 << 30)));
         assert_eq!(
             (limits.cpu_quota, limits.cpu_weight, limits.tasks),
-            (Some(150), Some(50), Some(Amount::Value(100)))
+            (Some(15000), Some(50), Some(Amount::Value(100)))
         );
         let bad = Settings { memory_max: Some("lots".into()), ..Settings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("memory_max: \"lots\""));

@@ -44,13 +44,14 @@ pub struct Settings {
     pub gitlab_runner: Option<PathBuf>,
     /// Seconds to wait for the container's systemd to be ready (default 60).
     pub boot_timeout: Option<u64>,
-    /// The container's memory limit, systemd syntax (`4G`); systemd mode only.
+    /// The container's memory limit, systemd syntax (`4G`, `50%`, `infinity`).
+    /// This and the other limits hold in both host modes ([`crate::limits`]).
     pub memory_max: Option<String>,
-    /// The container's CPU quota (`200%` = two CPUs); systemd mode only.
+    /// The container's CPU quota (`200%` = two CPUs, `12.5%`).
     pub cpu_quota: Option<String>,
-    /// The container's CPU weight (1-10000); systemd mode only.
+    /// The container's CPU weight (1-10000; the default weight is 100).
     pub cpu_weight: Option<u32>,
-    /// The container's task (process and thread) limit (default 4096 in systemd mode).
+    /// The container's task (process and thread) limit (default 4096).
     pub tasks_max: Option<u32>,
     /// A private network namespace with only loopback (default: the host's network).
     #[serde(default)]
