@@ -174,20 +174,41 @@ fn pids_with_arg(arg: &str) -> Vec<String> {
 struct TestHost {
     nspawn: std::process::Child,
     leader: i32,
+    /// Its own cgroups (one per hierarchy nspawn uses): two test hosts never share one.
+    cgroups: Vec<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl TestHost {
-    fn boot(images: &Path, binds: &[(PathBuf, &str, bool)]) -> TestHost {
+    /// Boots test host `name`; `unified` gives it a cgroup2-only hierarchy
+    /// (what a container gets on a cgroup2 host), else the host's layout.
+    fn boot(images: &Path, name: &str, unified: bool, binds: &[(PathBuf, &str, bool)]) -> TestHost {
         let dir = tempfile::tempdir().unwrap();
         let upper = dir.path().join("upper");
         std::fs::create_dir_all(upper.join("etc")).unwrap();
         std::fs::write(upper.join("etc/hostname"), "testhost\n").unwrap();
-        let name = format!("berth-testhost-{}", std::process::id());
-        let socket_name = format!("berth-test-notify-{}", std::process::id());
+        let name = format!("berth-testhost-{name}-{}", std::process::id());
+        let socket_name = format!("{name}-notify");
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
         let root = images.join("testhost/current").canonicalize().unwrap();
-        let mut cmd = Command::new("systemd-nspawn");
+        // nspawn --keep-unit makes its cgroups inside the one it starts in.
+        let cgroups: Vec<PathBuf> = ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(Path::new)
+            .filter(|h| h.join("cgroup.procs").exists())
+            .take(if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() { 1 } else { 2 })
+            .map(|h| h.join("berth-test").join(&name))
+            .collect();
+        let mut join = String::new();
+        for cgroup in &cgroups {
+            std::fs::create_dir_all(cgroup).unwrap();
+            join.push_str(&format!("echo $$ > {}/cgroup.procs; ", cgroup.display()));
+        }
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("{join}exec systemd-nspawn \"$@\"")).arg("sh");
+        if unified {
+            cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1");
+        }
         cmd.args(["--quiet", "--register=no", "--keep-unit", "--console=passive", "--notify-ready=yes"])
             .arg(format!("--machine={name}"))
             .arg("--directory")
@@ -225,7 +246,7 @@ impl TestHost {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        TestHost { nspawn, leader, _dir: dir }
+        TestHost { nspawn, leader, cgroups, _dir: dir }
     }
 
     fn command(&self, program: &str) -> Command {
@@ -239,36 +260,65 @@ impl Drop for TestHost {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.leader), nix::sys::signal::Signal::SIGKILL);
         let _ = self.nspawn.wait();
+        for cgroup in &self.cgroups {
+            remove_cgroup(cgroup);
+        }
     }
 }
 
-#[test]
-fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
-    let Some(images) = real_containers() else { return };
+/// Removes a cgroup directory and those below it, deepest first.
+fn remove_cgroup(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// A booted test host with berth, the test images, a state directory and
+/// `/etc/berth/config.toml` holding `config`.
+struct Hosted {
+    host: TestHost,
+    state: PathBuf,
+    etc: PathBuf,
+    _scratch: tempfile::TempDir,
+}
+
+fn hosted(images: &Path, name: &str, unified: bool, config: &str) -> Hosted {
     let scratch = tempfile::tempdir().unwrap();
     let state = scratch.path().join("state");
     let etc = scratch.path().join("etc");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("config.toml"), format!("state_dir = \"/var/lib/berth/state\"\n{config}")).unwrap();
     // Inside the test host: images at /var/lib/berth/images, state on a bind
     // mount (an overlay's upper dir cannot live on the test host's own overlay).
-    // With limits: every job's unit must be accepted by systemd with them.
-    let config = format!(
-        "state_dir = \"/var/lib/berth/state\"\n{}memory_max = \"2G\"\ncpu_quota = \"150%\"\ncpu_weight = 50\ntasks_max = 2000\n",
-        runner(Path::new("/var/lib/berth/images"), "auto")
-    );
-    std::fs::write(etc.join("config.toml"), config).unwrap();
     let host = TestHost::boot(
-        &images,
+        images,
+        name,
+        unified,
         &[
             (PathBuf::from(BERTH), "/usr/local/bin/berth", false),
-            (images.clone(), "/var/lib/berth/images", false),
+            (images.to_owned(), "/var/lib/berth/images", false),
             (state.clone(), "/var/lib/berth/state", true),
             (etc.clone(), "/etc/berth", false),
         ],
     );
     let out = host.command("systemctl").args(["is-system-running", "--wait"]).output().unwrap();
-    eprintln!("test host: {}", text(&out).trim());
+    eprintln!("test host {name}: {}", text(&out).trim());
+    Hosted { host, state, etc, _scratch: scratch }
+}
+
+#[test]
+fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
+    let Some(images) = real_containers() else { return };
+    // With limits: every job's unit must be accepted by systemd with them.
+    let config = format!(
+        "{}memory_max = \"2G\"\ncpu_quota = \"150%\"\ncpu_weight = 50\ntasks_max = 2000\n",
+        runner(Path::new("/var/lib/berth/images"), "auto")
+    );
+    let Hosted { host, state, etc, _scratch } = hosted(&images, "systemd", false, &config);
     let out = host.command("berth").args(["--runner", "ns", "describe"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let out = host.command("berth").args(["--runner", "ns", "conformance", "--json"]).output().unwrap();
@@ -413,4 +463,38 @@ fn standalone_mode_enforces_memory_cpu_and_task_limits() {
         .filter(|dir| dir.exists())
         .collect();
     assert!(left.is_empty(), "the job's cgroups are left: {left:?}");
+}
+
+#[test]
+fn standalone_mode_passes_the_conformance_suite_on_cgroup2_inside_a_container() {
+    let Some(images) = real_containers() else { return };
+    // berth inside a container of a cgroup2 host: standalone mode, its
+    // containers' cgroups below the namespace's root.
+    let config = format!("{}memory_max = \"1G\"\n", runner(Path::new("/var/lib/berth/images"), "standalone"));
+    let Hosted { host, etc, _scratch, .. } = hosted(&images, "cgroup2", true, &config);
+    let shell = |script: &str| text(&host.command("sh").args(["-c", script]).output().unwrap());
+    assert_eq!(shell("stat -f -c %T /sys/fs/cgroup").trim(), "cgroup2fs", "a cgroup2-only test host");
+    assert!(shell("ls /sys/fs/cgroup").contains("cgroup.type"), "its /sys/fs/cgroup is a cgroup namespace");
+    let out = host.command("berth").args(["--runner", "ns", "conformance", "--json"]).output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_all_pass(&report);
+    std::fs::write(
+        etc.join("ci.yml"),
+        "test:\n  script:\n    - echo \"in $(hostname) with cgroup $(tail -1 /proc/self/cgroup)\"\n",
+    )
+    .unwrap();
+    let out = host
+        .command("berth")
+        .args(["--runner", "ns", "exec", "--no-sources", "--file", "/etc/berth/ci.yml", "test"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("(standalone mode)") && log.contains("in berth-ns-"), "{log}");
+    let warned = log.contains("settings.memory_max is not enforced");
+    let has_memory = shell("cat /sys/fs/cgroup/cgroup.controllers").split_whitespace().any(|c| c == "memory");
+    assert_eq!(warned, !has_memory, "the warning says whether memory_max holds:\n{log}");
+    let left = shell("ls /sys/fs/cgroup/berth 2>/dev/null | grep berth-ns- || true");
+    assert!(left.trim().is_empty(), "cgroups left: {left}");
 }

@@ -62,10 +62,12 @@ impl Controller {
         if !listed("cgroup.controllers") {
             return Some(format!("the {name} controller is not in {ROOT}/cgroup.controllers"));
         }
-        // berth enables it at the true root. Below it (a cgroup namespace, as
-        // in a container) the root holds processes and the kernel refuses to
-        // enable controllers for its children: it must be enabled already.
-        if root.join("cgroup.type").exists() && !listed("cgroup.subtree_control") {
+        // berth enables it for its `berth` subtree. The kernel allows that at
+        // the true root, and below it (a cgroup namespace, as in a container)
+        // only while the namespace's root holds no process itself.
+        let namespace_root_busy = root.join("cgroup.type").exists()
+            && std::fs::read_to_string(root.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
+        if namespace_root_busy && !listed("cgroup.subtree_control") {
             return Some(format!(
                 "{ROOT} is a cgroup namespace (berth runs in a container) where the {name} controller is not enabled for child cgroups; \
                  move the processes of {ROOT} into a child cgroup and run `echo +{name} > {ROOT}/cgroup.subtree_control`"
