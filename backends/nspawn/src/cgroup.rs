@@ -33,6 +33,8 @@ pub enum Controller {
     Cpu,
 }
 
+const CONTROLLERS: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+
 impl Controller {
     /// The controller's name in cgroupfs.
     pub fn name(self) -> &'static str {
@@ -97,9 +99,22 @@ fn hierarchies() -> Vec<PathBuf> {
     ["systemd", "unified"].iter().map(|h| root.join(h)).filter(|h| h.join("cgroup.procs").exists()).collect()
 }
 
+/// Every hierarchy a container may have a cgroup in: those above, and on a
+/// v1 or hybrid host the mounted hierarchies of the limits' controllers.
+fn all_hierarchies() -> Vec<PathBuf> {
+    let mut all = hierarchies();
+    if !unified() {
+        all.extend(
+            CONTROLLERS.iter().map(|c| Path::new(ROOT).join(c.name())).filter(|h| h.join("cgroup.procs").exists()),
+        );
+    }
+    all
+}
+
 /// The per-job cgroup directories of one container.
 #[derive(Debug, Clone)]
 pub struct JobCgroup {
+    machine: String,
     /// Every directory the container may have, in every hierarchy (what teardown looks at).
     dirs: Vec<PathBuf>,
     /// Those a new process joins: made by [`JobCgroup::create`].
@@ -125,27 +140,14 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 impl JobCgroup {
     /// The cgroup of `machine` (nothing is created yet).
     pub fn of(machine: &str) -> JobCgroup {
-        let mut dirs: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.join("berth").join(machine)).collect();
-        if !unified() {
-            for controller in [Controller::Memory, Controller::Pids, Controller::Cpu] {
-                let hierarchy = Path::new(ROOT).join(controller.name());
-                if hierarchy.join("cgroup.procs").exists() {
-                    dirs.push(hierarchy.join("berth").join(machine));
-                }
-            }
-        }
-        JobCgroup { dirs, joined: Vec::new() }
+        let dirs = all_hierarchies().into_iter().map(|h| h.join("berth").join(machine)).collect();
+        JobCgroup { machine: machine.to_owned(), dirs, joined: Vec::new() }
     }
 
     /// Machines with a cgroup under `berth/` in any hierarchy, named with
     /// `prefix` and at least `age` old.
     pub fn machines(prefix: &str, age: Duration) -> Vec<String> {
-        let root = Path::new(ROOT);
-        let mut tops: Vec<PathBuf> = hierarchies();
-        if !unified() {
-            tops.extend([Controller::Memory, Controller::Pids, Controller::Cpu].iter().map(|c| root.join(c.name())));
-        }
-        let mut machines: Vec<String> = tops
+        let mut machines: Vec<String> = all_hierarchies()
             .iter()
             .filter_map(|top| std::fs::read_dir(top.join("berth")).ok())
             .flat_map(|dir| dir.flatten())
@@ -163,11 +165,11 @@ impl JobCgroup {
     /// controller the host lacks is skipped (`berth config` says so).
     pub fn create(&mut self, limits: &Limits) -> io::Result<()> {
         let root = Path::new(ROOT);
-        let machine = self.dirs.first().and_then(|d| d.file_name()).map(ToOwned::to_owned);
-        let Some(machine) = machine else {
+        let unified = unified();
+        let mut joined: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.join("berth").join(&self.machine)).collect();
+        if joined.is_empty() {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("no writable cgroup hierarchy under {ROOT}")));
-        };
-        let mut joined: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.join("berth").join(&machine)).collect();
+        }
         let wanted: Vec<Controller> = [
             (Controller::Memory, limits.memory.is_some()),
             (Controller::Pids, limits.tasks.is_some()),
@@ -182,7 +184,13 @@ impl JobCgroup {
         if self.dirs.iter().any(|d| d.exists()) && self.pids().is_empty() {
             self.remove()?;
         }
-        if unified() && !wanted.is_empty() {
+        // Where each controller's files are: the job's one cgroup2 directory,
+        // or its directory in the controller's v1 hierarchy.
+        let dir_of = |controller: Controller| {
+            let hierarchy = if unified { root.to_owned() } else { root.join(controller.name()) };
+            hierarchy.join("berth").join(&self.machine)
+        };
+        if unified && !wanted.is_empty() {
             // Controllers must be enabled on every level above the job's cgroup.
             let berth = root.join("berth");
             std::fs::create_dir_all(&berth).map_err(|e| with_path(e, &berth))?;
@@ -198,28 +206,21 @@ impl JobCgroup {
                 }
             }
         } else {
-            joined.extend(wanted.iter().map(|c| root.join(c.name()).join("berth").join(&machine)));
+            joined.extend(wanted.iter().map(|c| dir_of(*c)));
         }
         for dir in &joined {
             std::fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
         }
-        let dir_of = |controller: Controller| {
-            if unified() {
-                root.join("berth").join(&machine)
-            } else {
-                root.join(controller.name()).join("berth").join(&machine)
-            }
-        };
         self.joined = joined;
         for controller in wanted {
             let dir = dir_of(controller);
             match controller {
                 Controller::Memory => {
-                    let (file, max) = if unified() { ("memory.max", "max") } else { ("memory.limit_in_bytes", "-1") };
+                    let (file, max) = if unified { ("memory.max", "max") } else { ("memory.limit_in_bytes", "-1") };
                     write(&dir.join(file), &amount(limits.memory, max))?;
                 }
                 Controller::Pids => write(&dir.join("pids.max"), &amount(limits.tasks, "max"))?,
-                Controller::Cpu if unified() => {
+                Controller::Cpu if unified => {
                     if let Some(quota) = limits.cpu_quota {
                         write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", quota_us(quota)))?;
                     }
