@@ -84,19 +84,7 @@ fn the_copy_layer_works_where_overlayfs_is_not_wanted() {
 fn chroot_runs_the_readme_sample_job() {
     let Some(images) = real_containers() else { return };
     let env = Env::new(&runner(&images, ""));
-    let hello = repo().join("examples/hello");
-    let out = env
-        .berth("ch")
-        .args([
-            "exec",
-            "--file",
-            hello.join(".gitlab-ci.yml").to_str().unwrap(),
-            "--sources",
-            hello.to_str().unwrap(),
-            "test",
-        ])
-        .output()
-        .unwrap();
+    let out = env.exec_sample("ch", "test", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("Prepared a root from image bookworm, generation 1 (overlay)"), "{log}");

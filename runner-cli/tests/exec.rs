@@ -2,28 +2,10 @@
 
 use crate::util::*;
 
-fn exec(env: &Env, runner: &str, job: &str, extra: &[&str]) -> std::process::Output {
-    let file = repo().join("examples/hello/.gitlab-ci.yml");
-    env.berth(runner)
-        .args([
-            "exec",
-            "--file",
-            file.to_str().unwrap(),
-            "--sources",
-            repo().join("examples/hello").to_str().unwrap(),
-            "--retry-delay-ms",
-            "50",
-        ])
-        .args(extra)
-        .arg(job)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn a_dry_run_job_shows_every_stage_decoded_and_succeeds() {
     let env = Env::new(DRY_RUN);
-    let out = exec(&env, "demo", "test", &[]);
+    let out = env.exec_sample("demo", "test", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     for stage in ["prepare_script", "get_sources", "build_script", "after_script"] {
@@ -38,7 +20,7 @@ fn a_dry_run_job_shows_every_stage_decoded_and_succeeds() {
 #[test]
 fn a_dry_run_failure_of_42_is_reported_with_gitlabs_wording() {
     let env = Env::new(DRY_RUN_FAIL_42);
-    let out = exec(&env, "fail42", "test", &[]);
+    let out = env.exec_sample("fail42", "test", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with("ERROR: Job failed: exit code 42"), "{log}");
@@ -48,7 +30,7 @@ fn a_dry_run_failure_of_42_is_reported_with_gitlabs_wording() {
 #[test]
 fn a_system_failure_in_prepare_is_retried_three_times_then_reported() {
     let env = Env::new("[runners.sys]\nbackend = \"dry-run\"\n[runners.sys.settings]\nfail_stage = \"prepare\"\nfail_kind = \"system\"\n");
-    let out = exec(&env, "sys", "test", &[]);
+    let out = env.exec_sample("sys", "test", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(2), "{log}");
     assert_eq!(log.matches("Preparing environment").count(), 3, "{log}");
@@ -59,14 +41,14 @@ fn a_system_failure_in_prepare_is_retried_three_times_then_reported() {
 #[test]
 fn real_scripts_run_with_sources_and_exit_codes() {
     let env = Env::new(HOST);
-    let out = exec(&env, "host", "test", &[]);
+    let out = env.exec_sample("host", "test", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("hello from berth"), "{log}");
     assert!(log.contains("carried into the job by berth exec"), "sources arrived:\n{log}");
     assert!(log.contains("after_script sees CI_JOB_STATUS=success"), "{log}");
 
-    let out = exec(&env, "host", "fails", &[]);
+    let out = env.exec_sample("host", "fails", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(log.contains("after_script sees CI_JOB_STATUS=failed"), "{log}");
@@ -77,8 +59,7 @@ fn real_scripts_run_with_sources_and_exit_codes() {
 #[test]
 fn masked_variables_stay_out_of_the_log() {
     let env = Env::new(DRY_RUN);
-    let out = exec(
-        &env,
+    let out = env.exec_sample(
         "demo",
         "test",
         &["--masked-var", "DEPLOY_TOKEN=glpat-very-secret-123", "--var", "PLAIN=visible-value"],
@@ -98,7 +79,7 @@ fn masked_variables_stay_out_of_the_log() {
 #[test]
 fn an_unknown_job_lists_the_available_ones() {
     let env = Env::new(DRY_RUN);
-    let out = exec(&env, "demo", "nosuchjob", &[]);
+    let out = env.exec_sample("demo", "nosuchjob", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(2), "{log}");
     assert!(log.contains("nosuchjob") && log.contains("test") && log.contains("fails"), "{log}");

@@ -56,19 +56,7 @@ fn standalone_mode_passes_the_conformance_suite() {
 fn standalone_mode_runs_the_sample_job() {
     let Some(images) = real_containers() else { return };
     let env = Env::new(&runner(&images, "standalone"));
-    let hello = repo().join("examples/hello");
-    let out = env
-        .berth("ns")
-        .args([
-            "exec",
-            "--file",
-            hello.join(".gitlab-ci.yml").to_str().unwrap(),
-            "--sources",
-            hello.to_str().unwrap(),
-            "test",
-        ])
-        .output()
-        .unwrap();
+    let out = env.exec_sample("ns", "test", &[]);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("Booted a container from image bookworm, generation 1 (standalone mode)"), "{log}");

@@ -44,6 +44,23 @@ impl Env {
         cmd
     }
 
+    /// `berth exec` of `job` of the sample pipeline (examples/hello, with its
+    /// sources) on `runner`, retrying prepare after 50 ms instead of 3 s.
+    pub fn exec_sample(&self, runner: &str, job: &str, extra: &[&str]) -> std::process::Output {
+        let hello = repo().join("examples/hello");
+        self.berth(runner)
+            .arg("exec")
+            .arg("--file")
+            .arg(hello.join(".gitlab-ci.yml"))
+            .arg("--sources")
+            .arg(&hello)
+            .args(["--retry-delay-ms", "50"])
+            .args(extra)
+            .arg(job)
+            .output()
+            .unwrap()
+    }
+
     /// A runner's per-job temp dir with the fixture payload (job 48151623),
     /// and the environment gitlab-runner gives every hook.
     pub fn job(&self, name: &str) -> Job {

@@ -30,7 +30,7 @@ use berth_backend_api::{
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs;
-use berth_backend_support::settings::{check_binds, check_path, gitlab_runner, Bind};
+use berth_backend_support::settings::{sys, Bind, ImageSettings, ImageSetup};
 use nix::mount::MsFlags;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -100,30 +100,24 @@ struct Record {
     home: String,
 }
 
-fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
-    let what = what.into();
-    move |e| Failure::system_with(what, e)
-}
-
 impl NewBackend for Chroot {
     type Settings = Settings;
 
     fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
-        let images_dir = settings.images_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/berth/images"));
-        check_path("images_dir", &images_dir)?;
-        let images = ImageStore::new(images_dir, &settings.allowed_images, settings.default_image.clone())
-            .map_err(|e| Failure::system(format!("settings.{e}")))?;
-        let cache_host_dir =
-            settings.cache_host_dir.clone().unwrap_or_else(|| runner.state_dir.join("cache").join(&runner.name));
-        check_path("cache_host_dir", &cache_host_dir)?;
-        check_path("state_dir", &runner.state_dir)?;
-        check_binds(&settings.bind)?;
+        let ImageSetup { images, cache_host_dir, gitlab_runner } = ImageSettings {
+            images_dir: settings.images_dir.as_deref(),
+            allowed_images: &settings.allowed_images,
+            default_image: settings.default_image.as_deref(),
+            cache_host_dir: settings.cache_host_dir.as_deref(),
+            gitlab_runner: settings.gitlab_runner.as_deref(),
+            bind: &settings.bind,
+        }
+        .resolve(runner)?;
         if let Some(user) = &settings.user {
             if user.is_empty() || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
                 return Err(Failure::system(format!("settings.user: {user:?} is not a user name")));
             }
         }
-        let gitlab_runner = gitlab_runner(settings.gitlab_runner.as_deref())?;
         Ok(Chroot { settings, images, cache_host_dir, gitlab_runner })
     }
 }

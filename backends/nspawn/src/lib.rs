@@ -36,7 +36,7 @@ use crate::cgroup::Controller;
 use crate::limits::Limits;
 use crate::settings::{Mode, Settings};
 use berth_backend_support::image::ImageStore;
-use berth_backend_support::settings::{check_binds, check_path, gitlab_runner};
+use berth_backend_support::settings::{ImageSettings, ImageSetup};
 
 /// Where the job's builds dir is inside the container.
 const BUILDS_DIR: &str = "/builds";
@@ -76,17 +76,16 @@ impl NewBackend for Nspawn {
             Mode::Auto => Mode::Standalone,
             mode => mode,
         };
-        let images_dir = settings.images_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/berth/images"));
-        check_path("images_dir", &images_dir)?;
-        let images = ImageStore::new(images_dir, &settings.allowed_images, settings.default_image.clone())
-            .map_err(|e| Failure::system(format!("settings.{e}")))?;
-        let cache_host_dir =
-            settings.cache_host_dir.clone().unwrap_or_else(|| runner.state_dir.join("cache").join(&runner.name));
-        check_path("cache_host_dir", &cache_host_dir)?;
-        check_path("state_dir", &runner.state_dir)?;
-        check_binds(&settings.bind)?;
+        let ImageSetup { images, cache_host_dir, gitlab_runner } = ImageSettings {
+            images_dir: settings.images_dir.as_deref(),
+            allowed_images: &settings.allowed_images,
+            default_image: settings.default_image.as_deref(),
+            cache_host_dir: settings.cache_host_dir.as_deref(),
+            gitlab_runner: settings.gitlab_runner.as_deref(),
+            bind: &settings.bind,
+        }
+        .resolve(runner)?;
         let limits = Limits::of(&settings).map_err(|e| Failure::system(format!("settings.{e}")))?;
-        let gitlab_runner = gitlab_runner(settings.gitlab_runner.as_deref())?;
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
         Ok(Nspawn {

@@ -2,8 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_backend_api::Failure;
+use berth_backend_api::{Failure, RunnerInfo};
 use serde::Deserialize;
+
+use crate::image::ImageStore;
 
 /// An extra bind mount into every job's environment (`[[runners.NAME.settings.bind]]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -60,6 +62,57 @@ pub fn gitlab_runner(setting: Option<&Path>) -> Result<Option<PathBuf>, Failure>
             Ok(std::env::split_paths(&path).map(|dir| dir.join("gitlab-runner")).find(|p| p.is_file()))
         }
     }
+}
+
+/// The settings every backend that runs jobs on images has, borrowed from
+/// its own settings struct.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSettings<'a> {
+    /// `images_dir` (default `/var/lib/berth/images`).
+    pub images_dir: Option<&'a Path>,
+    /// `allowed_images` (default: every image).
+    pub allowed_images: &'a [String],
+    /// `default_image`.
+    pub default_image: Option<&'a str>,
+    /// `cache_host_dir` (default `<state_dir>/cache/<runner>`).
+    pub cache_host_dir: Option<&'a Path>,
+    /// `gitlab_runner` (default: `gitlab-runner` on PATH).
+    pub gitlab_runner: Option<&'a Path>,
+    /// `bind`.
+    pub bind: &'a [Bind],
+}
+
+/// [`ImageSettings`] checked, with their defaults.
+#[derive(Debug)]
+pub struct ImageSetup {
+    /// The images jobs may use.
+    pub images: ImageStore,
+    /// The host directory behind the job's cache dir.
+    pub cache_host_dir: PathBuf,
+    /// The gitlab-runner binary to put into jobs, if there is one.
+    pub gitlab_runner: Option<PathBuf>,
+}
+
+impl ImageSettings<'_> {
+    /// Checks the settings (and the runner's state dir) and applies their defaults.
+    pub fn resolve(self, runner: &RunnerInfo) -> Result<ImageSetup, Failure> {
+        let images_dir = self.images_dir.map_or_else(|| PathBuf::from("/var/lib/berth/images"), Path::to_owned);
+        check_path("images_dir", &images_dir)?;
+        let images = ImageStore::new(images_dir, self.allowed_images, self.default_image.map(str::to_owned))
+            .map_err(|e| Failure::system(format!("settings.{e}")))?;
+        let cache_host_dir =
+            self.cache_host_dir.map_or_else(|| runner.state_dir.join("cache").join(&runner.name), Path::to_owned);
+        check_path("cache_host_dir", &cache_host_dir)?;
+        check_path("state_dir", &runner.state_dir)?;
+        check_binds(self.bind)?;
+        Ok(ImageSetup { images, cache_host_dir, gitlab_runner: gitlab_runner(self.gitlab_runner)? })
+    }
+}
+
+/// Maps an I/O error to a system failure that says what failed (`.map_err(sys("..."))`).
+pub fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
+    let what = what.into();
+    move |e| Failure::system_with(what, e)
 }
 
 #[cfg(test)]
