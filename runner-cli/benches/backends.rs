@@ -58,7 +58,8 @@
 //! Run with `cargo bench -p berth --bench backends`.
 //! `BERTH_BENCH_BACKENDS=nspawn,chroot` selects the backends, in that order
 //! (default: both). `BERTH_BENCH_ITERS=N` sets the number of timed full jobs
-//! (default 5; also the `berth exec` runs); the run-stage figure takes 40
+//! (default 5; also the `berth exec` runs); `BERTH_BENCH_BINARY=PATH` benches
+//! another berth binary (a before/after comparison); the run-stage figure takes 40
 //! stages and the concurrency figure 3 rounds. Without `--bench`
 //! (`cargo test --benches`) each figure is taken once, as a smoke test.
 
@@ -75,6 +76,12 @@ use std::time::{Duration, Instant};
 
 /// The berth binary cargo built for this bench (same profile as the bench).
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+/// The berth under test: `BERTH_BENCH_BINARY` (another build, e.g. the last
+/// release, for a before/after comparison on the same machine), else [`BERTH`].
+fn berth_binary() -> PathBuf {
+    std::env::var_os("BERTH_BENCH_BINARY").map_or_else(|| PathBuf::from(BERTH), PathBuf::from)
+}
+
 /// Timed full jobs (and `berth exec` runs), unless `BERTH_BENCH_ITERS` is set.
 const FULL_JOBS: usize = 5;
 /// Timed `berth run` stages (and as many floors) in one prepared job.
@@ -494,7 +501,7 @@ impl Bench {
 
     /// `berth --config CONFIG --runner RUNNER`.
     fn berth(&self) -> Command {
-        let mut command = Command::new(BERTH);
+        let mut command = Command::new(berth_binary());
         command.arg("--config").arg(&self.config).arg("--runner").arg(self.kind.runner());
         command
     }

@@ -202,7 +202,9 @@ impl TestHost {
             .arg("--directory")
             .arg(&root)
             .arg(format!("--overlay={}:{}:/", root.display(), upper.display()))
-            .args(["--capability=all", "--system-call-filter=@mount @keyring @privileged"]);
+            .args(["--capability=all", "--system-call-filter=@mount @keyring @privileged"])
+            // berth's disk_max attaches loop devices (and makes the node of a new one).
+            .arg("--bind=/dev/loop-control");
         for (source, target, writable) in binds {
             cmd.arg(format!("--bind{}={}:{target}", if *writable { "" } else { "-ro" }, source.display()));
         }
@@ -338,7 +340,8 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
         assert!(Instant::now() < deadline, "no berth-ns-* unit in the test host: {}", text(&out));
         std::thread::sleep(Duration::from_millis(100));
     };
-    let props = ["MemoryMax", "TasksMax", "CPUQuotaPerSecUSec", "CPUWeight", "Delegate", "KillMode", "Slice"];
+    let props =
+        ["MemoryMax", "TasksMax", "CPUQuotaPerSecUSec", "CPUWeight", "Delegate", "KillMode", "Slice", "DevicePolicy"];
     let out = host.command("systemctl").arg("show").arg(&unit).args(props.map(|p| format!("-p{p}"))).output().unwrap();
     std::fs::write(state.join("cache/ns/release"), "").unwrap();
     let shown = text(&out);
@@ -350,6 +353,7 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
         "Delegate=yes",
         "KillMode=mixed",
         "Slice=machine.slice",
+        "DevicePolicy=closed",
     ] {
         assert!(shown.lines().any(|l| l == expected), "{unit} lacks {expected}:\n{shown}");
     }
@@ -357,6 +361,25 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("(systemd mode)") && log.contains("with systemd as init"), "{log}");
+    // A bound the host cannot enforce is said, never dropped silently: the
+    // test host's v1 memory hierarchy is read-only where it is not writable.
+    let out = host.command("sh").args(["-c", "if [ -e /sys/fs/cgroup/cgroup.controllers ]; then grep -qw memory /sys/fs/cgroup/cgroup.controllers && echo writable; else test -w /sys/fs/cgroup/memory/cgroup.procs && echo writable; fi"]).output().unwrap();
+    let enforceable = text(&out).contains("writable");
+    assert_eq!(log.contains("settings.memory_max is not enforced"), !enforceable, "{log}");
+    // Root in the job is a range of its own in systemd mode too.
+    std::fs::write(
+        etc.join("ci2.yml"),
+        "t:\n  script:\n    - echo \"uid_map:$(cat /proc/self/uid_map)\"\n    - \"! mknod /tmp/m c 1 1\"\n",
+    )
+    .unwrap();
+    let out = host
+        .command("berth")
+        .args(["--runner", "ns", "exec", "--no-sources", "--file", "/etc/berth/ci2.yml", "t"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(mapped_base(&log).is_some_and(|b| b >= 0x7000_0000), "{log}");
 }
 
 #[test]
@@ -379,7 +402,13 @@ fn caches_survive_jobs_and_gitlab_runner_is_on_the_containers_path() {
     assert!(!log.contains("gitlab-runner is not installed"), "{log}");
     let out = exec(&env, &file, "read");
     assert_eq!(out.status.code(), Some(0), "the cache dir outlives the job:\n{}", text(&out));
-    assert!(env.state().join("cache/ns/berth-cache-probe").exists());
+    // Per project (berth exec's payload has none: `project-unknown`), root's alone.
+    let cache = env.state().join("cache/ns/project-unknown");
+    assert!(cache.join("berth-cache-probe").exists());
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [cache.as_path(), cache.parent().unwrap()] {
+        assert_eq!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o777, 0o700, "{}", dir.display());
+    }
 }
 
 #[test]
@@ -485,4 +514,203 @@ fn standalone_mode_passes_the_conformance_suite_on_cgroup2_inside_a_container() 
     assert_eq!(warned, !has_memory, "the warning says whether memory_max holds:\n{log}");
     let left = shell("ls /sys/fs/cgroup/berth 2>/dev/null | grep berth-ns- || true");
     assert!(left.trim().is_empty(), "cgroups left: {left}");
+}
+
+/// The job's root as the host sees it: the base of the uid range in `uid_map` (`0 BASE 65536`).
+fn mapped_base(log: &str) -> Option<u64> {
+    log.lines().filter_map(|l| l.split("uid_map:").nth(1)).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() == 3 && fields[0] == "0" {
+            // `0 0 4294967295` is host root: reported as base 0.
+            fields[1].parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+#[test]
+fn root_in_the_job_is_an_unprivileged_range_of_its_own() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let (_dir, file) = pipeline(
+        r#"root:
+  script:
+    - echo "uid_map:$(cat /proc/self/uid_map)"
+    - test "$(id -u)" = 0
+    - echo made > /builds/mine && test "$(stat -c %u /builds/mine)" = 0
+    - test "$(stat -c %u /usr/bin/bash)" = 0
+    - apt-get --version > /dev/null && touch /etc/written-by-root
+    - test "$(systemctl is-system-running)" = running
+    - echo "host-mapped processes:$(grep -l '^ *0 *0 *4294967295' /proc/[0-9]*/uid_map | wc -l)"
+"#,
+    );
+    let first = text(&exec(&env, &file, "root"));
+    // No process the job can see (and ptrace, or read the environment of) runs with the host's ids.
+    assert!(first.contains("host-mapped processes:0"), "{first}");
+    let second = text(&exec(&env, &file, "root"));
+    let (a, b) = (mapped_base(&first), mapped_base(&second));
+    assert!(a.is_some_and(|a| a >= 0x7000_0000), "root is not a range of berth's pool:\n{first}");
+    assert!(b.is_some(), "{second}");
+    assert!(first.contains("Job succeeded") && second.contains("Job succeeded"), "{first}\n{second}");
+    // Released at cleanup: nothing of either job holds a range now.
+    let taken: Vec<String> = std::fs::read_dir("/run/berth/userns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|o| o.starts_with(&env.state().display().to_string())))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(taken.is_empty(), "ranges still held: {taken:?}");
+}
+
+#[test]
+fn a_binary_the_job_replaces_never_runs_with_the_hosts_privileges() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    // The launcher of the next stage (systemd-run in the container) is
+    // replaced by the job; when the next stage starts it records who ran it.
+    let (_dir, file) = pipeline(
+        r#"hostile:
+  script:
+    - mv /usr/bin/systemd-run /usr/bin/systemd-run.real
+    - printf '#!/bin/sh\n{ echo "uid_map:$(head -1 /proc/self/uid_map)"; echo "caps:$(grep CapEff /proc/self/status)"; env | sed "s/^/env:/"; } >> /var/tmp/launcher.log\nexec /usr/bin/systemd-run.real "$@"\n' > /usr/bin/systemd-run
+    - chmod 755 /usr/bin/systemd-run
+  after_script:
+    - cat /var/tmp/launcher.log
+"#,
+    );
+    let out = exec(&env, &file, "hostile");
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("env:"), "the replaced launcher ran for the next stage (as the container's root):\n{log}");
+    let base = mapped_base(&log).expect("the launcher recorded its uid map");
+    assert!(base >= 0x7000_0000, "the launcher ran as host root:\n{log}");
+    for secret in ["JOB_RESPONSE_FILE", "CUSTOM_ENV_", "BUILD_EXIT_CODE_FILE", "BERTH_"] {
+        assert!(
+            !log.lines().any(|l| l.starts_with("env:") && l.contains(secret)),
+            "the runner's environment reached the job ({secret}):\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_process_naming_another_jobs_machine_is_no_container() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let job = env.job_with_id("job", 700_010);
+    // Any process (here the host's; a job's own would do) may name a machine in its arguments.
+    let mut impostor = Command::new("sh").args(["-c", "sleep 60", "--machine=berth-ns-700010"]).spawn().unwrap();
+    let out = job.hook(&env, "ns", &["prepare"]);
+    let prepared = text(&out);
+    let out = job.hook(&env, "ns", &["cleanup"]);
+    let cleaned = text(&out);
+    let survived = impostor.try_wait().unwrap().is_none();
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert!(prepared.contains("Booted a container"), "the impostor blocked prepare:\n{prepared}");
+    assert!(out.status.success(), "{cleaned}");
+    assert!(survived, "cleanup killed a process only because it named the machine");
+}
+
+/// Runs cleanup of a job when dropped, so that a failed assertion leaves no container running.
+struct CleanupOnDrop<'a>(&'a Env, &'a Job);
+
+impl Drop for CleanupOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.1.hook(self.0, "ns", &["cleanup"]);
+    }
+}
+
+#[test]
+fn job_written_files_never_block_or_fool_the_host() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let job = env.job_with_id("job", 700_011);
+    let _cleanup = CleanupOnDrop(&env, &job);
+    assert!(job.hook(&env, "ns", &["prepare"]).status.success());
+    // A service of the job, outliving its stage, turns every exit-status
+    // file the wrapper wrote into a FIFO (opening it, the host would block).
+    let saboteur = job.script(
+        "s1",
+        "systemd-run --unit=saboteur sh -c 'sleep 2; while :; do for f in /run/berth/*.rc; do [ -f \"$f\" ] && rm -f \"$f\" && mkfifo \"$f\"; done; done'\n",
+    );
+    let out = job.hook(&env, "ns", &["run", saboteur.to_str().unwrap(), "build_script"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let probe = job.script("s2", "sleep 2.5; exit 7\n");
+    let started = Instant::now();
+    let out = job.hook(&env, "ns", &["run", probe.to_str().unwrap(), "after_script"]);
+    assert!(started.elapsed() < Duration::from_secs(30), "run blocked on the job's FIFO");
+    // The exit status was taken from the job: the stage's result is lost, never invented.
+    assert!(matches!(out.status.code(), Some(1) | Some(2)), "{}", text(&out));
+    assert!(job.hook(&env, "ns", &["cleanup"]).status.success());
+}
+
+#[test]
+fn the_readiness_channel_is_private_to_the_job() {
+    let Some(images) = real_containers() else { return };
+    let env = Env::new(&runner(&images, "standalone"));
+    let job = env.job_with_id("job", 700_012);
+    let _cleanup = CleanupOnDrop(&env, &job);
+    let seen = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut abstract_sockets = Vec::new();
+            let mut files = false;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+                abstract_sockets.extend(table.lines().filter(|l| l.contains("@berth-notify")).map(str::to_owned));
+                files |= env.state().join("jobs/ns-700012/notify").exists();
+                if files && env.state().join("jobs/ns-700012/container.json").exists() {
+                    let record = std::fs::read_to_string(env.state().join("jobs/ns-700012/container.json")).unwrap();
+                    if record.contains("\"leader_start\":") && !record.contains("\"leader_start\":null") {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (abstract_sockets, files)
+        });
+        let out = job.hook(&env, "ns", &["prepare"]);
+        assert!(out.status.success(), "{}", text(&out));
+        watcher.join().unwrap()
+    });
+    assert!(job.hook(&env, "ns", &["cleanup"]).status.success());
+    assert!(seen.0.is_empty(), "an abstract notify socket, reachable from other jobs: {:?}", seen.0);
+    assert!(seen.1, "the notify socket is a file in the job's 0700 state directory");
+}
+
+#[test]
+fn disk_and_tasks_are_bounded_by_default_and_by_setting() {
+    let Some(images) = real_containers() else { return };
+    let (_dir, file) = pipeline(
+        r#"disk:
+  script:
+    - df -h / /tmp | tail -n +2
+    - rc=0; dd if=/dev/zero of=/builds/big bs=1M count=300 2>/tmp/dd.err || rc=$?; cat /tmp/dd.err
+    - test $rc != 0 && grep -q "No space left" /tmp/dd.err
+    - rm -f /builds/big
+    - rc=0; dd if=/dev/zero of=/tmp/big bs=1M count=300 2>/var/tmp/dd.err || rc=$?
+    - test $rc != 0 && grep -q "No space left" /var/tmp/dd.err
+tasks:
+  script:
+    - rc=0; sh -c 'for i in $(seq 4200); do sleep 30 & done' 2>/tmp/fork.err || rc=$?
+    - grep -c "Cannot fork" /tmp/fork.err
+    - echo "default disk:$(df --output=size -B1G / | tail -1)"
+"#,
+    );
+    let env = Env::new(&format!("{}disk_max = \"200M\"\n", runner(&images, "standalone")));
+    let out = exec(&env, &file, "disk");
+    assert_eq!(out.status.code(), Some(0), "writes past disk_max must fail with ENOSPC:\n{}", text(&out));
+    let env = Env::new(&runner(&images, "standalone"));
+    let out = exec(&env, &file, "tasks");
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "a fork bomb past the default tasks_max (4096) must fail:\n{log}");
+    let size: u64 = log
+        .split("default disk:")
+        .nth(2)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("df's size");
+    assert!((19..=20).contains(&size), "the default disk_max is 20G: {size}G\n{log}");
 }

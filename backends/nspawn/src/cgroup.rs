@@ -21,6 +21,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use berth_backend_support::userns::{self, Range};
+
 use crate::limits::{quota_us, weight_to_shares, Amount, Limits, CPU_PERIOD_US};
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -242,11 +244,53 @@ impl JobCgroup {
         Ok(())
     }
 
+    /// Gives the container's cgroup to the job's root (`range`), the way
+    /// systemd delegates one: the directory and its `cgroup.procs`,
+    /// `cgroup.subtree_control` and `cgroup.threads`, in the hierarchies the
+    /// container's systemd manages. Its limits stay root's.
+    pub fn give(&self, range: Range) -> io::Result<()> {
+        for dir in hierarchies().into_iter().map(|h| h.join("berth").join(&self.machine)) {
+            if !dir.is_dir() {
+                continue;
+            }
+            for path in
+                [dir.clone(), dir.join("cgroup.procs"), dir.join("cgroup.subtree_control"), dir.join("cgroup.threads")]
+            {
+                if path.exists() {
+                    userns::give(&path, range)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A function for `pre_exec` that moves the calling process into a leaf
+    /// `berth-stage` of the container's cgroup (made here, root's), in every
+    /// hierarchy: what a stage's host-side launcher starts counts against
+    /// the container's limits and dies with the container.
+    pub fn stage_joiner(&self) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
+        let dirs: Vec<PathBuf> = self.dirs.iter().filter(|d| d.is_dir()).map(|d| d.join("berth-stage")).collect();
+        if dirs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("container {} has no cgroup", self.machine)));
+        }
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
+        }
+        joiner_of(&dirs)
+    }
+
     /// A function for `pre_exec` that moves the calling process into the cgroup.
     /// It allocates nothing and calls only open(2), write(2) and close(2).
     pub fn joiner(&self) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
-        let paths: Vec<CString> = self
-            .joined
+        joiner_of(&self.joined)
+    }
+}
+
+/// A function for `pre_exec` that moves the calling process into `dirs`.
+/// It allocates nothing and calls only open(2), write(2) and close(2).
+fn joiner_of(dirs: &[PathBuf]) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
+    {
+        let paths: Vec<CString> = dirs
             .iter()
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
             .collect::<Result<_, _>>()
@@ -270,7 +314,9 @@ impl JobCgroup {
             Ok(())
         })
     }
+}
 
+impl JobCgroup {
     /// Pids of every process in the cgroup, in any hierarchy.
     pub fn pids(&self) -> Vec<i32> {
         let mut pids = Vec::new();

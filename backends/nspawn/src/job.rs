@@ -1,14 +1,37 @@
 //! A job's container: boot, stages, teardown, in either host mode.
+//!
+//! What prepare builds, in the job's state directory (mode 0700):
+//!
+//! ```text
+//! layer/        the job's writable filesystem (ext4 of disk_max bytes on a loop device, nodev,nosuid)
+//!   upper/ work/  the overlay's writable layer and scratch, upper owned by the job's root
+//! lower/        the image generation, an idmapped read-only clone (host root's files show as the job's root)
+//! root/         the overlay (lower + upper, nodev): the container's /
+//! cache/        the project's cache directory, bound nosuid,nodev (nspawn binds it idmapped at /cache)
+//! scripts/      stage scripts and their exit status, owned by the job's root, bound at /run/berth
+//! notify        the sd_notify socket (standalone mode)
+//! ```
+//!
+//! The container runs with `--private-users=BASE:65536`: its root is host
+//! uid BASE, a range of the job's own ([`berth_backend_support::userns`]).
+//! The machine name and the uid range are claims under `/run/berth`
+//! ([`berth_backend_support::claims`]): a container is recognised by what
+//! berth recorded (its claim, its cgroup, its unit, pids with their start
+//! times), never by the arguments of a process, which any job can forge.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_backend_api::process::{self, Ended};
 use berth_backend_api::{Cancel, Failure, JobContext, JobKey, JobState};
+use nix::mount::MsFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -16,11 +39,13 @@ use tracing::{debug, info, warn};
 
 use crate::cgroup::JobCgroup;
 use crate::notify::{Notify, Wait};
-use crate::settings::Mode;
+use crate::settings::{CacheScope, Mode};
 use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
+use berth_backend_support::claims::Claims;
 use berth_backend_support::image::Image;
 use berth_backend_support::proc as host;
-use berth_backend_support::rootfs;
+use berth_backend_support::userns::{self, Allocator, Range, UserNs};
+use berth_backend_support::{diskfs, mounts, rootfs};
 
 /// What prepare made, found again by run and cleanup (`container.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,8 +57,15 @@ struct Container {
     nspawn: Option<(i32, u64)>,
     /// The container's init, as seen from the host.
     leader: Option<i32>,
+    /// The start time of `leader`: with it, the pid is the container's init
+    /// and not a process that got the pid after it.
+    #[serde(default)]
+    leader_start: Option<u64>,
     /// The transient unit running nspawn (systemd mode).
     unit: Option<String>,
+    /// The job's host uid/gid range (none: `private_users = false`).
+    #[serde(default)]
+    users: Option<Range>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,9 +78,21 @@ enum ModeName {
 const RECORD: &str = "container.json";
 /// How long a stage may take to stop after a cancel before its unit is killed.
 const STOP_TIMEOUT: &str = "3s";
+/// The claims of machine names.
+const MACHINES: &str = "machines";
+/// Where the host-side stage launcher and the container's tools are found.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn layer_dir(state: &JobState) -> PathBuf {
+    state.dir().join("layer")
+}
 
 fn upper_dir(state: &JobState) -> PathBuf {
-    state.dir().join("upper")
+    layer_dir(state).join("upper")
+}
+
+fn root_dir(state: &JobState) -> PathBuf {
+    state.dir().join("root")
 }
 
 fn scripts_dir(state: &JobState) -> PathBuf {
@@ -63,22 +107,65 @@ fn unit_name(key: &JobKey) -> String {
     format!("berth-{key}.service")
 }
 
-fn mkdir(path: &Path) -> Result<(), Failure> {
-    fs::create_dir_all(path).map_err(|e| Failure::system_with(format!("failed to create {}", path.display()), e))
+fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
+    let what = what.into();
+    move |e| Failure::system_with(what, e)
+}
+
+/// Creates directory `path` (its parent exists) with `mode`, owned by the
+/// job's root when there is a range: what the container sees as its own.
+fn make_dir(path: &Path, mode: u32, owner: Option<Range>) -> Result<(), Failure> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(Failure::system_with(format!("failed to create {}", path.display()), e))
+        }
+        _ => {}
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(sys(format!("failed to set the mode of {}", path.display())))?;
+    give(path, owner)
+}
+
+fn give(path: &Path, owner: Option<Range>) -> Result<(), Failure> {
+    match owner {
+        Some(range) => {
+            userns::give(path, range).map_err(|e| Failure::system_with("failed to prepare the job's layer", e))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Writes a file of the container (in the fresh upper layer, before boot),
+/// creating its directories like the image has them (0755), all the job's.
+fn write_in_layer(upper: &Path, rel: &str, content: &[u8], owner: Option<Range>) -> Result<(), Failure> {
+    let path = upper.join(rel);
+    make_parents(upper, &path, owner)?;
+    fs::write(&path, content).map_err(sys(format!("failed to write {}", path.display())))?;
+    give(&path, owner)
+}
+
+fn make_parents(upper: &Path, path: &Path, owner: Option<Range>) -> Result<(), Failure> {
+    let rel = path.parent().and_then(|p| p.strip_prefix(upper).ok()).unwrap_or(Path::new(""));
+    let mut dir = upper.to_path_buf();
+    for part in rel.components() {
+        dir.push(part);
+        if !dir.is_dir() {
+            make_dir(&dir, 0o755, owner)?;
+        }
+    }
+    Ok(())
 }
 
 /// Masks units or generators for the container's systemd: a link to
-/// /dev/null in `dir` of the job's fresh overlay layer (the image is not
+/// /dev/null in `rel` of the job's fresh overlay layer (the image is not
 /// touched; nothing in the layer was written by a container yet).
-fn mask(dir: &Path, names: &[String]) -> Result<(), Failure> {
-    if names.is_empty() {
-        return Ok(());
-    }
-    mkdir(dir)?;
+fn mask(upper: &Path, rel: &str, names: &[String], owner: Option<Range>) -> Result<(), Failure> {
     for name in names {
-        let link = dir.join(name);
+        let link = upper.join(rel).join(name);
+        make_parents(upper, &link, owner)?;
         std::os::unix::fs::symlink("/dev/null", &link)
             .map_err(|e| Failure::system_with(format!("failed to mask {name} ({})", link.display()), e))?;
+        give(&link, owner)?;
     }
     Ok(())
 }
@@ -95,43 +182,45 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn bind_arg(source: &Path, target: &Path, writable: bool) -> OsString {
+fn bind_arg(source: &Path, target: &Path, writable: bool, idmap: bool) -> OsString {
     let mut arg = OsString::from(if writable { "--bind=" } else { "--bind-ro=" });
     arg.push(source);
     arg.push(":");
     arg.push(target);
+    if idmap {
+        arg.push(":idmap");
+    }
     arg
 }
 
 impl Nspawn {
     /// The systemd-nspawn arguments of a job's container.
-    fn nspawn_args(&self, machine: &str, root: &Path, state: &JobState, register: bool) -> Vec<OsString> {
-        let mut overlay = OsString::from("--overlay=");
-        overlay.push(root);
-        overlay.push(":");
-        overlay.push(upper_dir(state));
-        overlay.push(":/");
+    fn nspawn_args(&self, machine: &str, state: &JobState, users: Option<Range>, register: bool) -> Vec<OsString> {
+        let idmap = users.is_some();
         let mut args: Vec<OsString> = vec![
             "--quiet".into(),
             "--keep-unit".into(),
             if register { "--register=yes".into() } else { "--register=no".into() },
             format!("--machine={machine}").into(),
             "--directory".into(),
-            root.into(),
-            overlay,
+            root_dir(state).into(),
             "--console=passive".into(),
             "--notify-ready=yes".into(),
-            bind_arg(&self.cache_host_dir, Path::new(CACHE_DIR), true),
-            bind_arg(&scripts_dir(state), Path::new(SCRIPTS_DIR), true),
         ];
+        if let Some(range) = users {
+            args.push(format!("--private-users={}", range.nspawn_arg()).into());
+            args.push("--private-users-ownership=off".into());
+        }
+        args.push(bind_arg(&state.dir().join("cache"), Path::new(CACHE_DIR), true, idmap));
+        args.push(bind_arg(&scripts_dir(state), Path::new(SCRIPTS_DIR), true, false));
         if let Some(gitlab_runner) = &self.gitlab_runner {
-            args.push(bind_arg(gitlab_runner, Path::new(GITLAB_RUNNER), false));
+            args.push(bind_arg(gitlab_runner, Path::new(GITLAB_RUNNER), false, false));
         }
         if self.settings.private_network {
             args.push("--private-network".into());
         }
         for bind in &self.settings.bind {
-            args.push(bind_arg(&bind.source, bind.target(), bind.writable));
+            args.push(bind_arg(&bind.source, bind.target(), bind.writable, idmap));
         }
         args.extend(self.settings.nspawn_args.iter().map(OsString::from));
         args.push("--boot".into());
@@ -139,69 +228,120 @@ impl Nspawn {
         args
     }
 
-    /// Unit properties for the container's unit (systemd mode).
-    fn unit_properties(&self) -> Vec<String> {
+    /// The environment of systemd-nspawn: nothing of berth's own (the
+    /// runner's variables, a `SYSTEMD_SECCOMP=0` that would turn the system
+    /// call filter off), and `/tmp` on the job's bounded layer.
+    fn nspawn_env(&self) -> Vec<(&'static str, &'static str)> {
+        let mut env = vec![("PATH", PATH)];
+        if self.limits.disk.is_some() {
+            env.push(("SYSTEMD_NSPAWN_TMPFS_TMP", "0"));
+        }
+        env
+    }
+
+    /// Unit properties for the container's unit (systemd mode): the
+    /// device policy of systemd's own `systemd-nspawn@.service` (no device
+    /// but the pseudo devices, ptys and tun), delegation, limits.
+    fn unit_properties(&self, state: &JobState) -> Vec<String> {
         let boot = self.settings.boot_timeout.unwrap_or(60);
         let mut props = vec![
             "Type=notify".to_owned(),
             "NotifyAccess=all".to_owned(),
             "Delegate=yes".to_owned(),
             "KillMode=mixed".to_owned(),
+            "DevicePolicy=closed".to_owned(),
+            "DeviceAllow=/dev/net/tun rwm".to_owned(),
+            "DeviceAllow=char-pts rw".to_owned(),
             format!("TimeoutStartSec={boot}s"),
             "TimeoutStopSec=5s".to_owned(),
             format!("TasksMax={}", self.settings.tasks_max.map_or(crate::limits::DEFAULT_TASKS_MAX, u64::from)),
+            format!("MemoryMax={}", self.settings.memory_max.as_deref().unwrap_or(crate::settings::DEFAULT_MEMORY_MAX)),
+            // Who made this unit: reap recognises a job's container by it.
+            format!("Description=berth job {} ({})", state.key(), state.dir().display()),
         ];
-        if let Some(memory) = &self.settings.memory_max {
-            props.push(format!("MemoryMax={memory}"));
-        }
         if let Some(quota) = &self.settings.cpu_quota {
             props.push(format!("CPUQuota={quota}"));
         }
         if let Some(weight) = self.settings.cpu_weight {
             props.push(format!("CPUWeight={weight}"));
         }
+        for (key, value) in self.nspawn_env() {
+            props.push(format!("Environment={key}={value}"));
+        }
         props
     }
+
+    /// The host directory of this job's cache: one per project (by the
+    /// payload's project id, which the job cannot choose), or one per runner.
+    fn cache_of(&self, job: &JobContext) -> PathBuf {
+        match self.settings.cache_scope {
+            CacheScope::Runner => self.cache_host_dir.clone(),
+            CacheScope::Project => {
+                let project = job.response().map(|r| r.job_info.project_id).filter(|id| *id != 0);
+                self.cache_host_dir.join(match project {
+                    Some(id) => format!("project-{id}"),
+                    None => "project-unknown".to_owned(),
+                })
+            }
+        }
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (an existing one is tightened).
+fn private_dir(dir: &Path) -> Result<(), Failure> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(sys(format!("failed to create {}", dir.display())))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(sys(format!("failed to set the mode of {}", dir.display())))
 }
 
 pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<(), Failure> {
     let started = Instant::now();
     let image = backend.images.resolve(job.image())?;
     let machine = machine_name(job.key());
-    if !host::pids_with_arg(&format!("--machine={machine}")).is_empty() {
+    let claims = Claims::host(MACHINES);
+    if !claims.claim(&machine, state.dir()).map_err(sys("failed to record the container's name"))? {
+        let owner = claims.owner(&machine).map(|o| o.display().to_string()).unwrap_or_default();
         return Err(Failure::system(format!(
-            "a container named {machine} already runs on this host: another berth configuration has a runner named {:?} (runner names must be unique per host)",
+            "a container named {machine} already runs on this host for {owner}: another berth configuration has a runner named {:?} (runner names must be unique per host)",
             job.key().runner()
         )));
     }
-    let upper = upper_dir(state);
-    // An earlier attempt's layer (its container is gone: checked above) is
-    // not reused: the container could write it, and berth writes into it now.
-    if upper.exists() {
-        fs::remove_dir_all(&upper).map_err(|e| {
-            Failure::system_with(format!("failed to remove {} of an earlier attempt", upper.display()), e)
-        })?;
-    }
-    mkdir(&upper.join("etc"))?;
-    mkdir(&upper.join(BUILDS_DIR.trim_start_matches('/')))?;
-    // The image's /etc/hostname would win over --machine; an empty machine-id
-    // makes systemd generate one per boot instead of every job sharing the image's.
-    for (file, content) in [("etc/hostname", format!("{machine}\n")), ("etc/machine-id", String::new())] {
-        let path = upper.join(file);
-        fs::write(&path, content)
-            .map_err(|e| Failure::system_with(format!("failed to write {}", path.display()), e))?;
-    }
-    mask(&upper.join("etc/systemd/system"), &backend.masked_units)?;
-    mask(&upper.join("etc/systemd/system-generators"), &backend.masked_generators)?;
-    mkdir(&scripts_dir(state))?;
-    mkdir(&backend.cache_host_dir)?;
+    // An earlier attempt of this job: take all of it down (its range is kept).
+    let earlier: Option<Container> = state.load(RECORD).unwrap_or(None);
+    tear_down(state, earlier.as_ref())?;
+    let users = if backend.private_users() {
+        let allocator = Allocator::host();
+        Some(match earlier.as_ref().and_then(|c| c.users) {
+            Some(range) if allocator.holds(range, state.dir()) => range,
+            _ => allocator.allocate(state.dir()).map_err(sys("failed to allocate a uid range for the job"))?,
+        })
+    } else {
+        println!("WARNING: this runner runs jobs as root of the host (settings.private_users = false): a job can take over the host");
+        None
+    };
+    let mut container = Container {
+        mode: if backend.mode == Mode::Systemd { ModeName::Systemd } else { ModeName::Standalone },
+        machine: machine.clone(),
+        image: image.name.clone(),
+        nspawn: None,
+        leader: None,
+        leader_start: None,
+        unit: None,
+        users,
+    };
+    state.save(RECORD, &container)?;
+    build_root(backend, job, state, &image, &machine, users)?;
     if backend.gitlab_runner.is_none() {
-        println!("WARNING: gitlab-runner is not installed on this host: cache and artifact stages will fail in the container (ask the admin to install it or set settings.gitlab_runner)");
+        println!("{}", berth_backend_support::rootfs::GITLAB_RUNNER_MISSING);
     }
     let timeout = Duration::from_secs(backend.settings.boot_timeout.unwrap_or(60));
-    let container = match backend.mode {
-        Mode::Systemd => boot_systemd(backend, job, state, &machine, &image, timeout, cancel)?,
-        _ => boot_standalone(backend, job, state, &machine, &image, timeout, cancel)?,
+    match backend.mode {
+        Mode::Systemd => boot_systemd(backend, state, &mut container, cancel)?,
+        _ => boot_standalone(backend, state, &mut container, timeout, cancel)?,
     };
     let mode = match container.mode {
         ModeName::Systemd => "systemd",
@@ -213,42 +353,96 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         container.image,
         started.elapsed().as_secs_f64()
     );
-    info!(job = %job.key(), machine, image = container.image, mode, "container ready");
+    info!(job = %job.key(), machine, image = container.image, mode, users = ?container.users, "container ready");
+    Ok(())
+}
+
+/// Mounts the container's root and what is bound into it (see the module doc).
+fn build_root(
+    backend: &Nspawn,
+    job: &JobContext,
+    state: &JobState,
+    image: &Image,
+    machine: &str,
+    users: Option<Range>,
+) -> Result<(), Failure> {
+    let dir = state.dir();
+    let layer = layer_dir(state);
+    make_dir(&layer, 0o755, users)?;
+    if let Some(size) = backend.limits.disk {
+        diskfs::mount_bounded(&dir.join("layer.img"), size, &layer, users)
+            .map_err(sys("failed to make the job's disk (settings.disk_max)"))?;
+    }
+    let upper = upper_dir(state);
+    let work = layer.join("work");
+    make_dir(&upper, 0o755, users)?;
+    make_dir(&work, 0o700, None)?;
+    make_dir(&upper.join(BUILDS_DIR.trim_start_matches('/')), 0o755, users)?;
+    // The image's /etc/hostname would win over --machine; an empty machine-id
+    // makes systemd generate one per boot instead of every job sharing the image's.
+    write_in_layer(&upper, "etc/hostname", format!("{machine}\n").as_bytes(), users)?;
+    write_in_layer(&upper, "etc/machine-id", b"", users)?;
+    mask(&upper, "etc/systemd/system", &backend.masked_units, users)?;
+    mask(&upper, "etc/systemd/system-generators", &backend.masked_generators, users)?;
+    make_dir(&scripts_dir(state), 0o700, users)?;
+    // The cache: the project's directory, private to root on the host, and
+    // bound nosuid,nodev, so that nothing a job leaves there is a set-uid
+    // program or a device for anyone on the host.
+    private_dir(&backend.cache_host_dir)?;
+    let cache = backend.cache_of(job);
+    private_dir(&cache)?;
+    let cache_mount = dir.join("cache");
+    make_dir(&cache_mount, 0o700, None)?;
+    mounts::bind_guarded(&cache, &cache_mount, true).map_err(sys("failed to mount the job's cache"))?;
+    let lower = match users {
+        Some(range) => {
+            let lower = dir.join("lower");
+            make_dir(&lower, 0o755, None)?;
+            let ns = UserNs::new(range).map_err(sys("failed to create the job's user namespace"))?;
+            let attrs = userns::Attrs { read_only: true, nodev: true, nosuid: false };
+            userns::mount_idmapped(&image.root, &lower, &ns, attrs)
+                .map_err(sys("failed to mount the image for the job"))?;
+            lower
+        }
+        None => image.root.clone(),
+    };
+    let root = root_dir(state);
+    make_dir(&root, 0o755, None)?;
+    mounts::mount_overlay_with(&lower, &upper, &work, &root, MsFlags::MS_NODEV)
+        .map_err(sys("failed to mount the container's root"))?;
     Ok(())
 }
 
 fn boot_standalone(
     backend: &Nspawn,
-    job: &JobContext,
     state: &JobState,
-    machine: &str,
-    image: &Image,
+    container: &mut Container,
     timeout: Duration,
     cancel: &Cancel,
-) -> Result<Container, Failure> {
-    let root = image.root.as_path();
-    let image = image.name.clone();
-    let notify =
-        Notify::new(&job.key().to_string()).map_err(|e| Failure::system_with("failed to create a notify socket", e))?;
+) -> Result<(), Failure> {
+    let machine = container.machine.clone();
+    let notify = Notify::new(&state.dir().join("notify")).map_err(sys("failed to create the readiness socket"))?;
     let log_path = boot_log(state);
-    let log = File::create(&log_path)
-        .map_err(|e| Failure::system_with(format!("failed to create {}", log_path.display()), e))?;
-    let log2 = log.try_clone().map_err(|e| Failure::system_with("failed to open the boot log", e))?;
+    let log = File::create(&log_path).map_err(sys(format!("failed to create {}", log_path.display())))?;
+    let log2 = log.try_clone().map_err(sys("failed to open the boot log"))?;
     let mut cmd = Command::new("systemd-nspawn");
-    cmd.args(backend.nspawn_args(machine, root, state, false))
+    cmd.args(backend.nspawn_args(&machine, state, container.users, false))
+        .env_clear()
+        .envs(backend.nspawn_env())
         .env("NOTIFY_SOCKET", notify.env())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
     // Its own process group: the runner's signals to the hook's group are not for it.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut cgroup = JobCgroup::of(machine);
-    cgroup
-        .create(&backend.limits)
-        .map_err(|e| Failure::system_with("failed to create the container's cgroup with its resource limits", e))?;
-    let join = cgroup.joiner().map_err(|e| Failure::system_with("failed to prepare the container's cgroup", e))?;
+    cmd.process_group(0);
+    let mut cgroup = JobCgroup::of(&machine);
+    cgroup.create(&backend.limits).map_err(sys("failed to create the container's cgroup with its resource limits"))?;
+    if let Some(range) = container.users {
+        cgroup.give(range).map_err(sys("failed to delegate the container's cgroup to its root"))?;
+    }
+    let join = cgroup.joiner().map_err(sys("failed to prepare the container's cgroup"))?;
     // SAFETY: the closure only performs async-signal-safe system calls (see JobCgroup::joiner).
-    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
+    unsafe { cmd.pre_exec(join) };
     debug!(?cmd, "booting");
     let child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
@@ -258,15 +452,8 @@ fn boot_standalone(
         _ => Failure::system_with(format!("failed to start systemd-nspawn in the container's cgroup ({cgroup})"), e),
     })?;
     let pid = child.id() as i32;
-    let mut container = Container {
-        mode: ModeName::Standalone,
-        machine: machine.to_owned(),
-        image,
-        nspawn: Some((pid, host::start_time(pid).unwrap_or(0))),
-        leader: None,
-        unit: None,
-    };
-    state.save(RECORD, &container)?;
+    container.nspawn = Some((pid, host::start_time(pid).unwrap_or(0)));
+    state.save(RECORD, container)?;
     let pidfd = host::pidfd(pid);
     let ready = notify.wait(pidfd.as_ref(), cancel, timeout);
     // Reap nspawn if it already exited; otherwise it outlives this process.
@@ -289,17 +476,19 @@ fn boot_standalone(
         }
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    container.leader = loop {
+    let leader = loop {
         if let Some(leader) = host::leader_of(pid) {
-            break Some(leader);
+            break leader;
         }
         if Instant::now() > deadline {
             return Err(Failure::system(format!("container {machine} is ready but its init process was not found")));
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    state.save(RECORD, &container)?;
-    Ok(container)
+    container.leader = Some(leader);
+    container.leader_start = host::start_time(leader);
+    state.save(RECORD, container)?;
+    Ok(())
 }
 
 /// Runs a host command to its end, capturing its output.
@@ -308,37 +497,19 @@ fn command_output(cmd: &mut Command) -> Result<std::process::Output, Failure> {
     cmd.stdin(Stdio::null()).output().map_err(|e| Failure::system_with(format!("failed to run {program}"), e))
 }
 
-fn boot_systemd(
-    backend: &Nspawn,
-    job: &JobContext,
-    state: &JobState,
-    machine: &str,
-    image: &Image,
-    _timeout: Duration,
-    cancel: &Cancel,
-) -> Result<Container, Failure> {
-    let root = image.root.as_path();
-    let image = image.name.clone();
-    let unit = unit_name(job.key());
-    let mut container = Container {
-        mode: ModeName::Systemd,
-        machine: machine.to_owned(),
-        image,
-        nspawn: None,
-        leader: None,
-        unit: Some(unit.clone()),
-    };
-    state.save(RECORD, &container)?;
+fn boot_systemd(backend: &Nspawn, state: &JobState, container: &mut Container, cancel: &Cancel) -> Result<(), Failure> {
+    let unit = unit_name(state.key());
+    container.unit = Some(unit.clone());
+    state.save(RECORD, container)?;
     let mut cmd = Command::new("systemd-run");
     cmd.arg("--quiet").arg(format!("--unit={unit}")).arg("--slice=machine.slice").arg("--collect");
-    for prop in backend.unit_properties() {
+    for prop in backend.unit_properties(state) {
         cmd.arg("-p").arg(prop);
     }
-    cmd.arg("--").arg("systemd-nspawn").args(backend.nspawn_args(machine, root, state, true));
+    cmd.arg("--").arg("systemd-nspawn").args(backend.nspawn_args(&container.machine, state, container.users, true));
     let log_path = boot_log(state);
-    let log = File::create(&log_path)
-        .map_err(|e| Failure::system_with(format!("failed to create {}", log_path.display()), e))?;
-    let log2 = log.try_clone().map_err(|e| Failure::system_with("failed to open the boot log", e))?;
+    let log = File::create(&log_path).map_err(sys(format!("failed to create {}", log_path.display())))?;
+    let log2 = log.try_clone().map_err(sys("failed to open the boot log"))?;
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
     debug!(?cmd, "booting");
     let unit_for_stop = unit.clone();
@@ -350,7 +521,7 @@ fn boot_systemd(
         },
         Duration::from_secs(2),
     )
-    .map_err(|e| Failure::system_with("failed to run systemd-run (is systemd-container installed?)", e))?;
+    .map_err(sys("failed to run systemd-run (is systemd-container installed?)"))?;
     match ended {
         Ended::Exited(0) => {}
         Ended::Cancelled => return Err(Failure::Cancelled),
@@ -365,10 +536,74 @@ fn boot_systemd(
             )));
         }
     }
-    let out = command_output(Command::new("machinectl").args(["show", machine, "-p", "Leader", "--value"]))?;
-    container.leader = String::from_utf8_lossy(&out.stdout).trim().parse().ok();
-    state.save(RECORD, &container)?;
-    Ok(container)
+    let out = command_output(Command::new("systemctl").args(["show", &unit, "-p", "MainPID", "--value"]))?;
+    // The unit's main process is nspawn; its child that is PID 1 of its own namespace is the container's init.
+    let nspawn: Option<i32> = String::from_utf8_lossy(&out.stdout).trim().parse().ok().filter(|p| *p > 0);
+    container.leader = nspawn.and_then(host::leader_of);
+    container.leader_start = container.leader.and_then(host::start_time);
+    state.save(RECORD, container)?;
+    Ok(())
+}
+
+/// The container's init, if it still runs: the recorded pid with the
+/// recorded start time, held by a pidfd (so the pid cannot be reused while held).
+fn leader(container: &Container) -> Option<(i32, OwnedFd)> {
+    let (pid, start) = (container.leader?, container.leader_start?);
+    let fd = host::pidfd(pid)?;
+    (host::start_time(pid) == Some(start) && host::alive(pid)).then_some((pid, fd))
+}
+
+/// A command that runs `program` inside the container as the container's
+/// root, for standalone mode: `nsenter` (the host's) enters every namespace of
+/// the container's init, the user namespace included, so that what it then
+/// executes from the container's filesystem runs with the container's
+/// credentials, never the host's; with an empty environment, from a leaf
+/// cgroup of the container's. The namespaces are opened here, from a pidfd
+/// checked against the init's start time, and handed over as descriptors:
+/// a pid reused by another process cannot be entered.
+fn enter(container: &Container, cgroup: &JobCgroup, program: &str) -> Result<Command, Failure> {
+    let gone = || Failure::system(format!("the job's container {} is no longer running", container.machine));
+    let (pid, pidfd) = leader(container).ok_or_else(gone)?;
+    let mut namespaces: Vec<&str> = vec!["mnt", "pid", "uts", "ipc", "net", "cgroup"];
+    if container.users.is_some() {
+        namespaces.insert(0, "user");
+    }
+    let mut fds: Vec<File> = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    for ns in &namespaces {
+        let file = File::open(format!("/proc/{pid}/ns/{ns}")).map_err(|_| gone())?;
+        let flag = if *ns == "mnt" { "mount".to_owned() } else { (*ns).to_owned() };
+        args.push(format!("--{flag}=/proc/self/fd/{}", file.as_raw_fd()));
+        fds.push(file);
+    }
+    let root = File::open(format!("/proc/{pid}/root")).map_err(|_| gone())?;
+    args.push(format!("--root=/proc/self/fd/{}", root.as_raw_fd()));
+    args.push(format!("--wd=/proc/self/fd/{}", root.as_raw_fd()));
+    fds.push(root);
+    // Opened while the pidfd's process still ran with the recorded start time:
+    // the namespaces are its.
+    if nix::sys::signal::kill(Pid::from_raw(pid), None).is_err() || host::start_time(pid) != container.leader_start {
+        return Err(gone());
+    }
+    drop(pidfd);
+    let mut cmd = Command::new("nsenter");
+    cmd.args(&args).arg("--").arg(program).env_clear().env("PATH", PATH);
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut join = cgroup.stage_joiner().map_err(sys("failed to prepare the stage's cgroup"))?;
+    // SAFETY: only fcntl(2) and the joiner's open/write/close, all
+    // async-signal-safe; `fds` outlives the spawn (the closure keeps them).
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fds;
+            for fd in &raw {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            join()
+        })
+    };
+    Ok(cmd)
 }
 
 pub(crate) fn run(
@@ -382,7 +617,7 @@ pub(crate) fn run(
     let container: Container = state
         .load(RECORD)?
         .ok_or_else(|| Failure::system("the job's container was never booted (prepare did not finish)"))?;
-    if !container_alive(&container) {
+    if leader(&container).is_none() {
         return Err(Failure::system(format!(
             "the job's container {} is no longer running (killed, or the host rebooted)",
             container.machine
@@ -390,23 +625,20 @@ pub(crate) fn run(
     }
     let seq = std::process::id();
     let dir = scripts_dir(state);
-    let copy = dir.join(format!("stage-{seq}.sh"));
-    let wrapper = dir.join(format!("stage-{seq}.run"));
-    let rc_file = dir.join(format!("stage-{seq}.rc"));
+    let rc_name = format!("stage-{seq}.rc");
+    let rc_file = dir.join(&rc_name);
     let _ = fs::remove_file(&rc_file);
     // The container can write into the scripts dir: never follow what it planted.
-    let body = fs::read(script)
-        .map_err(|e| Failure::system_with(format!("failed to read the stage script {}", script.display()), e))?;
-    rootfs::place_file(&dir, "", &format!("stage-{seq}.sh"), &body)
-        .map_err(|e| Failure::system_with("failed to copy the stage script", e))?;
+    let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
+    rootfs::place_file(&dir, "", &format!("stage-{seq}.sh"), &body).map_err(sys("failed to copy the stage script"))?;
     // The wrapper records the script's exit status (so that a failure of
     // systemd-run itself is never taken for the script's) and exits with it
     // (a script killed by a signal is 128+N, not what systemd-run makes of it).
     let wrapper_text = format!(
-        "#!/bin/sh\n/bin/bash {SCRIPTS_DIR}/stage-{seq}.sh\nrc=$?\necho $rc > {SCRIPTS_DIR}/stage-{seq}.rc\nexit $rc\n"
+        "#!/bin/sh\n/bin/bash {SCRIPTS_DIR}/stage-{seq}.sh\nrc=$?\necho $rc > {SCRIPTS_DIR}/{rc_name}\nexit $rc\n"
     );
     rootfs::place_file(&dir, "", &format!("stage-{seq}.run"), wrapper_text.as_bytes())
-        .map_err(|e| Failure::system_with(format!("failed to write {}", wrapper.display()), e))?;
+        .map_err(sys("failed to write the stage's wrapper"))?;
     let unit = format!("berth-stage-{seq}.service");
     // systemd-run expands $VARIABLES in its arguments: pass only plain paths.
     let run_args: Vec<String> = vec![
@@ -426,20 +658,21 @@ pub(crate) fn run(
     ];
     let (mut cmd, mut stop) = match container.mode {
         ModeName::Standalone => {
-            let leader =
-                container.leader.ok_or_else(|| Failure::system("the job's container has no recorded init process"))?;
-            let mut cmd = Command::new("nsenter");
-            cmd.args(["-t", &leader.to_string(), "-a", "--", "systemd-run"]).args(&run_args);
-            let mut stop_cmd = Command::new("nsenter");
-            stop_cmd.args(["-t", &leader.to_string(), "-a", "--", "systemctl", "stop", &unit]);
-            (cmd, stop_cmd)
+            let cgroup = JobCgroup::of(&container.machine);
+            let mut cmd = enter(&container, &cgroup, "systemd-run")?;
+            cmd.args(&run_args);
+            let mut stop = enter(&container, &cgroup, "systemctl")?;
+            stop.args(["stop", &unit]);
+            (cmd, stop)
         }
         ModeName::Systemd => {
+            // The host's systemd-run, through machined into the container's
+            // bus: nothing of the container's filesystem runs on the host.
             let mut cmd = Command::new("systemd-run");
             cmd.arg(format!("--machine={}", container.machine)).args(&run_args);
-            let mut stop_cmd = Command::new("systemctl");
-            stop_cmd.args(["--machine", &container.machine, "stop", &unit]);
-            (cmd, stop_cmd)
+            let mut stop = Command::new("systemctl");
+            stop.args(["--machine", &container.machine, "stop", &unit]);
+            (cmd, stop)
         }
     };
     let _ = std::io::stdout().flush();
@@ -452,9 +685,10 @@ pub(crate) fn run(
         },
         Duration::from_secs(5),
     )
-    .map_err(|e| Failure::system_with("failed to run the stage in the container", e))?;
-    let _ = fs::remove_file(&copy);
-    let _ = fs::remove_file(&wrapper);
+    .map_err(sys("failed to run the stage in the container"))?;
+    for name in [format!("stage-{seq}.sh"), format!("stage-{seq}.run")] {
+        let _ = fs::remove_file(dir.join(name));
+    }
     let recorded = rootfs::read_small(&rc_file).ok().and_then(|t| t.trim().parse::<i32>().ok());
     let _ = fs::remove_file(&rc_file);
     match (ended, recorded) {
@@ -468,56 +702,45 @@ pub(crate) fn run(
     }
 }
 
-/// The nspawn processes of this job's container: named after its machine and
-/// using this state directory's overlay (another berth configuration on the
-/// host could use the same runner name).
-fn our_nspawns(machine: &str, state: &JobState) -> Vec<i32> {
-    let overlay = format!(":{}:/", upper_dir(state).display());
-    host::pids_with_arg(&format!("--machine={machine}"))
-        .into_iter()
-        .filter(|pid| {
-            host::cmdline(*pid).iter().any(|a| a.starts_with(b"--overlay=") && a.ends_with(overlay.as_bytes()))
-        })
-        .collect()
-}
-
-fn container_alive(container: &Container) -> bool {
-    match container.mode {
-        ModeName::Standalone => container.leader.is_some_and(host::alive),
-        ModeName::Systemd => container.leader.is_some_and(host::alive),
-    }
-}
-
-pub(crate) fn cleanup(_backend: &Nspawn, state: &JobState) -> Result<(), Failure> {
+/// Stops everything of a job's container and takes its mounts down; what
+/// identifies it is the job's own record and the names berth made (its
+/// unit, its cgroup), never the arguments of a process.
+fn tear_down(state: &JobState, container: Option<&Container>) -> Result<(), Failure> {
     let machine = machine_name(state.key());
-    let container: Option<Container> = state.load(RECORD).unwrap_or(None);
     let started = Instant::now();
+    // The machine's name, unit and cgroup are this job's only while it holds
+    // the name (another berth configuration's runner of the same name could).
+    if Claims::host(MACHINES).owner(&machine).is_some_and(|owner| owner != state.dir()) {
+        warn!(
+            machine,
+            "the container's name is held by another berth state directory: only this job's files are removed"
+        );
+        return remove_layers(state, &machine);
+    }
     // systemd mode: the unit holds everything; kill it, then let it go.
-    let unit = unit_name(state.key());
-    if container.as_ref().is_none_or(|c| c.mode == ModeName::Systemd) && crate::systemd_is_pid1() {
+    if container.is_some_and(|c| c.mode == ModeName::Systemd) && crate::systemd_is_pid1() {
+        let unit = unit_name(state.key());
         let _ = command_output(Command::new("systemctl").args(["kill", "--signal=SIGKILL", &unit]));
         let _ = command_output(Command::new("systemctl").args(["stop", &unit]));
         let _ = command_output(Command::new("systemctl").args(["reset-failed", &unit]));
     }
-    // Both modes: any nspawn of this machine, and its container. SIGKILL of
-    // nspawn alone would orphan the container: kill its init first, which
-    // ends the container and lets nspawn exit and unmount by itself.
-    let mut pids = our_nspawns(&machine, state);
-    if let Some((pid, start)) = container.as_ref().and_then(|c| c.nspawn) {
-        if host::start_time(pid) == Some(start) && !pids.contains(&pid) {
+    // Standalone: the recorded init and nspawn, if they are still those
+    // processes. SIGKILL of nspawn alone would orphan the container: kill its
+    // init first, which ends the container and lets nspawn exit by itself.
+    let mut pids = Vec::new();
+    if let Some(container) = container {
+        if let Some((pid, _fd)) = leader(container) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             pids.push(pid);
         }
-    }
-    let leaders: Vec<i32> = pids.iter().filter_map(|p| host::leader_of(*p)).collect();
-    for pid in &leaders {
-        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-    }
-    if !host::wait_gone(&pids, Duration::from_secs(3)) {
-        warn!(machine, "nspawn did not exit after its container was killed; killing it");
-        for pid in &pids {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        if let Some((pid, start)) = container.nspawn {
+            if host::start_time(pid) == Some(start) {
+                pids.push(pid);
+            }
         }
     }
+    // The container's cgroup (standalone mode) is berth's, named after the
+    // job: everything in it is the job's, whatever it calls itself.
     let cgroup = JobCgroup::of(&machine);
     let stragglers = cgroup.pids();
     if !stragglers.is_empty() && !cgroup.kill() {
@@ -525,64 +748,109 @@ pub(crate) fn cleanup(_backend: &Nspawn, state: &JobState) -> Result<(), Failure
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
     }
-    let all: Vec<i32> = leaders.iter().chain(&pids).chain(&stragglers).copied().collect();
+    let nspawn: Vec<i32> = container.and_then(|c| c.nspawn).map(|(p, _)| p).into_iter().collect();
+    if !host::wait_gone(&pids, Duration::from_secs(3)) {
+        warn!(machine, "nspawn did not exit after its container was killed; killing it");
+        for pid in pids.iter().filter(|p| nspawn.contains(p)) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+    let all: Vec<i32> = pids.iter().chain(&stragglers).copied().collect();
     if !host::wait_gone(&all, Duration::from_secs(10)) {
         return Err(Failure::system(format!("container {machine} (processes {all:?}) did not exit after SIGKILL")));
     }
-    if let Err(e) = cgroup.remove() {
-        return Err(Failure::system_with(format!("failed to remove the cgroup of container {machine}"), e));
-    }
-    // Left by nspawn when it cannot clean up after itself without systemd.
-    let propagate = Path::new("/run/systemd/nspawn/propagate").join(&machine);
-    if propagate.exists() {
-        if let Err(e) = fs::remove_dir_all(&propagate) {
-            warn!("failed to remove {}: {e}", propagate.display());
-        }
-    }
-    if !all.is_empty() || container.is_some() {
+    cgroup.remove().map_err(sys(format!("failed to remove the cgroup of container {machine}")))?;
+    remove_layers(state, &machine)?;
+    if container.is_some() || !all.is_empty() {
         info!(machine, elapsed_ms = started.elapsed().as_millis() as u64, "container removed");
     }
     Ok(())
 }
 
-pub(crate) fn reap_orphans(backend: &Nspawn, known: &[JobKey]) -> Result<Vec<String>, Failure> {
-    let prefix = format!("--machine=berth-{}-", backend.runner.name);
+/// Unmounts the job's filesystems and removes what the job wrote.
+fn remove_layers(state: &JobState, machine: &str) -> Result<(), Failure> {
+    // The root, the image's clone, the cache and the layer's filesystem.
+    let report = mounts::unmount_all(state.dir())
+        .map_err(sys(format!("failed to unmount the container's filesystems in {}", state.dir().display())))?;
+    for point in &report.detached {
+        warn!(machine, "{} was busy; detached it (lazy unmount)", point.display());
+    }
+    // Left by nspawn when it cannot clean up after itself without systemd.
+    let propagate = Path::new("/run/systemd/nspawn/propagate").join(machine);
+    if propagate.exists() {
+        if let Err(e) = fs::remove_dir_all(&propagate) {
+            warn!("failed to remove {}: {e}", propagate.display());
+        }
+    }
+    // The layer (on the state's filesystem when disk_max is infinity), written by the job.
+    for dir in [layer_dir(state), root_dir(state), state.dir().join("lower"), state.dir().join("cache")] {
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Failure::system_with(format!("failed to remove {}", dir.display()), e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn cleanup(_backend: &Nspawn, state: &JobState) -> Result<(), Failure> {
+    let container: Option<Container> = state.load(RECORD).unwrap_or(None);
+    tear_down(state, container.as_ref())?;
+    Allocator::host().release_all(state.dir()).map_err(sys("failed to release the job's uid range"))?;
+    Claims::host(MACHINES)
+        .release(&machine_name(state.key()), state.dir())
+        .map_err(sys("failed to release the container's name"))?;
+    Ok(())
+}
+
+pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
     let jobs = backend.runner.state_dir.join("jobs");
-    let ours = format!("{}/", jobs.display());
-    // A job prepared since reap listed the known ones has its state by now.
-    // (`berth-<runner>-` also prefixes the machines of a runner named `<runner>-x`.)
-    let orphan = |key: &JobKey| {
-        key.runner() == backend.runner.name && !known.contains(key) && !jobs.join(key.to_string()).exists()
-    };
+    let prefix = format!("berth-{}-", backend.runner.name);
     let mut removed = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else { return Ok(removed) };
-    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let Some(arg) = cmdline.split(|b| *b == 0).find(|a| a.starts_with(prefix.as_bytes())) else { continue };
-        let name = String::from_utf8_lossy(&arg["--machine=berth-".len()..]).into_owned();
-        let Ok(key) = JobKey::try_from(name.clone()) else { continue };
-        let args = host::cmdline(pid);
-        let in_our_state =
-            args.iter().any(|a| a.starts_with(b"--overlay=") && String::from_utf8_lossy(a).contains(&ours));
-        if !orphan(&key) || !in_our_state {
+    // Containers whose job's state is gone (its cleanup never ran): found by
+    // the claim of their name, which only berth makes, owned by a job
+    // directory of this state dir. (`berth-<runner>-` also prefixes the
+    // machines of a runner named `<runner>-x`: the key must be this runner's.)
+    let claims = Claims::host(MACHINES);
+    for (machine, owner) in claims.orphans(&prefix, &jobs) {
+        let Ok(key) = JobKey::try_from(machine["berth-".len()..].to_owned()) else { continue };
+        if key.runner() != backend.runner.name {
             continue;
         }
-        if let Some(leader) = host::leader_of(pid) {
-            let _ = kill(Pid::from_raw(leader), Signal::SIGKILL);
+        if crate::systemd_is_pid1() {
+            let unit = unit_name(&key);
+            let _ = command_output(Command::new("systemctl").args(["kill", "--signal=SIGKILL", &unit]));
+            let _ = command_output(Command::new("systemctl").args(["stop", &unit]));
         }
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        removed.push(format!("container berth-{name} (no job state; nspawn pid {pid})"));
+        let cgroup = JobCgroup::of(&machine);
+        let pids = cgroup.pids();
+        if !pids.is_empty() && !cgroup.kill() {
+            for pid in &pids {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+        }
+        if host::wait_gone(&pids, Duration::from_secs(10)) && cgroup.remove().is_ok() {
+            let _ = claims.release(&machine, &owner);
+            removed.push(format!("container {machine} (its job's state {} is gone)", owner.display()));
+        }
     }
     // Empty cgroups of jobs whose cleanup never ran (standalone mode). A young
     // one may belong to a prepare that has not started nspawn yet.
-    let machine_prefix = format!("berth-{}-", backend.runner.name);
-    for machine in JobCgroup::machines(&machine_prefix, Duration::from_secs(60)) {
+    for machine in JobCgroup::machines(&prefix, Duration::from_secs(60)) {
         let Ok(key) = JobKey::try_from(machine["berth-".len()..].to_owned()) else { continue };
         let cgroup = JobCgroup::of(&machine);
-        if orphan(&key) && cgroup.pids().is_empty() && cgroup.remove().is_ok() {
+        let unclaimed = claims.owner(&machine).is_none();
+        if key.runner() == backend.runner.name
+            && unclaimed
+            && !jobs.join(key.to_string()).exists()
+            && cgroup.pids().is_empty()
+            && cgroup.remove().is_ok()
+        {
             removed.push(format!("cgroup of container {machine} (no job state, no process)"));
         }
     }
+    removed.extend(Allocator::host().reclaim(&jobs));
     removed.extend(berth_backend_support::generations::Images::new(backend.images.dir()).prune());
     Ok(removed)
 }

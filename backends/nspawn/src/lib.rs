@@ -88,6 +88,7 @@ impl NewBackend for Nspawn {
         let limits = Limits::of(&settings).map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
+        settings::check_nspawn_args(&settings.nspawn_args).map_err(|e| Failure::system(format!("settings.{e}")))?;
         Ok(Nspawn {
             images,
             mode,
@@ -108,26 +109,51 @@ pub fn machine_name(key: &JobKey) -> String {
 }
 
 impl Nspawn {
-    /// Settings the current host mode cannot honour.
+    /// Whether jobs get a uid range of their own (`private_users`, default true).
+    pub fn private_users(&self) -> bool {
+        self.settings.private_users.unwrap_or(true)
+    }
+
+    /// What this host cannot enforce of the runner's bounds and protections,
+    /// each with what to do: said at `berth config`, never dropped silently.
     fn unhonoured(&self) -> Vec<String> {
+        let runner = &self.runner.name;
         let mut out = Vec::new();
-        if self.mode == Mode::Standalone {
-            for (name, set, controller) in [
-                ("memory_max", self.settings.memory_max.is_some(), Controller::Memory),
-                ("cpu_quota", self.settings.cpu_quota.is_some(), Controller::Cpu),
-                ("cpu_weight", self.settings.cpu_weight.is_some(), Controller::Cpu),
-                ("tasks_max", self.settings.tasks_max.is_some(), Controller::Pids),
-            ] {
-                if !set {
-                    continue;
-                }
-                if let Some(reason) = controller.unavailable_because() {
-                    out.push(format!(
-                        "nspawn runner {}: settings.{name} is not enforced: {reason} (standalone mode sets limits in the container's cgroup)",
-                        self.runner.name
-                    ));
-                }
+        let set = |name: &str| match name {
+            "memory_max" => true,
+            "tasks_max" => true,
+            "cpu_quota" => self.settings.cpu_quota.is_some(),
+            _ => self.settings.cpu_weight.is_some(),
+        };
+        for (name, controller) in [
+            ("memory_max", Controller::Memory),
+            ("cpu_quota", Controller::Cpu),
+            ("cpu_weight", Controller::Cpu),
+            ("tasks_max", Controller::Pids),
+        ] {
+            if !set(name) {
+                continue;
             }
+            if let Some(reason) = controller.unavailable_because() {
+                let how = if self.mode == Mode::Standalone {
+                    "standalone mode sets limits in the container's cgroup"
+                } else {
+                    "systemd sets it on the container's unit, and cannot enforce it here"
+                };
+                let default =
+                    if self.settings.memory_max.is_none() && name == "memory_max" { " (default 50%)" } else { "" };
+                out.push(format!("nspawn runner {runner}: settings.{name}{default} is not enforced: {reason} ({how})"));
+            }
+        }
+        if self.limits.disk.is_some() && !Path::new("/dev/loop-control").exists() {
+            out.push(format!(
+                "nspawn runner {runner}: settings.disk_max cannot be enforced: this host has no /dev/loop-control (modprobe loop), so prepare will fail; set disk_max = \"infinity\" to run jobs without a disk bound"
+            ));
+        }
+        if !self.private_users() {
+            out.push(format!(
+                "nspawn runner {runner}: settings.private_users = false: jobs run as root of the host and can take it over"
+            ));
         }
         out
     }

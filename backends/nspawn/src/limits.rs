@@ -5,7 +5,7 @@
 //! mode berth writes them into the container's own cgroup (the `cgroup` module),
 //! in the cgroup2 or the cgroup v1 files, whichever the host has.
 
-use crate::settings::Settings;
+use crate::settings::{Settings, DEFAULT_DISK_MAX, DEFAULT_MEMORY_MAX};
 
 /// A limit that can also be lifted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct Limits {
     /// `cpu_weight`: 1-10000 (the default weight is 100). In standalone mode it
     /// weighs a container against the other berth containers of the host.
     pub cpu_weight: Option<u64>,
+    /// `disk_max`: bytes a job may write (its layer's filesystem), `None` for no bound.
+    pub disk: Option<u64>,
 }
 
 /// Tasks a container may have when `tasks_max` is not set (systemd mode's default too).
@@ -45,11 +47,12 @@ pub fn quota_us(cpu_quota: u64) -> u64 {
 impl Limits {
     /// The limits of `settings`, or what is wrong with one of them (`memory_max: ...`).
     pub fn of(settings: &Settings) -> Result<Limits, String> {
-        let memory = settings
-            .memory_max
-            .as_deref()
-            .map(|v| parse_bytes(v, physical_memory).map_err(|e| format!("memory_max: {e}")))
-            .transpose()?;
+        let memory = Some(
+            parse_bytes(settings.memory_max.as_deref().unwrap_or(DEFAULT_MEMORY_MAX), physical_memory)
+                .map_err(|e| format!("memory_max: {e}"))?,
+        );
+        let disk = berth_backend_support::diskfs::parse_size(settings.disk_max.as_deref().unwrap_or(DEFAULT_DISK_MAX))
+            .map_err(|e| format!("disk_max: {e}"))?;
         let tasks = Some(settings.tasks_max.map_or(Amount::Value(DEFAULT_TASKS_MAX), |n| Amount::Value(n.into())));
         let cpu_quota = settings
             .cpu_quota
@@ -65,7 +68,7 @@ impl Limits {
         if settings.tasks_max == Some(0) {
             return Err("tasks_max: 0 would not even let the container's init run".to_owned());
         }
-        Ok(Limits { memory, tasks, cpu_quota, cpu_weight })
+        Ok(Limits { memory, tasks, cpu_quota, cpu_weight, disk })
     }
 }
 
@@ -181,7 +184,17 @@ mod tests {
     #[test]
     fn settings_become_limits_or_name_the_bad_one() {
         let limits = Limits::of(&Settings::default()).unwrap();
-        assert_eq!(limits, Limits { tasks: Some(Amount::Value(DEFAULT_TASKS_MAX)), ..Limits::default() });
+        // Bounds by default: tasks, half the host's memory, 20G of disk.
+        assert_eq!(limits.tasks, Some(Amount::Value(DEFAULT_TASKS_MAX)));
+        assert_eq!(limits.memory, Some(Amount::Value(physical_memory() / 2)));
+        assert_eq!(limits.disk, Some(20 << 30));
+        assert_eq!((limits.cpu_quota, limits.cpu_weight), (None, None));
+        let unbounded =
+            Settings { memory_max: Some("infinity".into()), disk_max: Some("infinity".into()), ..Settings::default() };
+        let limits = Limits::of(&unbounded).unwrap();
+        assert_eq!((limits.memory, limits.disk), (Some(Amount::Max), None));
+        let bad = Settings { disk_max: Some("lots".into()), ..Settings::default() };
+        assert!(Limits::of(&bad).unwrap_err().starts_with("disk_max: "));
         let settings = Settings {
             memory_max: Some("2G".into()),
             cpu_quota: Some("150%".into()),

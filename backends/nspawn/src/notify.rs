@@ -1,20 +1,22 @@
 //! The sd_notify protocol: how a standalone container says it is ready.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth_backend_api::Cancel;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-/// A socket receiving sd_notify messages (`NOTIFY_SOCKET=@name`, abstract, so
-/// nothing is left on disk).
+/// A socket receiving sd_notify messages: a socket file in the job's own
+/// state directory (mode 0700), so that only root on the host can send to
+/// it; never an abstract socket, which anything sharing the host's network
+/// namespace (another job) could reach.
 pub struct Notify {
     socket: UnixDatagram,
-    name: String,
+    path: PathBuf,
 }
-
 /// How waiting for readiness ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -29,16 +31,26 @@ pub enum Wait {
 }
 
 impl Notify {
-    /// A fresh socket named after `tag`.
-    pub fn new(tag: &str) -> std::io::Result<Notify> {
-        let name = format!("berth-notify-{tag}-{}", std::process::id());
-        let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
-        Ok(Notify { socket, name })
+    /// A fresh socket at `path` (whatever was there is replaced).
+    pub fn new(path: &Path) -> std::io::Result<Notify> {
+        if path.as_os_str().len() >= 108 {
+            return Err(std::io::Error::other(format!(
+                "{} is too long for a socket (at most 107 bytes): choose a shorter state_dir",
+                path.display()
+            )));
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let socket = UnixDatagram::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Notify { socket, path: path.to_owned() })
     }
 
     /// The value for `NOTIFY_SOCKET`.
-    pub fn env(&self) -> String {
-        format!("@{}", self.name)
+    pub fn env(&self) -> &Path {
+        &self.path
     }
 
     /// Waits for `READY=1`, for `process` (a pidfd) to exit, for `cancel`, or `timeout`.
@@ -86,17 +98,21 @@ mod tests {
 
     #[test]
     fn notify_sees_ready_and_exits() {
-        let notify = Notify::new("test").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let notify = Notify::new(&dir.path().join("notify")).unwrap();
         let cancel = Cancel::never().unwrap();
         let sender = UnixDatagram::unbound().unwrap();
-        let addr = SocketAddr::from_abstract_name(&notify.env().as_bytes()[1..]).unwrap();
-        sender.send_to_addr(b"STATUS=booting\nX=1", &addr).unwrap();
-        sender.send_to_addr(b"X=2\nREADY=1\n", &addr).unwrap();
+        sender.send_to(b"STATUS=booting\nX=1", notify.env()).unwrap();
+        sender.send_to(b"X=2\nREADY=1\n", notify.env()).unwrap();
         assert_eq!(notify.wait(None, &cancel, Duration::from_secs(5)), Wait::Ready);
         assert_eq!(notify.wait(None, &cancel, Duration::from_millis(20)), Wait::Timeout);
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let fd = berth_backend_support::proc::pidfd(child.id() as i32).unwrap();
         assert_eq!(notify.wait(Some(&fd), &cancel, Duration::from_secs(5)), Wait::Exited);
         child.wait().unwrap();
+        // Only root may send: the socket is 0600, in a 0700 directory.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(notify.env()).unwrap().mode() & 0o777, 0o600);
+        assert!(Notify::new(&dir.path().join("x".repeat(120))).is_err(), "too long for sun_path");
     }
 }

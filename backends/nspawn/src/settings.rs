@@ -20,6 +20,69 @@ pub enum Mode {
     Standalone,
 }
 
+/// Who shares a cache directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// One directory per project (by the payload's project id).
+    #[default]
+    Project,
+    /// One directory for every project of the runner.
+    Runner,
+}
+
+/// The memory a job may use by default: half the host's, so that one job
+/// cannot take the host (and the jobs beside it) down.
+pub const DEFAULT_MEMORY_MAX: &str = "50%";
+/// What a job may write to disk by default: enough for large builds, and a
+/// bound that keeps one job from filling the host's disk.
+pub const DEFAULT_DISK_MAX: &str = "20G";
+
+/// systemd-nspawn arguments `nspawn_args` may not hold: they would undo the
+/// containment berth sets up (user namespace, capabilities, system call
+/// filter, device access), or are berth's own to set.
+pub const REFUSED_NSPAWN_ARGS: &[&str] = &[
+    "--private-users",
+    "-U",
+    "--capability",
+    "--system-call-filter",
+    "--bind",
+    "--bind-ro",
+    "--overlay",
+    "--overlay-ro",
+    "--directory",
+    "-D",
+    "--image",
+    "-i",
+    "--machine",
+    "-M",
+    "--keep-unit",
+    "--register",
+    "--settings",
+    "--volatile",
+    "--private-users-ownership",
+    "--property",
+    "--slice",
+    "--notify-ready",
+    "--boot",
+    "-b",
+    "--as-pid2",
+    "-a",
+];
+
+/// Checks `nspawn_args` against [`REFUSED_NSPAWN_ARGS`].
+pub fn check_nspawn_args(args: &[String]) -> Result<(), String> {
+    for arg in args {
+        let name = arg.split('=').next().unwrap_or(arg);
+        if REFUSED_NSPAWN_ARGS.contains(&name) || (name.starts_with("-U") && name.len() == 2) {
+            return Err(format!(
+                "nspawn_args: {arg:?} is refused: berth sets the container's user namespace, capabilities, system call filter, mounts and registration itself (use the settings bind, private_users, ...)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The nspawn backend's settings.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +116,18 @@ pub struct Settings {
     pub cpu_weight: Option<u32>,
     /// The container's task (process and thread) limit (default 4096).
     pub tasks_max: Option<u32>,
+    /// What a job can write to disk: its writable layer, `/tmp` and `/var/tmp`
+    /// included, on a filesystem of this size (default [`DEFAULT_DISK_MAX`];
+    /// `infinity`: the layer lies on the state directory's filesystem, unbounded).
+    pub disk_max: Option<String>,
+    /// Root in the container is an unprivileged host uid range of the job's
+    /// own (default true). `false` runs jobs as host root, for images that
+    /// need it: every such job's log says so.
+    pub private_users: Option<bool>,
+    /// `project` (default): every project has a cache directory of its own
+    /// under `cache_host_dir`; `runner`: all projects share one.
+    #[serde(default)]
+    pub cache_scope: CacheScope,
     /// A private network namespace with only loopback (default: the host's network).
     #[serde(default)]
     pub private_network: bool,
@@ -187,6 +262,14 @@ mod tests {
         for bad in ["", ".service", "apt-daily", "../../etc/passwd.service", "a/b.service", "x.conf", "a b.service"] {
             assert!(check_unit_name(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn nspawn_args_that_undo_containment_are_refused() {
+        for bad in ["--capability=all", "--private-users=no", "-U", "--system-call-filter=~@mount", "--bind=/:/host"] {
+            assert!(check_nspawn_args(&[bad.to_owned()]).is_err(), "{bad} accepted");
+        }
+        assert_eq!(check_nspawn_args(&["--drop-capability=CAP_NET_RAW".into(), "--hostname=x".into()]), Ok(()));
     }
 
     #[test]

@@ -4,9 +4,12 @@
 //! lookups of host processes. Third-party backends may use it too.
 #![deny(missing_docs)]
 
+pub mod claims;
+pub mod diskfs;
 pub mod generations;
 pub mod image;
 pub mod mounts;
 pub mod proc;
 pub mod rootfs;
 pub mod settings;
+pub mod userns;

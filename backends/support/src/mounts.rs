@@ -33,6 +33,37 @@ pub fn bind(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Bind-mounts `source` at `target`, not propagating, always `nosuid,nodev`
+/// (what a job writes there can never be a set-uid program or a device for
+/// the host), read-only unless `writable`.
+pub fn bind_guarded(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
+    let what = source.display().to_string();
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| mount_err(&what, target, e))?;
+    mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| mount_err(&what, target, e))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !writable {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| mount_err(&what, target, e))
+}
+
+/// [`mount_overlay`] with mount flags (`MS_NODEV`, ...).
+pub fn mount_overlay_with(
+    image_root: &Path,
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+    flags: MsFlags,
+) -> io::Result<()> {
+    let data = format!("lowerdir={},upperdir={},workdir={}", image_root.display(), upper.display(), work.display());
+    mount_fs("overlay", merged, "overlay", flags, Some(&data))?;
+    mount(None::<&str>, merged, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(|e| {
+        io::Error::new(io::Error::from(e).kind(), format!("failed to make {} private: {e}", merged.display()))
+    })
+}
+
 /// Mounts a job's copy-on-write root at `merged`: an overlay with the image's
 /// root `image_root` as its lower layer and the job's writable layer in `upper`
 /// (with overlayfs's scratch directory `work`, on the same filesystem as
@@ -40,11 +71,7 @@ pub fn bind(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
 /// propagate to or from the host. The three directories must exist; none of
 /// the paths may contain `,` or `:` (overlayfs's option separators).
 pub fn mount_overlay(image_root: &Path, upper: &Path, work: &Path, merged: &Path) -> io::Result<()> {
-    let data = format!("lowerdir={},upperdir={},workdir={}", image_root.display(), upper.display(), work.display());
-    mount_fs("overlay", merged, "overlay", MsFlags::empty(), Some(&data))?;
-    mount(None::<&str>, merged, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(|e| {
-        io::Error::new(io::Error::from(e).kind(), format!("failed to make {} private: {e}", merged.display()))
-    })
+    mount_overlay_with(image_root, upper, work, merged, MsFlags::empty())
 }
 
 /// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.

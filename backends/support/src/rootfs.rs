@@ -112,9 +112,21 @@ pub fn place_file(root: &Path, rel: &str, name: &str, bytes: &[u8]) -> io::Resul
     Ok(path)
 }
 
-/// Reads file `path` (at most 4 KiB), not following a symbolic link.
+/// Reads file `path` (at most 4 KiB) that a job could have written or
+/// replaced: never through a symbolic link, never blocking on a FIFO, never
+/// from a device or socket (opened without blocking, then `fstat`ed: only a
+/// regular file is read), never more than 4 KiB.
 pub fn read_small(path: &Path) -> io::Result<String> {
-    let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file (planted by the job?)", path.display()),
+        ));
+    }
     let mut text = String::new();
     Read::take(file, 4096).read_to_string(&mut text)?;
     Ok(text)
@@ -141,5 +153,22 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&placed).unwrap(), "script");
         std::os::unix::fs::symlink(&victim, root.path().join("run/berth/rc")).unwrap();
         assert!(read_small(&root.path().join("run/berth/rc")).is_err());
+    }
+
+    #[test]
+    fn reads_of_job_files_never_block_nor_open_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("rc");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let e = read_small(&fifo).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1), "blocked on a FIFO");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        // A device (a link to one is refused anyway): /dev/zero would never end.
+        let e = read_small(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, "7".repeat(100_000)).unwrap();
+        assert_eq!(read_small(&big).unwrap().len(), 4096, "bounded");
     }
 }

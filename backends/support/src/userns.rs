@@ -1,0 +1,391 @@
+//! Root in a job is not root on the host: a host uid/gid range of its own for
+//! every job, and idmapped mounts that show shared, unchanged files (an
+//! image, a cache) to the job as if that range owned them.
+//!
+//! - [`Allocator`] hands out ranges of [`RANGE_SIZE`] ids from a pool no
+//!   other software on a Debian host uses (above systemd's container range,
+//!   below its foreign range), one per live job and never two jobs at once:
+//!   [`crate::claims`] under `/run/berth/userns`, owned by the job's state
+//!   directory; cleanup releases a range and `reap` reclaims those whose job
+//!   is gone.
+//! - [`UserNs`] is a user namespace mapping `0..RANGE_SIZE` to a range,
+//!   held by a descriptor, the way idmapped mounts name their mapping.
+//! - [`mount_idmapped`] clones a directory (`open_tree`), attaches the
+//!   mapping (`mount_setattr(MOUNT_ATTR_IDMAP)`) and mounts it (`move_mount`):
+//!   the image's root-owned files appear owned by the job's root, and what
+//!   the job writes through such a mount is written as the job's ids.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::claims::Claims;
+
+/// How many uids (and gids) a job gets: 0..65535 inside, like a whole system.
+pub const RANGE_SIZE: u32 = 65536;
+/// The first host uid of the pool: 0x70000000, just above systemd's container
+/// range (524288..1879048191, which `systemd-nspawn --private-users=pick` uses).
+pub const POOL_START: u32 = 0x7000_0000;
+/// How many ranges the pool holds: up to 0x7FFDFFFF, below systemd's foreign
+/// range (0x7FFE0000) and the 16-bit-unsafe top.
+pub const POOL_SLOTS: u32 = 4094;
+
+/// A job's host uid/gid range: inside id `n` is host id `base + n`, for `n < RANGE_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Range {
+    /// The host id of the job's root.
+    pub base: u32,
+}
+
+impl Range {
+    /// The `--private-users=` value of systemd-nspawn: `BASE:SIZE`.
+    pub fn nspawn_arg(&self) -> String {
+        format!("{}:{RANGE_SIZE}", self.base)
+    }
+
+    /// The lines of `/proc/PID/uid_map` (and `gid_map`) of a namespace with this range.
+    pub fn map(&self) -> String {
+        format!("0 {} {RANGE_SIZE}\n", self.base)
+    }
+
+    /// Whether host id `id` is in the range.
+    pub fn contains(&self, id: u32) -> bool {
+        id >= self.base && id - self.base < RANGE_SIZE
+    }
+}
+
+/// The host-wide register of ranges (claims named by their base).
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    claims: Claims,
+}
+
+impl Default for Allocator {
+    fn default() -> Self {
+        Allocator::host()
+    }
+}
+
+/// FNV-1a: where to start looking, so that jobs rarely probe each other's slots.
+fn spread(owner: &Path) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in owner.as_os_str().as_bytes() {
+        hash = (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193);
+    }
+    hash % POOL_SLOTS
+}
+
+impl Allocator {
+    /// The register every berth process of this host shares.
+    pub fn host() -> Allocator {
+        Allocator { claims: Claims::host("userns") }
+    }
+
+    /// A register in `dir` (tests).
+    pub fn in_dir(dir: impl Into<PathBuf>) -> Allocator {
+        Allocator { claims: Claims::in_dir(dir) }
+    }
+
+    /// Whether `owner` holds `range`.
+    pub fn holds(&self, range: Range, owner: &Path) -> bool {
+        self.claims.owner(&range.base.to_string()).as_deref() == Some(owner)
+    }
+
+    /// A range no one holds, now `owner`'s (a job's state directory).
+    pub fn allocate(&self, owner: &Path) -> io::Result<Range> {
+        let start = spread(owner);
+        for i in 0..POOL_SLOTS {
+            let range = Range { base: POOL_START + ((start + i) % POOL_SLOTS) * RANGE_SIZE };
+            let name = range.base.to_string();
+            if self.claims.owner(&name).is_none() && self.claims.claim(&name, owner)? {
+                return Ok(range);
+            }
+        }
+        Err(io::Error::other(format!(
+            "all {POOL_SLOTS} uid ranges of berth's pool are taken (`berth reap` reclaims those of finished jobs)"
+        )))
+    }
+
+    /// Releases `range` if `owner` holds it.
+    pub fn release(&self, range: Range, owner: &Path) -> io::Result<()> {
+        self.claims.release(&range.base.to_string(), owner)
+    }
+
+    /// Releases every range `owner` holds (one recorded or not: a prepare
+    /// killed between allocating and recording leaves none behind).
+    pub fn release_all(&self, owner: &Path) -> io::Result<()> {
+        for (name, held_by) in self.claims.list("") {
+            if held_by == owner {
+                self.claims.release(&name, owner)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every taken range with its owner.
+    pub fn taken(&self) -> Vec<(Range, PathBuf)> {
+        let mut taken: Vec<(Range, PathBuf)> = self
+            .claims
+            .list("")
+            .into_iter()
+            .filter_map(|(name, owner)| Some((Range { base: name.parse().ok()? }, owner)))
+            .collect();
+        taken.sort_by_key(|(r, _)| r.base);
+        taken
+    }
+
+    /// Releases the ranges of owners under `jobs_dir` that no longer exist
+    /// (their job's state is gone); says what it released.
+    pub fn reclaim(&self, jobs_dir: &Path) -> Vec<String> {
+        let mut released = Vec::new();
+        for (name, owner) in self.claims.orphans("", jobs_dir) {
+            if self.claims.release(&name, &owner).is_ok() {
+                released.push(format!("uid range {name} of {} (its job is gone)", owner.display()));
+            }
+        }
+        released
+    }
+}
+
+/// A user namespace mapping ids `0..RANGE_SIZE` to a [`Range`], held open.
+#[derive(Debug)]
+pub struct UserNs {
+    fd: OwnedFd,
+}
+
+fn last_os_error(what: &str) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+impl UserNs {
+    /// A new user namespace with `range`'s mapping.
+    ///
+    /// A child process unshares a user namespace and waits; this process
+    /// writes its maps (allowed to a parent privileged over the namespace),
+    /// opens `/proc/CHILD/ns/user`, and lets the child exit.
+    pub fn new(range: Range) -> io::Result<UserNs> {
+        let (ready_r, ready_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+        let (hold_r, hold_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+        // SAFETY: the child calls only async-signal-safe functions (unshare,
+        // write, read, _exit) before it exits, as fork in a possibly
+        // multi-threaded process requires.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(last_os_error("fork"));
+        }
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls on descriptors this process owns.
+            unsafe {
+                let ok: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { 0 };
+                libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
+                let mut byte = 0u8;
+                libc::close(hold_w.as_raw_fd());
+                libc::read(hold_r.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        drop(ready_w);
+        drop(hold_r);
+        let result = (|| {
+            let mut ok = [0u8];
+            let n = nix::unistd::read(&ready_r, &mut ok).map_err(io::Error::from)?;
+            if n != 1 || ok[0] != 1 {
+                return Err(io::Error::other(
+                    "failed to create a user namespace (unshare(CLONE_NEWUSER) was refused: are user namespaces disabled, e.g. by sysctl user.max_user_namespaces = 0?)",
+                ));
+            }
+            for file in ["uid_map", "gid_map"] {
+                let path = format!("/proc/{pid}/{file}");
+                fs::write(&path, range.map()).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+            }
+            let path = CString::new(format!("/proc/{pid}/ns/user")).map_err(io::Error::other)?;
+            // SAFETY: a valid NUL-terminated path; the result is checked.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(last_os_error("open /proc/PID/ns/user"));
+            }
+            // SAFETY: `fd` was just opened and is owned by nothing else.
+            Ok(UserNs { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        })();
+        drop(hold_w);
+        let mut status = 0;
+        // SAFETY: reaps the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        result
+    }
+}
+
+/// Extra mount attributes for [`mount_idmapped`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attrs {
+    /// Read-only.
+    pub read_only: bool,
+    /// No set-uid/set-gid execution.
+    pub nosuid: bool,
+    /// No device nodes.
+    pub nodev: bool,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Mounts a clone of directory `source` (and the mounts under it) at
+/// `target`, with ids mapped through `userns` (host id `base + n` shows as
+/// `n`, and is written as such) and `attrs`. `target` must exist.
+pub fn mount_idmapped(source: &Path, target: &Path, userns: &UserNs, attrs: Attrs) -> io::Result<()> {
+    let what = |e: io::Error, step: &str| {
+        io::Error::new(
+            e.kind(),
+            format!("failed to mount an idmapped clone of {} on {} ({step}): {e}", source.display(), target.display()),
+        )
+    };
+    let source_c = cstring(source)?;
+    let target_c = cstring(target)?;
+    // SAFETY: a valid path; the result is checked and owned below.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            source_c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+        )
+    };
+    if tree < 0 {
+        return Err(what(io::Error::last_os_error(), "open_tree"));
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let mut set = MOUNT_ATTR_IDMAP;
+    for (wanted, flag) in
+        [(attrs.read_only, MOUNT_ATTR_RDONLY), (attrs.nosuid, MOUNT_ATTR_NOSUID), (attrs.nodev, MOUNT_ATTR_NODEV)]
+    {
+        if wanted {
+            set |= flag;
+        }
+    }
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: userns.fd.as_raw_fd() as u64 };
+    // SAFETY: `tree` is a detached mount; `attr` is a valid mount_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(what(
+            io::Error::last_os_error(),
+            "mount_setattr: does this kernel and filesystem support idmapped mounts?",
+        ));
+    }
+    // SAFETY: `tree` is a detached mount; `target_c` a valid path.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(what(io::Error::last_os_error(), "move_mount"));
+    }
+    Ok(())
+}
+
+/// Gives `path` (not following a link) to the job's root: host ids `range.base`.
+pub fn give(path: &Path, range: Range) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(range.base), Some(range.base))
+        .map_err(|e| io::Error::new(e.kind(), format!("failed to give {} to uid {}: {e}", path.display(), range.base)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_never_shared_and_are_released_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = Allocator::in_dir(dir.path().join("userns"));
+        let jobs = dir.path().join("jobs");
+        let (a, b, c) = (jobs.join("r-1"), jobs.join("r-2"), jobs.join("r-3"));
+        let ra = alloc.allocate(&a).unwrap();
+        let rb = alloc.allocate(&b).unwrap();
+        let rc = alloc.allocate(&c).unwrap();
+        assert!(ra != rb && rb != rc && ra != rc);
+        assert!(ra.base >= POOL_START && (ra.base - POOL_START) % RANGE_SIZE == 0);
+        assert!(u64::from(ra.base) + u64::from(RANGE_SIZE) <= 0x7FFE_0000);
+        assert!(alloc.holds(ra, &a) && !alloc.holds(ra, &b));
+        alloc.release(ra, &b).unwrap();
+        assert!(alloc.holds(ra, &a), "released by someone who does not hold it");
+        alloc.release_all(&a).unwrap();
+        assert!(!alloc.holds(ra, &a));
+        // Reclaiming: owners under jobs/ that do not exist any more (c's job is gone, b's is not).
+        std::fs::create_dir_all(&b).unwrap();
+        let released = alloc.reclaim(&jobs);
+        assert_eq!(released.len(), 1, "{released:?}");
+        assert_eq!(alloc.taken(), vec![(rb, b.clone())]);
+        assert_eq!(rb.nspawn_arg(), format!("{}:65536", rb.base));
+        assert!(rb.contains(rb.base + 65535) && !rb.contains(rb.base + 65536) && !rb.contains(0));
+    }
+
+    #[test]
+    fn a_full_pool_is_refused_with_a_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = Allocator::in_dir(dir.path());
+        for slot in 0..POOL_SLOTS {
+            std::fs::write(dir.path().join((POOL_START + slot * RANGE_SIZE).to_string()), "/x\n").unwrap();
+        }
+        let e = alloc.allocate(Path::new("/jobs/a")).unwrap_err();
+        assert!(e.to_string().contains("berth reap"), "{e}");
+    }
+
+    #[test]
+    fn an_idmapped_clone_shows_root_files_as_the_jobs_root() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: not running as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (image, target) = (dir.path().join("image"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&image).unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(image.join("f"), "x").unwrap();
+        let range = Range { base: POOL_START + 7 * RANGE_SIZE };
+        let ns = UserNs::new(range).unwrap();
+        mount_idmapped(&image, &target, &ns, Attrs { read_only: true, nodev: true, nosuid: false }).unwrap();
+        let meta = std::fs::metadata(target.join("f")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (range.base, range.base), "root's file shows as the range's root");
+        assert!(std::fs::write(target.join("g"), "y").is_err(), "read-only");
+        assert_eq!(std::fs::metadata(image.join("f")).unwrap().uid(), 0, "the source is unchanged");
+        crate::mounts::unmount_all(&target).unwrap();
+    }
+}
