@@ -34,6 +34,13 @@ pub struct Capabilities {
     pub images: bool,
     /// Two jobs can run at the same time without seeing each other.
     pub concurrent_jobs: bool,
+    /// A job running as root cannot act as root on the host: its root is an
+    /// unprivileged user of the host, it cannot reach host devices, kernel
+    /// settings or host files. The conformance suite's containment section
+    /// (`containment.*`) checks it. Absent from the descriptions of plugins
+    /// built before it existed, which therefore do not claim it.
+    #[serde(default)]
+    pub contains_root: bool,
 }
 
 impl Capabilities {
@@ -64,6 +71,11 @@ impl Capabilities {
     /// With `concurrent_jobs`.
     pub fn concurrent_jobs(mut self, yes: bool) -> Self {
         self.concurrent_jobs = yes;
+        self
+    }
+    /// With `contains_root`.
+    pub fn contains_root(mut self, yes: bool) -> Self {
+        self.contains_root = yes;
         self
     }
 }
@@ -107,5 +119,29 @@ impl Description {
     pub fn capabilities(mut self, capabilities: Capabilities) -> Self {
         self.capabilities = capabilities;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_from_before_contains_root_still_parses_and_claims_nothing() {
+        let json = r#"{"name":"old","version":"0.1.0","summary":"a plugin built before contains_root","isolation":"container",
+            "capabilities":{"executes_scripts":true,"cancel":true,"reap":false,"images":false,"concurrent_jobs":true}}"#;
+        let description: Description = serde_json::from_str(json).unwrap();
+        assert!(description.capabilities.executes_scripts);
+        assert!(!description.capabilities.contains_root);
+    }
+
+    #[test]
+    fn contains_root_crosses_the_abi_as_json() {
+        let description = Description::new("new", "1.0.0", "contains root")
+            .isolation(Isolation::Container)
+            .capabilities(Capabilities::none().executes_scripts(true).contains_root(true));
+        let json = serde_json::to_string(&description).unwrap();
+        assert!(json.contains(r#""contains_root":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<Description>(&json).unwrap(), description);
     }
 }

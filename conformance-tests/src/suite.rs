@@ -8,6 +8,10 @@
 //!
 //! Every case ends with a leak check: nothing named after the case's job may
 //! remain under the state directory once cleanup ran.
+//!
+//! The containment section (`containment.*`, in `suite/containment.rs`) holds a
+//! backend that declares `contains_root` to that claim: a job's root is not
+//! the host's.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -20,6 +24,8 @@ use serde::Serialize;
 
 use crate::job::{Interrupts, JobSpec, Outcome};
 use crate::runner::{Driver, Exit, Hook, HookResult, JobRun, Log, Quiet, Timeouts};
+
+mod containment;
 
 /// MUST or SHOULD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,6 +55,8 @@ enum Needs {
     Cancel,
     /// Executes scripts, runs jobs concurrently, and isolates them.
     Isolation,
+    /// Executes scripts and claims that a job's root is not the host's.
+    Containment,
 }
 
 impl Needs {
@@ -72,6 +80,12 @@ impl Needs {
                 Some("the backend does not execute scripts (executes_scripts = false)")
             }
             Needs::Cancel if !caps.cancel => Some("the backend does not declare cancel support (cancel = false)"),
+            Needs::Containment if !caps.executes_scripts => {
+                Some("the backend does not execute scripts (executes_scripts = false)")
+            }
+            Needs::Containment if !caps.contains_root => {
+                Some("the backend does not claim to contain root jobs (contains_root = false)")
+            }
             _ => None,
         }
     }
@@ -86,7 +100,8 @@ pub struct Check {
     pub level: Level,
     /// What it holds the backend to.
     pub statement: &'static str,
-    /// The protocol section it protects.
+    /// The protocol section it protects (`4`), or for a check beyond the
+    /// protocol its rationale (`security: ...`).
     pub protocol: &'static str,
     needs: Needs,
     run: fn(&Target) -> Result<(), String>,
@@ -130,6 +145,12 @@ impl Target {
     }
 }
 
+/// Whether `protocol` (a [`Check::protocol`]) names a protocol section
+/// rather than giving a rationale.
+pub fn is_protocol_section(protocol: &str) -> bool {
+    protocol.starts_with(|c: char| c.is_ascii_digit())
+}
+
 /// Which checks to run.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -148,7 +169,7 @@ pub struct CheckResult {
     pub level: Level,
     /// Statement.
     pub statement: &'static str,
-    /// Protocol section.
+    /// Protocol section, or rationale (see [`Check::protocol`]).
     pub protocol: &'static str,
     /// `pass`, `fail` or `skip`.
     pub verdict: &'static str,
@@ -200,10 +221,11 @@ impl Report {
         );
         for r in &self.results {
             out.push_str(&format!(
-                "  <testcase classname=\"conformance.{}\" name=\"{} ({}, protocol section {}): {}\" time=\"{:.3}\">",
+                "  <testcase classname=\"conformance.{}\" name=\"{} ({}, {}{}): {}\" time=\"{:.3}\">",
                 escape(r.level.as_str()),
                 escape(r.id),
                 r.level.as_str(),
+                if is_protocol_section(r.protocol) { "protocol section " } else { "" },
                 escape(r.protocol),
                 escape(r.statement),
                 r.seconds
@@ -971,5 +993,69 @@ const CHECKS: &[Check] = &[
         protocol: "6",
         needs: Needs::Cancel,
         run: cancel,
+    },
+    Check {
+        id: "containment.own-root",
+        level: Level::Must,
+        statement: "a job sees none of the host's files, and what it writes at / stays out of the host's /",
+        protocol: "security: a job's root filesystem must not be the host's",
+        needs: Needs::Containment,
+        run: containment::own_root,
+    },
+    Check {
+        id: "containment.root-unmapped",
+        level: Level::Must,
+        statement: "the job's uid 0 is not the host's uid 0 (/proc/self/uid_map has no `0 0 N`)",
+        protocol: "security: a job's root must not be the host's root",
+        needs: Needs::Containment,
+        run: containment::root_unmapped,
+    },
+    Check {
+        id: "containment.no-devices",
+        level: Level::Must,
+        statement: "root in a job cannot create and open host devices (/dev/mem, /dev/kmsg, the disk of /)",
+        protocol: "security: host devices must be out of a job's reach",
+        needs: Needs::Containment,
+        run: containment::no_devices,
+    },
+    Check {
+        id: "containment.sysctl-readonly",
+        level: Level::Must,
+        statement: "root in a job cannot open kernel settings for writing, even after remounting /proc",
+        protocol: "security: a job must not change the host's kernel settings",
+        needs: Needs::Containment,
+        run: containment::sysctl_readonly,
+    },
+    Check {
+        id: "containment.env-private",
+        level: Level::Must,
+        statement: "no process a job can see holds the hooks' environment",
+        protocol: "security: the runner's environment, with its tokens and credentials, must not reach a job",
+        needs: Needs::Containment,
+        run: containment::env_private,
+    },
+    Check {
+        id: "containment.job-binaries",
+        level: Level::Must,
+        statement: "binaries a job replaces never run with the host's privileges or environment",
+        protocol: "security: the host must not run code a job planted",
+        needs: Needs::Containment,
+        run: containment::job_binaries,
+    },
+    Check {
+        id: "containment.cache-nosuid",
+        level: Level::Must,
+        statement: "the cache dir is a mount of its own with nosuid and nodev",
+        protocol: "security: what a job leaves in the cache must not grant privileges to later jobs",
+        needs: Needs::Containment,
+        run: containment::cache_nosuid,
+    },
+    Check {
+        id: "containment.cache-per-project",
+        level: Level::Must,
+        statement: "jobs of different projects do not share a cache; jobs of one project do",
+        protocol: "security: a job must not poison or read another project's cache",
+        needs: Needs::Containment,
+        run: containment::cache_per_project,
     },
 ];

@@ -118,8 +118,8 @@ fn describe(cli: &Cli, args: &DescribeArgs) -> Result<ExitCode> {
         println!("summary:     {}", description.summary);
         println!("isolation:   {}", serde_json::to_value(description.isolation)?.as_str().unwrap_or("?"));
         println!(
-            "supports:    executes scripts: {}, cancel: {}, reap: {}, images: {}, concurrent jobs: {}",
-            caps.executes_scripts, caps.cancel, caps.reap, caps.images, caps.concurrent_jobs
+            "supports:    executes scripts: {}, cancel: {}, reap: {}, images: {}, concurrent jobs: {}, contains root: {}",
+            caps.executes_scripts, caps.cancel, caps.reap, caps.images, caps.concurrent_jobs, caps.contains_root
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -182,7 +182,14 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
     use berth_conformance::suite;
     if args.list {
         for check in suite::checks() {
-            println!("{:<29} {:<6} §{:<4} {}", check.id, check.level.as_str(), check.protocol, check.statement);
+            let (level, id) = (check.level.as_str(), check.id);
+            if suite::is_protocol_section(check.protocol) {
+                println!("{id:<29} {level:<6} §{:<4} {}", check.protocol, check.statement);
+            } else {
+                // A rationale rather than a section: `security: why`.
+                let (kind, why) = check.protocol.split_once(": ").unwrap_or((check.protocol, ""));
+                println!("{id:<29} {level:<6} {kind:<9} {} ({why})", check.statement);
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -62,6 +62,11 @@ fn the_script_running_fixture_passes_every_check() {
             assert!(detail.contains("no isolation"), "{detail}");
             continue;
         }
+        if id.starts_with("containment.") {
+            assert_eq!(verdict, "skip", "the fixture does not claim to contain root: {id}: {detail}");
+            assert!(detail.contains("contains_root = false"), "{detail}");
+            continue;
+        }
         assert_eq!(verdict, "pass", "{id}: {detail}");
     }
 }
@@ -117,6 +122,91 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
         }
     }
     assert!(missed.is_empty(), "{missed:#?}");
+}
+
+/// The IDs `berth conformance --list` lists that start with `prefix`.
+fn listed(prefix: &str) -> Vec<String> {
+    let env = Env::new(DRY_RUN);
+    let out = env.berth("demo").args(["conformance", "--list"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| id.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_list_shows_the_containment_section() {
+    let env = Env::new(DRY_RUN);
+    let out = env.berth("demo").args(["conformance", "--list"]).output().unwrap();
+    let list = text(&out);
+    let section: Vec<&str> = list.lines().filter(|l| l.starts_with("containment.")).collect();
+    assert_eq!(section.len(), 8, "{list}");
+    for line in section {
+        assert!(line.contains(" MUST ") && line.contains(" security "), "{line}");
+    }
+}
+
+/// Entries of `dir` whose name starts with `prefix`.
+fn entries(dir: &str, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| n.starts_with(prefix));
+    names.sort();
+    names
+}
+
+#[test]
+fn a_backend_claiming_containment_but_running_jobs_on_the_host_fails_every_containment_check() {
+    // What each check must say about bash running as root on the host.
+    let expected = [
+        ("containment.own-root", "the job sees the host's file"),
+        ("containment.root-unmapped", "host's"),
+        ("containment.no-devices", "and opened it"),
+        ("containment.sysctl-readonly", "core_pattern for writing"),
+        ("containment.env-private", "environ"),
+        ("containment.job-binaries", "the job sees the host's file"),
+        ("containment.cache-nosuid", "not a mount point of its own"),
+        ("containment.cache-per-project", "projects share a cache"),
+    ];
+    let mut ids = listed("containment.");
+    ids.sort();
+    let mut want: Vec<String> = expected.iter().map(|(id, _)| id.to_string()).collect();
+    want.sort();
+    assert_eq!(ids, want, "every containment check needs its expected failure here");
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but not root: the device and kernel-settings cases need root");
+    }
+    let (run_before, slash_before) = (entries("/run", "berth-conformance-"), entries("/", "berth-probe-"));
+    let env = Env::new(
+        "[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"claim-containment\"\n",
+    );
+    let mut args = vec!["--check"];
+    args.extend(ids.iter().flat_map(|id| [id.as_str(), "--check"]));
+    args.pop();
+    let results = verdicts(&suite(&env, "broken", &args));
+    assert_eq!(results.len(), expected.len(), "{results:#?}");
+    let mut missed = Vec::new();
+    for (id, verdict, detail) in &results {
+        let reason = expected.iter().find(|(i, _)| i == id).unwrap().1;
+        if !root && (id == "containment.no-devices" || id == "containment.sysctl-readonly") {
+            eprintln!("skipped {id}: not root, so the host's devices and kernel settings are out of reach anyway");
+            continue;
+        }
+        if verdict == "fail" && detail.contains(reason) {
+            eprintln!("{id}: fails on the host: {}", detail.lines().next().unwrap_or(""));
+        } else {
+            missed.push(format!("{id}: {verdict} (want a failure saying {reason:?}): {detail}"));
+        }
+    }
+    assert!(missed.is_empty(), "{missed:#?}");
+    // The probes were harmless: nothing left in /run or /.
+    assert_eq!(entries("/run", "berth-conformance-"), run_before);
+    assert_eq!(entries("/", "berth-probe-"), slash_before);
 }
 
 #[test]

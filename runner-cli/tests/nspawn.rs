@@ -33,11 +33,7 @@ fn exec(env: &Env, file: &Path, job: &str) -> std::process::Output {
 fn assert_all_pass(report: &serde_json::Value) {
     let results = report["results"].as_array().unwrap();
     assert!(results.len() >= 18, "{report}");
-    let bad: Vec<String> = results
-        .iter()
-        .filter(|r| r["verdict"] != "pass")
-        .map(|r| format!("{} {}: {}", r["id"], r["verdict"], r["detail"]))
-        .collect();
+    let bad = not_passed(report);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 

@@ -158,3 +158,21 @@ pub fn real_containers() -> Option<PathBuf> {
         }
     }
 }
+
+/// The results of a conformance report (`--json`) that did not pass, as
+/// `id verdict: detail` lines; a backend that does not claim to contain root
+/// skips the containment section, which is not counted.
+pub fn not_passed(report: &serde_json::Value) -> Vec<String> {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["verdict"] != "pass")
+        .filter(|r| {
+            !(r["verdict"] == "skip"
+                && r["id"].as_str().is_some_and(|id| id.starts_with("containment."))
+                && r["detail"].as_str().is_some_and(|d| d.contains("contains_root = false")))
+        })
+        .map(|r| format!("{} {}: {}", r["id"], r["verdict"], r["detail"]))
+        .collect()
+}

@@ -48,6 +48,9 @@ pub enum Fault {
     LeakProcess,
     /// Declares filesystem isolation it does not provide.
     ClaimIsolation,
+    /// Declares `contains_root` but runs jobs as bash on the host: every
+    /// `containment.*` check must fail (their job scripts are harmless there).
+    ClaimContainment,
     /// prepare mounts a tmpfs (at `/run/berth-leak-<job>`) that cleanup leaves mounted. Needs root.
     LeakMount,
     /// prepare panics (a plugin must turn that into a system failure).
@@ -107,9 +110,16 @@ fn fs_failure(what: &str, path: &Path, e: std::io::Error) -> Failure {
 impl Backend for HostTest {
     fn describe(&self) -> Description {
         let isolation = if self.fault == Some(Fault::ClaimIsolation) { Isolation::Filesystem } else { Isolation::Host };
+        let contains_root = self.fault == Some(Fault::ClaimContainment);
         Description::new("host-test", env!("CARGO_PKG_VERSION"), "test fixture: bash on the host, no isolation")
             .isolation(isolation)
-            .capabilities(Capabilities::none().executes_scripts(true).cancel(true).concurrent_jobs(true))
+            .capabilities(
+                Capabilities::none()
+                    .executes_scripts(true)
+                    .cancel(true)
+                    .concurrent_jobs(true)
+                    .contains_root(contains_root),
+            )
     }
 
     fn config(&self, job: &JobContext) -> Result<ConfigOutput, Failure> {
