@@ -168,7 +168,14 @@ impl Backend for Nspawn {
         )
         .isolation(Isolation::Container)
         .capabilities(
-            Capabilities::none().executes_scripts(true).cancel(true).reap(true).images(true).concurrent_jobs(true),
+            Capabilities::none()
+                .executes_scripts(true)
+                .cancel(true)
+                .reap(true)
+                .images(true)
+                .concurrent_jobs(true)
+                // Root in the job is a uid range of its own, unless the runner opted out.
+                .contains_root(self.private_users()),
         )
     }
 
