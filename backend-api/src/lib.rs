@@ -18,7 +18,8 @@
 //! - [`Description`]: what a backend is and what it supports, used by
 //!   `berth config` (the driver line) and by the conformance suite;
 //! - [`script`]: the stage-script format the runner writes, [`process`]:
-//!   running a host process to its end or to a cancel, [`testing`]: a fake
+//!   running a host process to its end or to a cancel, [`remove_tree`]:
+//!   removing a tree a job wrote with bounded descriptors, [`testing`]: a fake
 //!   backend for tests.
 //!
 //! Architecture invariant: this crate depends on no other crate of the berth
@@ -36,6 +37,7 @@ mod redact;
 pub mod script;
 mod state;
 pub mod testing;
+mod tree;
 
 pub use backend::{child_path, Backend, ConfigOutput, NewBackend, RunnerInfo, LOGS_DIR};
 pub use cancel::{Cancel, CancelTrigger};
@@ -46,3 +48,4 @@ pub use describe::{Capabilities, Description, Isolation};
 pub use failure::Failure;
 pub use redact::{Redactor, MASK};
 pub use state::{JobRecord, JobState, StateDir, StateError};
+pub use tree::{remove_tree, MAX_OPEN_DIRS};

@@ -27,28 +27,64 @@ pub fn body(script: &str) -> Option<String> {
     decode(&script[start..]).map(|(body, _)| body)
 }
 
-/// `text` quoted for bash as `$'...'`, the way GitLab Runner quotes:
-/// `\\`, `\'`, the named control escapes, and `\xHH` for other control bytes.
+/// `text` quoted for bash exactly as GitLab Runner quotes it (its
+/// `helpers.ShellEscape`, used for every value and command of a stage body
+/// and for the body itself):
+///
+/// - `''` for an empty text;
+/// - the text as it is when every byte is a letter, a digit or one of `,-./@_`;
+/// - otherwise `$'...'` around the text with `\a \b \t \n \v \f \r`, `\'` and
+///   `\\` for those bytes, `\xHH` (lowercase hex) for every other control byte,
+///   DEL and **every byte from 0x80 on** (so UTF-8 text arrives as `\xc3\xa9`),
+///   and any other byte as it is.
 pub fn quote(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 3);
-    out.push_str("$'");
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\'' => out.push_str("\\'"),
-            '\x07' => out.push_str("\\a"),
-            '\x08' => out.push_str("\\b"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\x0b' => out.push_str("\\v"),
-            '\x0c' => out.push_str("\\f"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
+    if text.is_empty() {
+        return "''".to_owned();
+    }
+    if text.bytes().all(is_literal) {
+        return text.to_owned();
+    }
+    format!("$'{}'", escape(text))
+}
+
+/// The inside of [`quote`]'s `$'...'` for `text`, whether or not `quote`
+/// would need the quotes. The escaping is byte by byte, so the escaped form
+/// of a part of a text is a part of the escaped form of the text: this is
+/// the form a secret takes inside a quoted stage body, and applied twice,
+/// inside the script file.
+pub fn escape(text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(text.len() + 8);
+    for b in text.bytes() {
+        match b {
+            0x07 => out.push_str("\\a"),
+            0x08 => out.push_str("\\b"),
+            b'\t' => out.push_str("\\t"),
+            b'\n' => out.push_str("\\n"),
+            0x0b => out.push_str("\\v"),
+            0x0c => out.push_str("\\f"),
+            b'\r' => out.push_str("\\r"),
+            b'\'' => out.push_str("\\'"),
+            b'\\' => out.push_str("\\\\"),
+            b if is_literal(b) || is_quoted_as_is(b) => out.push(char::from(b)),
+            b => {
+                out.push_str("\\x");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0x0f)]));
+            }
         }
     }
-    out.push('\'');
     out
+}
+
+/// A byte the runner leaves unquoted.
+fn is_literal(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b",-./@_".contains(&b)
+}
+
+/// A byte that makes the runner quote, written as it is inside the quotes.
+fn is_quoted_as_is(b: u8) -> bool {
+    b" !\"#$%&()*+:;<=>?[]^`{|}~".contains(&b)
 }
 
 /// Decodes the inside of a `$'...'` string that starts at `text` (just after
@@ -129,16 +165,50 @@ fn hex_run(bytes: &[u8], max: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// The shell value of a word [`quote`] wrote.
+    fn unquote(word: &str) -> String {
+        match word.strip_prefix("$'") {
+            Some(rest) => {
+                let (decoded, used) = decode(rest).unwrap();
+                assert_eq!(used, rest.len(), "{word}");
+                decoded
+            }
+            None if word == "''" => String::new(),
+            None => word.to_owned(),
+        }
+    }
+
     #[test]
     fn quote_then_decode_is_identity() {
         for text in
             ["", "plain", "it's \"q\" \\ back", "line1\nline2\ttab", "\x1b[32;1m$ ls\x1b[0;m", "ünïcødé ☃", "\x01\x7f"]
         {
-            let quoted = quote(text);
-            let (decoded, used) = decode(&quoted[2..]).unwrap();
-            assert_eq!(decoded, text);
-            assert_eq!(used, quoted.len() - 2);
+            assert_eq!(unquote(&quote(text)), text);
         }
+    }
+
+    #[test]
+    fn quotes_exactly_as_the_runner_does() {
+        // GitLab Runner's own cases (helpers/shell_escape_test.go).
+        for (text, want) in [
+            ("unquoted", "unquoted"),
+            ("standard string", "$'standard string'"),
+            ("+\t\n\r&", "$'+\\t\\n\\r&'"),
+            ("", "''"),
+            ("hello, 世界", "$'hello, \\xe4\\xb8\\x96\\xe7\\x95\\x8c'"),
+            ("blackslash \\n", "$'blackslash \\\\n'"),
+            ("f", "f"),
+            ("\x0c", "$'\\f'"),
+            ("export variable='test' && echo $variable", "$'export variable=\\'test\\' && echo $variable'"),
+            ("$HOME", "$'$HOME'"),
+            ("'$HOME'", "$'\\'$HOME\\''"),
+            ("48151623", "48151623"),
+            ("\x1b[0;m\x7f", "$'\\x1b[0;m\\x7f'"),
+        ] {
+            assert_eq!(quote(text), want, "{text:?}");
+        }
+        assert_eq!(escape("pässwörd"), "p\\xc3\\xa4ssw\\xc3\\xb6rd");
+        assert_eq!(escape(&escape("ä'")), "\\\\xc3\\\\xa4\\\\\\'");
     }
 
     #[test]

@@ -273,11 +273,25 @@ impl JobState {
     }
 
     /// Removes the job's directory and lock file (after the backend's cleanup).
+    ///
+    /// Whatever the job left in it is removed with [`crate::remove_tree`]
+    /// (any depth, width or names, bounded descriptors). The record goes
+    /// last: a removal that fails keeps the job listed with its record, so
+    /// the next cleanup or `reap` tries again.
     pub fn remove(self) -> Result<(), StateError> {
-        match fs::remove_dir_all(&self.dir) {
-            Ok(()) => {}
+        match fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry.map_err(io_err("list", &self.dir))?;
+                    if entry.file_name() != "job.json" {
+                        let path = entry.path();
+                        crate::remove_tree(&path).map_err(io_err("remove", &path))?;
+                    }
+                }
+                crate::remove_tree(&self.dir).map_err(io_err("remove", &self.dir))?;
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &self.dir)(e)),
+            Err(e) => return Err(io_err("list", &self.dir)(e)),
         }
         match fs::remove_file(&self.lock_path) {
             Ok(()) => Ok(()),
@@ -321,6 +335,31 @@ mod tests {
         assert!(again.record().is_none());
         again.remove().unwrap();
         assert_eq!(fs::read_dir(root.path().join("jobs")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_failed_removal_keeps_the_record_for_the_next_attempt() {
+        let root = tempfile::tempdir().unwrap();
+        let states = StateDir::new(root.path());
+        let state = states.create(JobRecord::new(key(3), "fake")).unwrap();
+        // A mount point left in the job's tree: removal refuses to cross it.
+        let point = state.dir().join("upper/mnt");
+        fs::create_dir_all(&point).unwrap();
+        if nix::mount::mount(Some("tmpfs"), &point, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>).is_err()
+        {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI runs as root and can mount");
+            eprintln!("skipped: cannot mount a tmpfs here");
+            return;
+        }
+        fs::write(state.dir().join("machine.json"), "{}").unwrap();
+        let err = state.remove().unwrap_err();
+        assert!(format!("{:?}", err).contains("another filesystem"), "{err:?}");
+        assert_eq!(states.list().unwrap(), vec![key(3)], "the job is still listed");
+        let again = states.try_open(&key(3)).unwrap().unwrap();
+        assert!(again.record().is_some(), "its record survives, so reap retries it");
+        nix::mount::umount(&point).unwrap();
+        again.remove().unwrap();
+        assert!(states.list().unwrap().is_empty());
     }
 
     #[test]

@@ -441,7 +441,8 @@ mod tests {
         let mut job = JobRun::new(&s.response).unwrap();
         job.config.builds_dir = Some("/builds".into());
         let body = script_body(&s, &job);
-        assert!(body.contains("export GREETING=$'it\\'s \"quoted\"\\nand multi-line ☃'\n"), "{body}");
+        // As the runner writes it: bytes from 0x80 on as `\xHH`.
+        assert!(body.contains("export GREETING=$'it\\'s \"quoted\"\\nand multi-line \\xe2\\x98\\x83'\n"), "{body}");
         assert!(body.contains("printf '%s' $'apiVersion: v1\\n' > '/builds/project.tmp/KUBECONFIG'\n"), "{body}");
         assert!(body.contains("export KUBECONFIG='/builds/project.tmp/KUBECONFIG'\n"));
         assert!(body.contains("cd '/builds/project'\n"));

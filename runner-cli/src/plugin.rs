@@ -2,10 +2,12 @@
 //! ABI in `berth_backend_api::plugin`. All of berth's own `unsafe` FFI code
 //! is in this module.
 
-use std::ffi::c_void;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::ffi::{c_void, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
+use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 
 use berth_backend_api::plugin::{
     level, BerthBytes, BerthHost, BerthPlugin, ConfigDoc, JobDoc, StateDoc, Status, ABI_MAJOR, ABI_MINOR, ENTRY_SYMBOL,
@@ -86,32 +88,177 @@ fn refuse(_path: &Path, reason: impl Into<String>) -> Failure {
     Failure::system(format!("refusing to load it: {}", reason.into()))
 }
 
+/// Who may own a plugin or a directory above it: root or the user berth runs as.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Symbolic links followed at most while opening a plugin (as the kernel's limit).
+const MAX_LINKS: usize = 40;
+
+/// Opens the plugin at `path` for loading, refusing it unless the file and
+/// every directory it is reached through are owned by root (or the user
+/// berth runs as) and writable by no one else.
+///
+/// The path is walked one component at a time from `/`, each directory
+/// opened with `O_NOFOLLOW` and checked on the open descriptor, symbolic
+/// links resolved by hand (so the directory holding a link is checked too),
+/// and the file opened `O_NOFOLLOW` and checked on the descriptor that
+/// [`PluginBackend::load`] then loads: no check is made on a path that could
+/// change before it is used.
+pub fn open_checked(path: &Path) -> Result<OwnedFd, Failure> {
+    let absolute = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().map_err(|e| refuse(path, format!("cannot resolve a relative path: {e}")))?.join(path)
+    };
+    let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let root =
+        nix::fcntl::open("/", dir_flags, Mode::empty()).map_err(|e| refuse(path, format!("cannot open /: {e}")))?;
+    check_dir(path, &root, Path::new("/"))?;
+    let mut dirs: Vec<(OwnedFd, PathBuf)> = vec![(root, PathBuf::from("/"))];
+    let mut pending: Vec<OsString> = components(&absolute);
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == "." {
+            continue;
+        }
+        if name == ".." {
+            if dirs.len() > 1 {
+                dirs.pop();
+            }
+            continue;
+        }
+        let (dir, dir_path) = dirs.last().expect("the root stays");
+        let here = dir_path.join(&name);
+        let stat = fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| refuse(path, format!("cannot read {}: {e}", here.display())))?;
+        let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+        let last = pending.is_empty();
+        if kind == SFlag::S_IFLNK {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(refuse(path, "too many symbolic links on its path"));
+            }
+            let target = readlinkat(dir, name.as_os_str())
+                .map_err(|e| refuse(path, format!("cannot read the link {}: {e}", here.display())))?;
+            if Path::new(&target).is_absolute() {
+                dirs.truncate(1);
+            }
+            pending.extend(components(Path::new(&target)));
+        } else if kind == SFlag::S_IFDIR && !last {
+            let fd = openat(dir, name.as_os_str(), dir_flags, Mode::empty())
+                .map_err(|e| refuse(path, format!("cannot open {}: {e}", here.display())))?;
+            check_dir(path, &fd, &here)?;
+            dirs.push((fd, here));
+        } else if last {
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+            let fd = openat(dir, name.as_os_str(), flags, Mode::empty())
+                .map_err(|e| refuse(path, format!("cannot open it: {e}")))?;
+            check_file(path, &fd)?;
+            return Ok(fd);
+        } else {
+            return Err(refuse(path, format!("{} is not a directory", here.display())));
+        }
+    }
+    Err(refuse(path, "it is a directory, not a library"))
+}
+
+/// The names of `path`, last first (a stack to pop from).
+fn components(path: &Path) -> Vec<OsString> {
+    let mut names: Vec<OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            Component::CurDir => Some(".".into()),
+            Component::RootDir | Component::Prefix(_) => None,
+        })
+        .collect();
+    names.reverse();
+    names
+}
+
+/// Refuses a directory on a plugin's path that someone else could change.
+fn check_dir(path: &Path, dir: &OwnedFd, shown: &Path) -> Result<(), Failure> {
+    let stat = fstat(dir).map_err(|e| refuse(path, format!("cannot read {}: {e}", shown.display())))?;
+    let mode = stat.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(
+            path,
+            format!(
+                "its directory {} is writable by its group or by everyone (mode {mode:o}): anyone who can write it could replace the plugin; keep plugins in a directory only root can write (chmod go-w {0})",
+                shown.display()
+            ),
+        ));
+    }
+    if !trusted_owner(stat.st_uid) {
+        return Err(refuse(
+            path,
+            format!(
+                "its directory {} belongs to uid {}, neither root nor the user berth runs as: its owner could replace the plugin",
+                shown.display(),
+                stat.st_uid
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a plugin file that is not a regular file or that someone else could change.
+fn check_file(path: &Path, file: &OwnedFd) -> Result<(), Failure> {
+    let stat = fstat(file).map_err(|e| refuse(path, format!("cannot read it: {e}")))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(refuse(path, "it is not a regular file"));
+    }
+    let mode = stat.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(
+            path,
+            format!(
+                "it is writable by its group or by everyone (mode {mode:o}): anyone who can write it could run code as berth; chmod go-w it"
+            ),
+        ));
+    }
+    if !trusted_owner(stat.st_uid) {
+        return Err(refuse(
+            path,
+            format!("it belongs to uid {}, neither root nor the user berth runs as", stat.st_uid),
+        ));
+    }
+    Ok(())
+}
+
 fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
     serde_json::to_vec(value).map_err(|e| Failure::system_with("failed to encode a plugin call", e))
 }
 
 impl PluginBackend {
     /// Loads the plugin at `path` and creates its instance for `runner` with `settings`.
+    ///
+    /// The library is opened once ([`open_checked`]: every directory on the
+    /// way and the file itself checked on what was opened), and that very
+    /// file is loaded through its descriptor: replacing the path after the
+    /// check cannot change what runs.
     pub fn load(path: &Path, runner: &RunnerInfo, settings: &toml::Table) -> Result<PluginBackend, Failure> {
-        let meta = std::fs::metadata(path).map_err(|e| refuse(path, format!("cannot read it: {e}")))?;
-        if meta.mode() & 0o022 != 0 {
-            return Err(refuse(
-                path,
-                format!(
-                    "it is writable by its group or by everyone (mode {:o}): anyone who can write it could run code as berth; chmod go-w it",
-                    meta.mode() & 0o7777
-                ),
-            ));
-        }
-        let owner = meta.uid();
-        let me = nix::unistd::geteuid().as_raw();
-        if owner != 0 && owner != me {
-            return Err(refuse(path, format!("it belongs to uid {owner}, neither root nor the user berth runs as")));
-        }
+        let file = open_checked(path)?;
+        Self::load_opened(&file, path, runner, settings)
+    }
+
+    /// Loads the library open as `file` (checked by [`open_checked`]), which
+    /// was found at `path`.
+    fn load_opened(
+        file: &OwnedFd,
+        path: &Path,
+        runner: &RunnerInfo,
+        settings: &toml::Table,
+    ) -> Result<PluginBackend, Failure> {
+        let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
         // SAFETY: loading a library runs its initialisers; the admin chose it
-        // in berth's configuration and its permissions were checked above.
-        let library =
-            unsafe { libloading::Library::new(path) }.map_err(|e| refuse(path, format!("it cannot be loaded: {e}")))?;
+        // in berth's configuration, and the file opened (the one loaded,
+        // through its descriptor) and every directory above it were checked.
+        let library = unsafe { libloading::Library::new(&by_fd) }
+            .map_err(|e| refuse(path, format!("it cannot be loaded: {e}")))?;
         // SAFETY: the symbol's type is fixed by the ABI.
         let entry = unsafe { library.get::<unsafe extern "C" fn() -> *const BerthPlugin>(ENTRY_SYMBOL) }.map_err(|_| {
             refuse(path, "it is not a berth backend: it exports no berth_backend_v1 (build it with berth_backend_api::export_backend!)")
@@ -298,5 +445,56 @@ impl Backend for PluginBackend {
         let out = self.call(None, |host| unsafe { f(instance, host, BerthBytes::new(&known)) })?;
         serde_json::from_slice(&out)
             .map_err(|e| Failure::system(format!("plugin {}: invalid reap output: {e}", self.path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host-test fixture plugin, built by `cargo build --workspace`.
+    fn fixture() -> Option<PathBuf> {
+        // target/debug/deps/berth-HASH → target/debug
+        let dir = std::env::current_exe().ok()?.parent()?.parent()?.to_owned();
+        let lib = dir.join("libberth_backend_host_test.so");
+        if lib.exists() {
+            return Some(lib);
+        }
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but {} is not built", lib.display());
+        eprintln!("skipped: {} is not built (cargo build --workspace)", lib.display());
+        None
+    }
+
+    #[test]
+    fn the_file_checked_is_the_file_loaded_even_if_the_path_is_swapped() {
+        let Some(lib) = fixture() else { return };
+        let dir = tempfile::Builder::new().prefix("plugin-swap").tempdir_in(lib.parent().unwrap()).unwrap();
+        let path = dir.path().join("backend.so");
+        std::fs::copy(&lib, &path).unwrap();
+        let opened = open_checked(&path).unwrap();
+        // Between the check and the load, the path is made to name another
+        // library (here one that is no berth plugin at all).
+        let other = dir.path().join("other.so");
+        std::fs::write(&other, b"not a library").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let runner = RunnerInfo::new("swap", state.path());
+        let plugin = PluginBackend::load_opened(&opened, &path, &runner, &toml::Table::new()).unwrap();
+        assert_eq!(plugin.describe().name, "host-test", "the library checked is the one that runs");
+        let err = PluginBackend::load(&path, &runner, &toml::Table::new()).unwrap_err();
+        assert!(err.to_string().contains("cannot be loaded"), "{err}");
+    }
+
+    #[test]
+    fn links_on_the_way_are_followed_from_checked_directories_only() {
+        let Some(lib) = fixture() else { return };
+        let dir = tempfile::Builder::new().prefix("plugin-link").tempdir_in(lib.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(lib.parent().unwrap(), dir.path().join("to-debug")).unwrap();
+        let via = dir.path().join("to-debug/../debug/libberth_backend_host_test.so");
+        assert!(open_checked(&via).is_ok(), "a link in a trusted directory is fine");
+        let open = tempfile::tempdir_in("/tmp").unwrap();
+        std::os::unix::fs::symlink(&lib, open.path().join("lib.so")).unwrap();
+        let err = open_checked(&open.path().join("lib.so")).unwrap_err().to_string();
+        assert!(err.contains("its directory /tmp is writable by its group or by everyone"), "{err}");
     }
 }

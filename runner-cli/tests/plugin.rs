@@ -173,3 +173,37 @@ fn the_bwrap_plugin_passes_the_whole_suite_through_the_abi() {
     let bad = not_passed(&report);
     assert!(results.len() >= 18 && bad.is_empty(), "{}", bad.join("\n"));
 }
+
+#[test]
+fn a_plugin_in_a_directory_others_can_change_is_refused() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let shared = base.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::copy(&lib, shared.join("backend.so")).unwrap();
+    let run = |path: &Path| conformance(&["--plugin", path.to_str().unwrap(), "--check", "job.success"], &[]);
+    let out = run(&shared.join("backend.so"));
+    assert_eq!(out.status.code(), Some(0), "a plugin in a root-only directory loads: {}", text(&out));
+
+    // Writable by everyone: another user could swap the file between berth's
+    // check and its load.
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = run(&shared.join("backend.so"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let want = format!("its directory {} is writable by its group or by everyone (mode 777)", shared.display());
+    assert!(text(&out).contains(&want), "{}", text(&out));
+
+    // Owned by another user, even with a safe mode.
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&shared, Some(65534), Some(65534)).unwrap();
+    let out = run(&shared.join("backend.so"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let want = format!("its directory {} belongs to uid 65534", shared.display());
+    assert!(text(&out).contains(&want), "{}", text(&out));
+
+    // A parent further up counts as much as the nearest one.
+    std::os::unix::fs::chown(&shared, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(base.path(), std::os::unix::fs::PermissionsExt::from_mode(0o775)).unwrap();
+    let out = run(&shared.join("backend.so"));
+    assert!(text(&out).contains(&format!("its directory {} is writable", base.path().display())), "{}", text(&out));
+}

@@ -98,7 +98,8 @@ fn fold_exports<'a>(lines: &[&'a str], values: &[&str], prepared: &HashMap<&str,
 }
 
 /// The name and value of a line `export NAME=VALUE`, where VALUE is one
-/// `$'...'` string (decoded) or one `'...'` string; `None` for any other line.
+/// `$'...'` string (decoded), one `'...'` string, or a word the runner leaves
+/// unquoted (letters, digits, `,-./@_`) or masked; `None` for any other line.
 pub(crate) fn export(line: &str) -> Option<(&str, String)> {
     let (name, value) = line.strip_prefix("export ")?.split_once('=')?;
     if !is_name(name) {
@@ -107,6 +108,10 @@ pub(crate) fn export(line: &str) -> Option<(&str, String)> {
     let value = if let Some(quoted) = value.strip_prefix("$'") {
         let (decoded, used) = script::decode(quoted)?;
         (used == quoted.len()).then_some(decoded)?
+    } else if value == crate::MASKED
+        || !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric() || b",-./@_".contains(&b))
+    {
+        value.to_owned()
     } else {
         let inner = value.strip_prefix('\'')?.strip_suffix('\'')?;
         (!inner.contains('\'')).then(|| inner.to_owned())?
@@ -243,12 +248,16 @@ mod tests {
         assert_eq!(export("export _B2=$'it\\'s'"), Some(("_B2", "it's".into())));
         assert_eq!(export("export P='/a b'"), Some(("P", "/a b".into())));
         assert_eq!(export("export E=''"), Some(("E", String::new())));
+        // The runner leaves a value of letters, digits and `,-./@_` unquoted.
+        assert_eq!(export("export CI_JOB_ID=48151623"), Some(("CI_JOB_ID", "48151623".into())));
+        assert_eq!(export("export T=[MASKED]"), Some(("T", "[MASKED]".into())));
         for not in [
             "export A=$'x' && rm -rf /",
             "export A=$'unterminated",
             "export A='x'y'",
             "export A='",
-            "export A=plain",
+            "export A=plain word",
+            "export A=$HOME",
             "export 1A=$'x'",
             "export A-B=$'x'",
             " export A=$'x'",

@@ -2,14 +2,14 @@
 
 use std::borrow::Cow;
 
-use berth_backend_api::{script, JobContext, Redactor};
+use berth_backend_api::{JobContext, Redactor};
 
 /// The job's secrets in every form a dry run can show them.
 ///
-/// The job's own [`Redactor`] knows the raw values. A stage body shows
-/// variables as bash `$'...'` strings, so a secret containing a quote, a
-/// backslash or a control character appears there escaped, and in a script
-/// that is not decoded it appears escaped twice. This adds those forms.
+/// The job's own [`Redactor`] knows the raw values of the masked variables;
+/// this one also knows those of the payload and the job token. Both hide each
+/// secret raw, trimmed, and as GitLab Runner's quoting writes it once (a
+/// decoded stage body) and twice (the script file), `\xHH` escapes included.
 #[derive(Debug, Clone)]
 pub(crate) struct Mask {
     forms: Redactor,
@@ -18,20 +18,14 @@ pub(crate) struct Mask {
 
 impl Mask {
     /// The secrets of `job`: masked variables (from the payload and the
-    /// environment) and the job token, raw and as bash quotes them.
+    /// environment) and the job token.
     pub(crate) fn for_job(job: &JobContext) -> Self {
         let mut raw: Vec<String> = job.variables().iter().filter(|v| v.masked).map(|v| v.value.clone()).collect();
         if let Some(response) = job.response() {
             raw.push(response.token.clone());
             raw.extend(response.variables.iter().filter(|v| v.masked).map(|v| v.value.clone()));
         }
-        let mut forms = Vec::with_capacity(raw.len() * 3);
-        for secret in raw {
-            let once = bash_escaped(&secret);
-            let twice = bash_escaped(&once);
-            forms.extend([secret, once, twice]);
-        }
-        Mask { forms: Redactor::new(forms), job: job.redactor().clone() }
+        Mask { forms: Redactor::new(raw), job: job.redactor().clone() }
     }
 
     /// A mask with no secrets (for cleanup, which has no job context).
@@ -45,23 +39,5 @@ impl Mask {
             Cow::Borrowed(text) => self.job.redact(text),
             Cow::Owned(text) => Cow::Owned(self.job.redact(&text).into_owned()),
         }
-    }
-}
-
-/// `text` as it appears inside bash `$'...'` quotes written by the runner.
-fn bash_escaped(text: &str) -> String {
-    let quoted = script::quote(text);
-    quoted[2..quoted.len() - 1].to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bash_escaped_is_the_inside_of_the_runners_quotes() {
-        assert_eq!(bash_escaped("plain-value"), "plain-value");
-        assert_eq!(bash_escaped("it's\n"), r"it\'s\n");
-        assert_eq!(bash_escaped(&bash_escaped("a'b")), r"a\\\'b");
     }
 }

@@ -197,8 +197,8 @@ fn stage_report_folds_exports_and_sources_but_keeps_changed_values() {
         text,
         "── stage after_script ──
   export: 4 variables (values as listed at prepare)
-  export CI_JOB_STATUS=$'failed'
-  export CI_PROJECT_NAME=$'widget'
+  export CI_JOB_STATUS=failed
+  export CI_PROJECT_NAME=widget
   cd '/builds/acme/widget'
   base64 -d <<'BERTH_SOURCES_EOF' | tar -xzf - --no-same-owner
   … 100 lines of data (7.5 KiB) …
@@ -229,7 +229,7 @@ fn stage_report_folds_exports_and_sources_but_keeps_changed_values() {
     assert!(
         text.starts_with(
             "── stage build_script ──\n  export: 4 variables (values as listed at prepare)\n  \
-             export DEPLOY_TOKEN=$'[MASKED]'\n  export CI_PROJECT_NAME=$'widget'\n"
+             export DEPLOY_TOKEN=[MASKED]\n  export CI_PROJECT_NAME=widget\n"
         ),
         "{text}"
     );
@@ -595,4 +595,110 @@ fn a_cancelled_hook_stops() {
     let script = fixture("script-build_script.sh");
     assert!(matches!(backend.run(&job, &state, &script, "build_script", &cancel), Err(Failure::Cancelled)));
     assert_eq!(take(&log), "");
+}
+
+/// What a dry run shows and writes of a job whose masked variable holds
+/// `secret`: its job log and every string of its transcript.
+fn shown_by_a_dry_run(secret: &str) -> (String, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut response = JobResponse::new(6);
+    response.token = "job-token-6666".into();
+    response.variables.push(ResponseVariable::new("SECRET", secret).masked());
+    let response_path = tmp.path().join("response.json");
+    fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
+    let job = JobContext::from_vars(
+        "demo",
+        [
+            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
+            ("CUSTOM_ENV_SECRET".to_owned(), secret.to_owned()),
+        ],
+    )
+    .unwrap();
+    // As berth exec's runner imitation writes a stage (the runner's quoting).
+    let body = format!(
+        "export SECRET={}\necho {}\nprintf '%s\\n' {}\n",
+        script::quote(secret),
+        script::quote(&format!("value: {secret}")),
+        script::quote(secret)
+    );
+    let rendered = script::render(&body);
+    let decoded = tmp.path().join("decoded.sh");
+    fs::write(&decoded, &rendered).unwrap();
+    let raw = tmp.path().join("raw.sh");
+    fs::write(&raw, rendered.replace("eval $'", "eval  $'")).unwrap();
+    let state = StateDir::new(tmp.path()).create(JobRecord::new(job.key().clone(), "dry-run")).unwrap();
+    let settings = Settings { full_scripts: true, ..Settings::default() };
+    let (backend, log) = dry_run(settings, tmp.path());
+    let cancel = Cancel::never().unwrap();
+    backend.prepare(&job, &state, &cancel).unwrap();
+    backend.run(&job, &state, &decoded, "build_script", &cancel).unwrap();
+    backend.run(&job, &state, &raw, "after_script", &cancel).unwrap();
+    let mut strings = String::new();
+    for record in transcript_lines(&tmp.path().join("logs/dry-run/demo-6.jsonl")) {
+        collect_strings(&record, &mut strings);
+    }
+    (take(&log), strings)
+}
+
+fn collect_strings(value: &Value, out: &mut String) {
+    match value {
+        Value::String(s) => {
+            out.push_str(s);
+            out.push('\0');
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_strings(v, out)),
+        Value::Object(map) => map.iter().for_each(|(k, v)| {
+            out.push_str(k);
+            out.push('\0');
+            collect_strings(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// The forms of `secret` found in `text` around its masks.
+fn leaked_forms(secret: &str, text: &str) -> Vec<String> {
+    let left = text.replace(MASKED, "\0");
+    let once = script::escape(secret);
+    let twice = script::escape(&once);
+    [secret.to_owned(), once, twice].into_iter().filter(|form| left.contains(form.as_str())).collect()
+}
+
+#[test]
+fn a_non_ascii_secret_leaks_in_no_escaped_form() {
+    let secret = "pässwörd-ünïcødé";
+    let (log, transcript) = shown_by_a_dry_run(secret);
+    assert!(log.contains("export SECRET=$'[MASKED]'"), "{log}");
+    assert_eq!(leaked_forms(secret, &log), Vec::<String>::new(), "{log}");
+    assert_eq!(leaked_forms(secret, &transcript), Vec::<String>::new(), "{transcript}");
+    for fragment in ["xc3", "xa4", "job-token-6666"] {
+        assert!(!log.contains(fragment), "{fragment:?} in {log}");
+        assert!(!transcript.contains(fragment), "{fragment:?} in {transcript}");
+    }
+}
+
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn secret() -> impl Strategy<Value = String> {
+        let c = prop_oneof![
+            3 => any::<char>().prop_filter("no NUL", |c| *c != '\0'),
+            2 => prop::sample::select(vec!['\'', '\\', '\n', '"', '$', ' ', '\x1b']),
+            2 => prop::sample::select(vec!['é', 'ö', '☃', '\u{80}', '🚀']),
+        ];
+        // GitLab masks values of 8 characters or more.
+        prop::collection::vec(c, 8..20).prop_map(|cs| cs.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn no_form_of_a_masked_value_reaches_the_job_log_or_the_transcript(s in secret()) {
+            let (log, transcript) = shown_by_a_dry_run(&s);
+            prop_assert!(leaked_forms(&s, &log).is_empty(), "job log: {:?}", log);
+            prop_assert!(leaked_forms(&s, &transcript).is_empty(), "transcript: {:?}", transcript);
+        }
+    }
 }

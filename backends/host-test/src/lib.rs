@@ -193,7 +193,7 @@ impl Backend for HostTest {
         }
         if self.fault == Some(Fault::LoseFilesBetweenStages) {
             let builds = self.builds(job);
-            let _ = std::fs::remove_dir_all(&builds);
+            let _ = berth_backend_api::remove_tree(&builds);
             std::fs::create_dir_all(&builds).map_err(|e| fs_failure("create", &builds, e))?;
         }
         let _ = std::io::stdout().flush();
@@ -228,15 +228,12 @@ impl Backend for HostTest {
         if self.fault == Some(Fault::LeakState) {
             return Ok(());
         }
-        match std::fs::remove_dir_all(&dir) {
+        if std::fs::symlink_metadata(&dir).is_err() && self.fault == Some(Fault::CleanupNotIdempotent) {
+            return Err(Failure::system(format!("{} is already gone", dir.display())));
+        }
+        match berth_backend_api::remove_tree(&dir) {
             Ok(()) => {
                 tracing::info!(job = %state.key(), "host-test: removed the job's directory");
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if self.fault == Some(Fault::CleanupNotIdempotent) {
-                    return Err(Failure::system(format!("{} is already gone", dir.display())));
-                }
                 Ok(())
             }
             Err(e) => Err(fs_failure("remove", &dir, e)),
