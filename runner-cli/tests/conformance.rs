@@ -100,8 +100,16 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
         let env = Env::new(&format!(
             "[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"{fault}\"\n"
         ));
-        let report = suite(&env, "broken", &["--check", check]);
-        let results = verdicts(&report);
+        // leak-process is caught only if prepare spawned its leak before the
+        // suite killed it (150 ms in): on a loaded machine, a round can miss.
+        let mut results = verdicts(&suite(&env, "broken", &["--check", check]));
+        for _ in 0..2 {
+            if fault != "leak-process" || results.iter().any(|(id, v, _)| id == check && v == "fail") {
+                break;
+            }
+            eprintln!("{fault}: prepare was killed before it leaked; again");
+            results = verdicts(&suite(&env, "broken", &["--check", check]));
+        }
         match results.iter().find(|(id, _, _)| id == check) {
             Some((_, verdict, detail)) if verdict == "fail" => {
                 eprintln!("{fault}: caught by {check}: {}", detail.lines().next().unwrap_or(""));
@@ -204,9 +212,20 @@ fn a_backend_claiming_containment_but_running_jobs_on_the_host_fails_every_conta
         }
     }
     assert!(missed.is_empty(), "{missed:#?}");
-    // The probes were harmless: nothing left in /run or /.
-    assert_eq!(entries("/run", "berth-conformance-"), run_before);
-    assert_eq!(entries("/", "berth-probe-"), slash_before);
+    // The probes were harmless: nothing left in /run or /. (Suites running
+    // beside this test, on real backends, make and remove markers of their
+    // own: a new name must go within a while; one of this run's would stay.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let new = |before: &Vec<String>, dir: &str, prefix: &str| -> Vec<String> {
+        entries(dir, prefix).into_iter().filter(|e| !before.contains(e)).collect()
+    };
+    let left = new(&run_before, "/run", "berth-conformance-");
+    while left.iter().any(|e| std::path::Path::new("/run").join(e).exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let stayed: Vec<&String> = left.iter().filter(|e| std::path::Path::new("/run").join(e).exists()).collect();
+    assert!(stayed.is_empty(), "left in /run: {stayed:?}");
+    assert_eq!(new(&slash_before, "/", "berth-probe-"), Vec::<String>::new());
 }
 
 #[test]

@@ -782,14 +782,10 @@ fn remove_layers(state: &JobState, machine: &str) -> Result<(), Failure> {
             warn!("failed to remove {}: {e}", propagate.display());
         }
     }
-    // The layer (on the state's filesystem when disk_max is infinity), written by the job.
+    // The layer (on the state's filesystem when disk_max is infinity), written
+    // by the job: any tree it made, with bounded descriptors, never crossing a mount.
     for dir in [layer_dir(state), root_dir(state), state.dir().join("lower"), state.dir().join("cache")] {
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Failure::system_with(format!("failed to remove {}", dir.display()), e))
-            }
-            _ => {}
-        }
+        berth_backend_api::remove_tree(&dir).map_err(sys(format!("failed to remove {}", dir.display())))?;
     }
     Ok(())
 }
