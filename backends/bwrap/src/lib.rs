@@ -31,6 +31,7 @@ use berth_backend_api::{
     Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobKey, JobState,
     NewBackend, RunnerInfo,
 };
+use berth_backend_support::cache::{self, CacheScope};
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs;
@@ -52,6 +53,9 @@ pub struct Settings {
     pub allowed_images: Vec<String>,
     /// The host directory behind the job's cache dir (default `<state_dir>/cache/<runner>`).
     pub cache_host_dir: Option<PathBuf>,
+    /// `project` (default): a cache directory per project; `runner`: one for all.
+    #[serde(default)]
+    pub cache_scope: CacheScope,
     /// The gitlab-runner binary to bind in (default: `gitlab-runner` on PATH).
     pub gitlab_runner: Option<PathBuf>,
     /// Extra bind mounts (read-only unless `writable`).
@@ -84,6 +88,9 @@ const INSTALL_HINT: &str =
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     image: String,
+    /// The host directory of the job's cache (bwrap binds it nosuid,nodev).
+    #[serde(default)]
+    cache: PathBuf,
 }
 
 impl NewBackend for Bwrap {
@@ -136,14 +143,14 @@ impl Bwrap {
     }
 
     /// The arguments of the `bwrap` that runs `/run/berth/<script>` over `root`.
-    fn args(&self, root: &Path, key: &JobKey, script: &str) -> Vec<OsString> {
+    fn args(&self, root: &Path, cache: &Path, key: &JobKey, script: &str) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
             args.extend(items.iter().map(|a| a.as_ref().to_owned()));
         };
         push(&[&"--bind", &root, &"/"]);
         push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
-        push(&[&"--bind", &self.cache_host_dir, &CACHE_DIR]);
+        push(&[&"--bind", &cache, &CACHE_DIR]);
         if let Some(gitlab_runner) = &self.gitlab_runner {
             push(&[&"--ro-bind", gitlab_runner, &GITLAB_RUNNER]);
         }
@@ -184,9 +191,8 @@ impl Backend for Bwrap {
         if find_bwrap().is_none() {
             return Err(Failure::system(INSTALL_HINT));
         }
-        fs::create_dir_all(&self.cache_host_dir)
-            .map_err(sys(format!("failed to create {}", self.cache_host_dir.display())))?;
-        state.save(RECORD, &Record { image: image.name.clone() })?;
+        let cache = cache::job_cache_dir(&self.cache_host_dir, self.settings.cache_scope, job)?;
+        state.save(RECORD, &Record { image: image.name.clone(), cache })?;
         let (upper, work, root) = layer_dirs(state);
         for dir in [&upper, &work, &root] {
             fs::create_dir_all(dir).map_err(sys(format!("failed to create {}", dir.display())))?;
@@ -209,7 +215,7 @@ impl Backend for Bwrap {
         _stage: &str,
         cancel: &Cancel,
     ) -> Result<(), Failure> {
-        let _record: Record = state
+        let record: Record = state
             .load(RECORD)?
             .ok_or_else(|| Failure::system("the job's root was never prepared (prepare did not finish)"))?;
         let (_, _, root) = layer_dirs(state);
@@ -222,7 +228,7 @@ impl Backend for Bwrap {
         let copy = rootfs::place_file(&root, SCRIPTS_DIR, &name, &body)
             .map_err(sys(format!("failed to copy the stage script into {}", root.display())))?;
         let mut cmd = Command::new(bwrap);
-        cmd.args(self.args(&root, state.key(), &name))
+        cmd.args(self.args(&root, &record.cache, state.key(), &name))
             .env_clear()
             .env("PATH", PATH)
             .env("HOME", "/root")

@@ -73,9 +73,9 @@ fn the_bwrap_command_line_is_exact() {
     let root = Path::new("/var/lib/berth/jobs/bw-42/root");
     let b = backend("cache_host_dir = \"/srv/cache\"\ngitlab_runner = \"/opt/gitlab-runner\"\n");
     assert_eq!(
-        strings(&b.args(root, &key, "stage-9.sh")).join(" "),
+        strings(&b.args(root, Path::new("/srv/cache/project-7"), &key, "stage-9.sh")).join(" "),
         "--bind /var/lib/berth/jobs/bw-42/root / --proc /proc --dev /dev --tmpfs /tmp \
-         --bind /srv/cache /cache --ro-bind /opt/gitlab-runner /usr/local/bin/gitlab-runner \
+         --bind /srv/cache/project-7 /cache --ro-bind /opt/gitlab-runner /usr/local/bin/gitlab-runner \
          --unshare-pid --unshare-ipc --unshare-uts --hostname berth-bw-42 --die-with-parent \
          --chdir / -- /bin/bash /run/berth/stage-9.sh"
     );
@@ -86,7 +86,7 @@ fn the_bwrap_command_line_is_exact() {
     );
     b.gitlab_runner = None;
     assert_eq!(
-        strings(&b.args(root, &key, "stage-9.sh")).join(" "),
+        strings(&b.args(root, Path::new("/srv/cache"), &key, "stage-9.sh")).join(" "),
         "--bind /var/lib/berth/jobs/bw-42/root / --proc /proc --dev /dev --tmpfs /tmp \
          --bind /srv/cache /cache --ro-bind /srv/data /srv/data --bind /srv/out /out \
          --unshare-pid --unshare-ipc --unshare-uts --hostname berth-bw-42 --die-with-parent --unshare-net \
@@ -124,7 +124,7 @@ fn run_refuses_a_job_that_was_never_prepared_or_is_not_mounted() {
     fs::write(&script, "exit 0\n").unwrap();
     let err = b.run(&job, &state, &script, "build_script", &cancel).unwrap_err();
     assert!(err.to_string().contains("never prepared"), "{err}");
-    state.save(RECORD, &Record { image: "bookworm".into() }).unwrap();
+    state.save(RECORD, &Record { image: "bookworm".into(), cache: PathBuf::from("/srv/cache") }).unwrap();
     fs::create_dir_all(state.dir().join("root")).unwrap();
     let err = b.run(&job, &state, &script, "build_script", &cancel).unwrap_err();
     assert!(err.to_string().contains("is not mounted"), "{err}");

@@ -98,6 +98,7 @@ fn a_whole_job_runs_in_its_root_and_leaves_nothing() {
          test \"$(stat -f -c %T /tmp)\" = tmpfs\n\
          test -c /dev/null && test -d /builds && test -d /cache && test -s /etc/resolv.conf\n\
          echo kept > /builds/file; touch /cache/entry\n\
+         grep ' /cache ' /proc/self/mountinfo | grep nosuid | grep -q nodev\n\
          test \"$HOME\" = /root && test -z \"${CUSTOM_ENV_CI_JOB_ID:-}\"\n";
     assert_eq!(code(job.run(probe, &never)), 0);
     assert_eq!(code(job.run("test \"$(cat /builds/file)\" = kept\n", &never)), 0, "files survive between stages");

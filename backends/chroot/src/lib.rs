@@ -27,6 +27,7 @@ use berth_backend_api::{
     Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobState, NewBackend,
     RunnerInfo,
 };
+use berth_backend_support::cache::{self, CacheScope};
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs;
@@ -63,6 +64,9 @@ pub struct Settings {
     pub layer: Layer,
     /// The host directory behind the job's cache dir (default `<state_dir>/cache/<runner>`).
     pub cache_host_dir: Option<PathBuf>,
+    /// `project` (default): a cache directory per project; `runner`: one for all.
+    #[serde(default)]
+    pub cache_scope: CacheScope,
     /// The gitlab-runner binary to bind in (default: `gitlab-runner` on PATH).
     pub gitlab_runner: Option<PathBuf>,
     /// The user (a name in the image's /etc/passwd) that runs the scripts (default root).
@@ -98,6 +102,9 @@ struct Record {
     uid: u32,
     gid: u32,
     home: String,
+    /// The host directory of the job's cache.
+    #[serde(default)]
+    cache: PathBuf,
 }
 
 impl NewBackend for Chroot {
@@ -231,7 +238,7 @@ impl Chroot {
         // The cache, gitlab-runner, extra binds.
         let cache = inside(root, Path::new(CACHE_DIR));
         mkdir(&cache)?;
-        mounts::bind(&self.cache_host_dir, &cache, true).map_err(sys("the cache directory"))?;
+        mounts::bind_guarded(&record.cache, &cache, true).map_err(sys("the cache directory"))?;
         if let Some(gitlab_runner) = &self.gitlab_runner {
             let target = root.join(GITLAB_RUNNER);
             mkdir(target.parent().expect("has a parent"))?;
@@ -281,13 +288,17 @@ impl Backend for Chroot {
     fn prepare(&self, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<(), Failure> {
         let started = Instant::now();
         let image = self.images.resolve(job.image())?;
-        fs::create_dir_all(&self.cache_host_dir)
-            .map_err(sys(format!("failed to create {}", self.cache_host_dir.display())))?;
         let (uid, gid, home) = match &self.settings.user {
             Some(user) => lookup_user(&image.root, user)?,
             None => (0, 0, "/root".to_owned()),
         };
-        let record = Record { image: image.name.clone(), uid, gid, home };
+        let cache = cache::job_cache_dir(&self.cache_host_dir, self.settings.cache_scope, job)?;
+        if uid != 0 {
+            // The scripts' user writes the cache (it stays private: its parent is root's, 0700).
+            std::os::unix::fs::chown(&cache, Some(uid), Some(gid))
+                .map_err(sys(format!("failed to give {} to the job's user", cache.display())))?;
+        }
+        let record = Record { image: image.name.clone(), uid, gid, home, cache };
         state.save(RECORD, &record)?;
         let root = self.mount_root(&image.root, state)?;
         if cancel.is_cancelled() {

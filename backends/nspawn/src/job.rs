@@ -39,13 +39,13 @@ use tracing::{debug, info, warn};
 
 use crate::cgroup::JobCgroup;
 use crate::notify::{Notify, Wait};
-use crate::settings::{CacheScope, Mode};
+use crate::settings::Mode;
 use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
 use berth_backend_support::claims::Claims;
 use berth_backend_support::image::Image;
 use berth_backend_support::proc as host;
 use berth_backend_support::userns::{self, Allocator, Range, UserNs};
-use berth_backend_support::{diskfs, mounts, rootfs};
+use berth_backend_support::{cache, diskfs, mounts, rootfs};
 
 /// What prepare made, found again by run and cleanup (`container.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,32 +270,6 @@ impl Nspawn {
         }
         props
     }
-
-    /// The host directory of this job's cache: one per project (by the
-    /// payload's project id, which the job cannot choose), or one per runner.
-    fn cache_of(&self, job: &JobContext) -> PathBuf {
-        match self.settings.cache_scope {
-            CacheScope::Runner => self.cache_host_dir.clone(),
-            CacheScope::Project => {
-                let project = job.response().map(|r| r.job_info.project_id).filter(|id| *id != 0);
-                self.cache_host_dir.join(match project {
-                    Some(id) => format!("project-{id}"),
-                    None => "project-unknown".to_owned(),
-                })
-            }
-        }
-    }
-}
-
-/// Creates `dir` and its missing parents with mode 0700 (an existing one is tightened).
-fn private_dir(dir: &Path) -> Result<(), Failure> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(sys(format!("failed to create {}", dir.display())))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(sys(format!("failed to set the mode of {}", dir.display())))
 }
 
 pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<(), Failure> {
@@ -388,9 +362,7 @@ fn build_root(
     // The cache: the project's directory, private to root on the host, and
     // bound nosuid,nodev, so that nothing a job leaves there is a set-uid
     // program or a device for anyone on the host.
-    private_dir(&backend.cache_host_dir)?;
-    let cache = backend.cache_of(job);
-    private_dir(&cache)?;
+    let cache = cache::job_cache_dir(&backend.cache_host_dir, backend.settings.cache_scope, job)?;
     let cache_mount = dir.join("cache");
     make_dir(&cache_mount, 0o700, None)?;
     mounts::bind_guarded(&cache, &cache_mount, true).map_err(sys("failed to mount the job's cache"))?;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub use berth_backend_support::cache::CacheScope;
 use berth_backend_support::settings::Bind;
 use serde::Deserialize;
 
@@ -18,17 +19,6 @@ pub enum Mode {
     /// No systemd on the host: nspawn started detached, stages entered through
     /// the container leader's namespaces.
     Standalone,
-}
-
-/// Who shares a cache directory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheScope {
-    /// One directory per project (by the payload's project id).
-    #[default]
-    Project,
-    /// One directory for every project of the runner.
-    Runner,
 }
 
 /// The memory a job may use by default: half the host's, so that one job

@@ -4,6 +4,7 @@
 //! lookups of host processes. Third-party backends may use it too.
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod claims;
 pub mod diskfs;
 pub mod generations;
