@@ -225,13 +225,35 @@ pub fn parse_config(stdout: &[u8]) -> Result<DriverConfig, String> {
     Ok(config)
 }
 
-/// The command that runs the driver's hooks: `program args... HOOK [hook args]`.
+/// How one hook is started when it is not `program args... HOOK`: what
+/// gitlab-runner's `*_exec` and `*_args` say, for drivers whose hooks are
+/// separate programs or take the hook name elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookExec {
+    /// `program args... [hook args]`: no hook name is added (gitlab-runner
+    /// adds none); run's script path and stage name follow `args`.
+    Command {
+        /// `*_exec`.
+        program: PathBuf,
+        /// `*_args`.
+        args: Vec<OsString>,
+    },
+    /// Not configured (`config_exec`, `prepare_exec` or `cleanup_exec`
+    /// unset): the runner skips the hook, as if it succeeded with no output.
+    Skipped,
+}
+
+/// The command that runs the driver's hooks: `program args... HOOK [hook args]`,
+/// unless [`Driver::per_hook`] says otherwise for a hook.
 #[derive(Debug, Clone)]
 pub struct Driver {
     /// The executable (`berth`).
     pub program: PathBuf,
     /// Arguments placed before the hook name (`*_args`: `--config ... --runner ...`).
     pub args: Vec<OsString>,
+    /// Hooks started otherwise than `program args... HOOK` (the last entry
+    /// for a hook wins; see [`Driver::with_hook`]).
+    pub per_hook: Vec<(Hook, HookExec)>,
     /// Extra environment for every hook (the runner's own environment).
     pub env: Vec<(OsString, OsString)>,
     /// The runner's timeouts.
@@ -324,9 +346,30 @@ impl Driver {
         Driver {
             program: program.into(),
             args,
+            per_hook: Vec::new(),
             env: Vec::new(),
             timeouts: Timeouts::default(),
             exit_codes: (BUILD_FAILURE, SYSTEM_FAILURE),
+        }
+    }
+
+    /// With `hook` started as `exec` says instead of `program args... HOOK`.
+    pub fn with_hook(mut self, hook: Hook, exec: HookExec) -> Self {
+        self.per_hook.push((hook, exec));
+        self
+    }
+
+    /// The program and the arguments before the hook's own ones for `hook`;
+    /// `None` when the hook is skipped.
+    pub fn command_for(&self, hook: Hook) -> Option<(&Path, Vec<OsString>)> {
+        match self.per_hook.iter().rev().find(|(h, _)| *h == hook).map(|(_, exec)| exec) {
+            None => {
+                let mut args = self.args.clone();
+                args.push(hook.name().into());
+                Some((&self.program, args))
+            }
+            Some(HookExec::Command { program, args }) => Some((program, args.clone())),
+            Some(HookExec::Skipped) => None,
         }
     }
 
@@ -362,9 +405,20 @@ impl Driver {
         let started = Instant::now();
         let exit_file = job.build_exit_code_file();
         let _ = std::fs::remove_file(&exit_file);
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .arg(hook.name())
+        let Some((program, args)) = self.command_for(hook) else {
+            return HookResult {
+                hook,
+                exit: Exit::Success,
+                status: Some(0),
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                elapsed: Duration::ZERO,
+                log_released_after: Some(Duration::ZERO),
+                terminated: false,
+            };
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(&args)
             .args(hook_args)
             .envs(self.env_for(job))
             .current_dir(job.tmpdir())
@@ -377,7 +431,7 @@ impl Driver {
             Err(e) => {
                 return HookResult {
                     hook,
-                    exit: Exit::System(format!("failed to start {}: {e}", self.program.display())),
+                    exit: Exit::System(format!("failed to start {}: {e}", program.display())),
                     status: None,
                     stdout: Vec::new(),
                     stderr: Vec::new(),
@@ -576,5 +630,32 @@ impl Readers {
         let (stdout, t1) = results.next().expect("stdout reader");
         let (stderr, t2) = results.next().expect("stderr reader");
         (stdout, stderr, Some(t1.max(t2)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hooks_are_program_args_hook_unless_overridden() {
+        let driver = Driver::new("/usr/bin/berth", vec!["--runner".into(), "x".into()]).with_hook(
+            Hook::Run,
+            HookExec::Command { program: "/opt/run".into(), args: vec!["a".into(), "run".into()] },
+        );
+        let driver = driver.with_hook(Hook::Config, HookExec::Skipped);
+        let (program, args) = driver.command_for(Hook::Prepare).unwrap();
+        assert_eq!(
+            (program, args),
+            (Path::new("/usr/bin/berth"), vec!["--runner".into(), "x".into(), "prepare".into()])
+        );
+        let (program, args) = driver.command_for(Hook::Run).unwrap();
+        assert_eq!((program, args), (Path::new("/opt/run"), vec![OsString::from("a"), "run".into()]));
+        assert!(driver.command_for(Hook::Config).is_none());
+        // A skipped hook succeeds with no output, as gitlab-runner skips an unset `*_exec`.
+        let mut job = JobRun::new(&JobResponse::new(7)).unwrap();
+        let (result, config) = driver.config(&mut job, &(Arc::new(Quiet) as Arc<dyn Log>));
+        assert_eq!(result.exit, Exit::Success);
+        assert!(config.unwrap().driver.is_none());
     }
 }

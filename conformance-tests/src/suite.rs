@@ -23,7 +23,7 @@ use berth_backend_api::{Cancel, Description, Isolation, JobInfo, JobResponse, Re
 use serde::Serialize;
 
 use crate::job::{Interrupts, JobSpec, Outcome};
-use crate::runner::{Driver, Exit, Hook, HookResult, JobRun, Log, Quiet, Timeouts};
+use crate::runner::{Driver, Exit, Hook, HookExec, HookResult, JobRun, Log, Quiet, Timeouts};
 
 mod containment;
 
@@ -107,7 +107,8 @@ pub struct Check {
     run: fn(&Target) -> Result<(), String>,
 }
 
-/// The backend under test, reached through the `berth` executable.
+/// The backend under test, reached through the `berth` executable, or any
+/// custom-executor driver given as its hooks' commands.
 #[derive(Debug, Clone)]
 pub struct Target {
     driver: Driver,
@@ -136,6 +137,23 @@ impl Target {
             retry_delay: Duration::from_millis(100),
         };
         Target { driver, description, state_dir }
+    }
+
+    /// With `hook` started as `exec` says instead of `program args... HOOK`
+    /// (a driver configured by a gitlab-runner `[runners.custom]` block).
+    pub fn with_hook(mut self, hook: Hook, exec: HookExec) -> Self {
+        self.driver = self.driver.with_hook(hook, exec);
+        self
+    }
+
+    /// The driver's name and version as its config hook gives them, for a
+    /// driver that has no description of its own: one config call on a
+    /// fresh job, then cleanup. `None` when config fails or names no driver.
+    pub fn driver_name(&self) -> Option<(String, String)> {
+        let mut case = Case::new(self).ok()?;
+        let named = case.config().ok().and_then(|_| case.job.config.driver.clone());
+        let _ = case.cleanup();
+        named.map(|d| (d.name, d.version))
     }
 
     /// With an extra environment variable for every hook.

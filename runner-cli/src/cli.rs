@@ -173,6 +173,7 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("foreign").args(["driver", "driver_config"]).multiple(false))]
 pub struct ConformanceArgs {
     /// Run only these checks (by ID; repeatable).
     #[arg(long = "check", value_name = "ID")]
@@ -195,6 +196,28 @@ pub struct ConformanceArgs {
     /// The plugin's settings: a TOML file of what would be `[runners.NAME.settings]`.
     #[arg(long, value_name = "FILE", requires = "plugin")]
     pub settings: Option<PathBuf>,
+    /// Test any custom-executor driver, given as a command split like a shell
+    /// splits words: its hooks are called as `CMD ARGS... config|prepare|run SCRIPT STAGE|cleanup`.
+    #[arg(long, value_name = "'CMD ARGS...'", conflicts_with_all = ["plugin", "runner", "driver_config"])]
+    pub driver: Option<String>,
+    /// Test the driver a gitlab-runner config.toml's `[runners.custom]` block
+    /// describes (`*_exec` and `*_args` for each hook).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["plugin", "runner"])]
+    pub driver_config: Option<PathBuf>,
+    /// What the driver supports, as `berth describe --json` prints it (default:
+    /// executes scripts, cancel, concurrent jobs, no isolation or containment claim).
+    #[arg(long, value_name = "FILE", requires = "foreign")]
+    pub describe: Option<PathBuf>,
+    /// Declare the driver's capabilities, on top of the default or `--describe`:
+    /// KEY=VALUE, comma-separated, for executes_scripts, cancel, reap, images,
+    /// concurrent_jobs, contains_root (true/false) and isolation
+    /// (none, host, filesystem, container, virtual-machine).
+    #[arg(long, value_name = "KEY=VALUE,...", value_delimiter = ',', requires = "foreign")]
+    pub declare: Vec<String>,
+    /// The driver's state directory: after every case, nothing named after the
+    /// case's job may remain in it (without it, only processes and mounts are checked).
+    #[arg(long, value_name = "DIR", requires = "foreign")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

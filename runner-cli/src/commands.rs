@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use berth_backend_api::JobContext;
+use anyhow::{bail, Context, Result};
+use berth_backend_api::{Capabilities, Description, Isolation, JobContext};
+use berth_conformance::runner::{Hook, HookExec};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs};
@@ -193,6 +194,28 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let foreign = args.driver.is_some() || args.driver_config.is_some();
+    // `_scratch` holds what the hooks read (a made-up configuration file) until the suite is done.
+    let (target, _scratch) = if foreign { (foreign_target(args)?, None) } else { berth_target(cli, args)? };
+    let filter = suite::Filter { only: args.checks.clone(), skip: args.skips.clone() };
+    let report = suite::run(&target, &filter).map_err(anyhow::Error::msg)?;
+    if let Some(junit) = &args.junit {
+        std::fs::write(junit, report.junit()).with_context(|| format!("failed to write {}", junit.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The target for the runner of berth's configuration, or for `--plugin`,
+/// with the scratch directory its hooks need while the suite runs.
+fn berth_target(
+    cli: &Cli,
+    args: &ConformanceArgs,
+) -> Result<(berth_conformance::suite::Target, Option<tempfile::TempDir>)> {
     // A plugin under development needs no configuration file: make one.
     let scratch =
         tempfile::Builder::new().prefix("berth-conformance").tempdir().context("failed to create a temp dir")?;
@@ -228,17 +251,161 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("failed to find this executable's path")?;
     let hook_args: Vec<OsString> =
         vec!["--config".into(), config_path.into(), "--runner".into(), runner.name.clone().into()];
-    let target = suite::Target::new(exe, hook_args, backend.describe(), Some(runner.state_dir.clone()));
+    let target =
+        berth_conformance::suite::Target::new(exe, hook_args, backend.describe(), Some(runner.state_dir.clone()));
     drop(backend);
-    let filter = suite::Filter { only: args.checks.clone(), skip: args.skips.clone() };
-    let report = suite::run(&target, &filter).map_err(anyhow::Error::msg)?;
-    if let Some(junit) = &args.junit {
-        std::fs::write(junit, report.junit()).with_context(|| format!("failed to write {}", junit.display()))?;
+    Ok((target, Some(scratch)))
+}
+
+/// The default description of a driver that is not berth: it executes
+/// scripts, stops a stage on SIGTERM and runs jobs concurrently, and claims
+/// neither isolation between jobs nor containment of root.
+fn foreign_description(name: &str, version: &str, command: &str) -> Description {
+    Description::new(name, version, format!("custom-executor driver `{command}`"))
+        .isolation(Isolation::Host)
+        .capabilities(Capabilities::none().executes_scripts(true).cancel(true).concurrent_jobs(true))
+}
+
+/// `description` with `--declare KEY=VALUE` pairs applied.
+fn declare(description: Description, pairs: &[String]) -> Result<Description> {
+    const KEYS: &str =
+        "executes_scripts, cancel, reap, images, concurrent_jobs, contains_root (true or false), isolation";
+    let mut value = serde_json::to_value(&description)?;
+    for pair in pairs.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let (key, val) =
+            pair.split_once('=').with_context(|| format!("--declare {pair:?}: expected KEY=VALUE ({KEYS})"))?;
+        let (key, val) = (key.trim().replace('-', "_"), val.trim());
+        if key == "isolation" {
+            value["isolation"] = serde_json::Value::String(val.to_owned());
+            continue;
+        }
+        let caps = value["capabilities"].as_object_mut().context("a description without capabilities")?;
+        if !caps.contains_key(&key) {
+            bail!("--declare {pair:?}: unknown key {key:?}; known: {KEYS}");
+        }
+        let yes = match val {
+            "true" | "yes" => true,
+            "false" | "no" => false,
+            _ => bail!("--declare {pair:?}: {key} is true or false"),
+        };
+        caps.insert(key, serde_json::Value::Bool(yes));
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.table());
+    serde_json::from_value(value)
+        .context("--declare: invalid isolation (none, host, filesystem, container, virtual-machine)")
+}
+
+/// A program as given on the command line or in a config file: a path with a
+/// slash is made absolute from `base` (hooks run in the job's temp dir), a bare
+/// name is left to `PATH`.
+fn program_path(program: &str, base: &Path, what: &str) -> Result<PathBuf> {
+    if !program.contains('/') {
+        return Ok(PathBuf::from(program));
     }
-    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    let path = base.join(program);
+    std::fs::canonicalize(&path).with_context(|| format!("{what}: failed to find {}", path.display()))
+}
+
+/// The hooks of a gitlab-runner config.toml's `[runners.custom]` block: each
+/// `*_exec` with its `*_args`; config, prepare and cleanup skipped when their
+/// `*_exec` is unset, as gitlab-runner does; `run_exec` required.
+fn custom_block(file: &Path) -> Result<Vec<(Hook, HookExec)>> {
+    let shown = file.display();
+    let text = std::fs::read_to_string(file).with_context(|| format!("failed to read {shown}"))?;
+    let doc: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {shown}"))?;
+    let custom = match doc.get("runners") {
+        Some(toml::Value::Table(runner)) => runner.get("custom"),
+        Some(toml::Value::Array(runners)) => {
+            let blocks: Vec<&toml::Value> = runners.iter().filter_map(|r| r.get("custom")).collect();
+            if blocks.len() > 1 {
+                bail!("{shown} has {} runners with a [runners.custom] block; keep only the one to test", blocks.len());
+            }
+            blocks.first().copied()
+        }
+        _ => None,
+    };
+    let custom =
+        custom.and_then(toml::Value::as_table).with_context(|| format!("{shown} has no [runners.custom] block"))?;
+    let base = absolute(file).parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("/"));
+    let mut hooks = Vec::new();
+    for hook in [Hook::Config, Hook::Prepare, Hook::Run, Hook::Cleanup] {
+        let (exec_key, args_key) = (format!("{}_exec", hook.name()), format!("{}_args", hook.name()));
+        let program = match custom.get(&exec_key) {
+            None if hook == Hook::Run => bail!("{shown}: [runners.custom] has no run_exec (gitlab-runner requires it)"),
+            None => {
+                hooks.push((hook, HookExec::Skipped));
+                continue;
+            }
+            Some(toml::Value::String(program)) if !program.is_empty() => {
+                program_path(program, &base, &format!("{shown}: {exec_key}"))?
+            }
+            Some(_) => bail!("{shown}: [runners.custom] {exec_key} must be a non-empty string"),
+        };
+        let args = match custom.get(&args_key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|item| item.as_str().map(OsString::from))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("{shown}: [runners.custom] {args_key} must be an array of strings"))?,
+            Some(_) => bail!("{shown}: [runners.custom] {args_key} must be an array of strings"),
+        };
+        hooks.push((hook, HookExec::Command { program, args }));
+    }
+    Ok(hooks)
+}
+
+/// The target for `--driver` or `--driver-config`: a driver that is not
+/// berth, described by its config hook, `--describe` and `--declare`.
+fn foreign_target(args: &ConformanceArgs) -> Result<berth_conformance::suite::Target> {
+    let cwd = std::env::current_dir().context("failed to find the current directory")?;
+    let (mut target, shown) = match (&args.driver, &args.driver_config) {
+        (Some(command), _) => {
+            let words =
+                shell_words::split(command).with_context(|| format!("--driver {command:?} is not a valid command"))?;
+            let Some((program, rest)) = words.split_first() else {
+                bail!("--driver is empty: give the driver's command, e.g. --driver '/usr/local/bin/my-driver --flag'")
+            };
+            let program = program_path(program, &cwd, "--driver")?;
+            let description = foreign_description("", "", command);
+            let rest = rest.iter().map(OsString::from).collect();
+            (berth_conformance::suite::Target::new(program, rest, description, None), command.clone())
+        }
+        (None, Some(file)) => {
+            let hooks = custom_block(file)?;
+            let run = hooks.iter().find_map(|(hook, exec)| match exec {
+                HookExec::Command { program, .. } if *hook == Hook::Run => Some(program.clone()),
+                _ => None,
+            });
+            let run = run.context("no run_exec")?;
+            let shown = file.display().to_string();
+            let mut target =
+                berth_conformance::suite::Target::new(run, Vec::new(), foreign_description("", "", &shown), None);
+            for (hook, exec) in hooks {
+                target = target.with_hook(hook, exec);
+            }
+            (target, shown)
+        }
+        (None, None) => unreachable!("called for --driver or --driver-config"),
+    };
+    target.state_dir = args.state_dir.as_ref().map(|dir| absolute(dir));
+    let description = match &args.describe {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("failed to read {}", file.display()))?;
+            serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a description as `berth describe --json` prints it", file.display())
+            })?
+        }
+        None => {
+            // The name and version the driver gives in config's answer; a
+            // driver that names none fails config.json, under its command's name.
+            let (name, version) = target.driver_name().unwrap_or_else(|| {
+                let program = shown.split_whitespace().next().unwrap_or(&shown);
+                let name = Path::new(program).file_name().map_or(program.into(), |n| n.to_string_lossy().into_owned());
+                (name, "unknown".to_owned())
+            });
+            foreign_description(&name, &version, &shown)
+        }
+    };
+    target.description = declare(description, &args.declare)?;
+    Ok(target)
 }

@@ -251,3 +251,193 @@ fn a_failing_must_check_fails_the_command() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("FAIL  exit.codes"), "{}", text(&out));
 }
+
+/// `berth conformance ARGS...` with no berth configuration, from `dir`:
+/// a driver given by `--driver` or `--driver-config`.
+fn foreign(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BERTH)
+        .arg("conformance")
+        .args(args)
+        .current_dir(dir)
+        .env("BERTH_ALLOW_TEST_BACKENDS", "1")
+        .env_remove("BERTH_LOG")
+        .env_remove("BERTH_CONFIG")
+        .env_remove("BERTH_RUNNER")
+        .output()
+        .unwrap()
+}
+
+fn foreign_report(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = foreign(dir, &all);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    (out.status.code(), report)
+}
+
+/// The checks a driver without isolation or a containment claim skips.
+fn skipped_by_default(id: &str) -> bool {
+    id == "isolation.concurrent" || id.starts_with("containment.")
+}
+
+#[test]
+fn berth_through_the_driver_command_passes_every_check_that_applies() {
+    let env = Env::new(HOST);
+    let driver = format!("'{BERTH}' --config '{}' --runner host", env.config().display());
+    let state = env.state().display().to_string();
+    let (code, report) = foreign_report(env.dir.path(), &["--driver", &driver, "--state-dir", &state]);
+    assert_eq!(report["backend"], "host-test", "the name comes from config's answer");
+    for (id, verdict, detail) in verdicts(&report) {
+        if skipped_by_default(&id) {
+            assert_eq!(verdict, "skip", "{id}: a foreign driver claims no isolation or containment: {detail}");
+            continue;
+        }
+        assert_eq!(verdict, "pass", "{id}: {detail}");
+    }
+    assert_eq!(code, Some(0));
+}
+
+/// What the deliberately wrong script must fail: it exits 1 instead of
+/// BUILD_FAILURE_EXIT_CODE and never writes BUILD_EXIT_CODE_FILE.
+const WRONG_FAILS: [&str; 3] = ["exit.codes", "exit.codes-from-env", "job.failure"];
+
+fn assert_wrong_script_caught(code: Option<i32>, report: &serde_json::Value) {
+    assert_eq!(report["backend"], "wrong-exit-code");
+    let results = verdicts(report);
+    let mut failed: Vec<&str> = results.iter().filter(|(_, v, _)| v == "fail").map(|(id, _, _)| id.as_str()).collect();
+    failed.sort();
+    let mut want = WRONG_FAILS.to_vec();
+    want.sort();
+    assert_eq!(failed, want, "{results:#?}");
+    for (id, verdict, detail) in &results {
+        if skipped_by_default(id) {
+            assert_eq!(verdict, "skip", "{id}: {detail}");
+        } else if !WRONG_FAILS.contains(&id.as_str()) {
+            assert_eq!(verdict, "pass", "{id}: {detail}");
+        }
+    }
+    let detail = |id: &str| results.iter().find(|(i, _, _)| i == id).unwrap().2.clone();
+    assert!(detail("exit.codes").contains("from_file: false"), "{}", detail("exit.codes"));
+    assert!(detail("exit.codes-from-env").contains("instead of 77"), "{}", detail("exit.codes-from-env"));
+    assert_eq!(code, Some(1), "a failed MUST check fails the command");
+}
+
+#[test]
+fn a_deliberately_wrong_driver_script_fails_exactly_its_checks() {
+    let state = tempfile::tempdir().unwrap();
+    // A relative program path, from the repository: made absolute before the
+    // hooks run in the job's temp dir.
+    let driver = format!("testdata/drivers/wrong-exit-code.sh '{}'", state.path().display());
+    let state_arg = state.path().display().to_string();
+    let (code, report) = foreign_report(&repo(), &["--driver", &driver, "--state-dir", &state_arg]);
+    assert_wrong_script_caught(code, &report);
+}
+
+#[test]
+fn a_runners_custom_block_drives_the_same_script_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let script = repo().join("testdata/drivers/wrong-exit-code.sh");
+    let mut toml =
+        String::from("concurrent = 1\n[[runners]]\n  name = \"wrong\"\n  executor = \"custom\"\n  [runners.custom]\n");
+    for hook in ["config", "prepare", "run", "cleanup"] {
+        toml.push_str(&format!(
+            "    {hook}_exec = {:?}\n    {hook}_args = [{:?}, {hook:?}]\n",
+            script.display().to_string(),
+            state.display().to_string()
+        ));
+    }
+    toml.push_str("    graceful_kill_timeout = 30\n");
+    std::fs::write(dir.path().join("config.toml"), toml).unwrap();
+    let (code, report) =
+        foreign_report(dir.path(), &["--driver-config", "config.toml", "--state-dir", state.to_str().unwrap()]);
+    assert_wrong_script_caught(code, &report);
+}
+
+#[test]
+fn declared_capabilities_decide_what_is_skipped() {
+    let state = tempfile::tempdir().unwrap();
+    let driver = format!("testdata/drivers/wrong-exit-code.sh '{}'", state.path().display());
+    let (code, report) = foreign_report(
+        &repo(),
+        &[
+            "--driver",
+            &driver,
+            "--check",
+            "cancel.sigterm",
+            "--check",
+            "exit.codes",
+            "--declare",
+            "cancel=false,executes-scripts=false",
+        ],
+    );
+    let results = verdicts(&report);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results[0].2.contains("executes_scripts = false"), "{results:?}");
+    assert!(results.iter().all(|(_, v, _)| v == "skip"), "{results:?}");
+    assert_eq!(code, Some(0));
+    // A description file as `berth describe --json` prints it, then a declaration on top.
+    let env = Env::new(HOST);
+    let out = env.berth("host").args(["describe", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(env.dir.path().join("describe.json"), &out.stdout).unwrap();
+    let describe = env.dir.path().join("describe.json").display().to_string();
+    let (_, report) = foreign_report(
+        &repo(),
+        &[
+            "--driver",
+            &driver,
+            "--describe",
+            &describe,
+            "--declare",
+            "cancel=false",
+            "--check",
+            "cancel.sigterm",
+            "--check",
+            "config.json",
+        ],
+    );
+    let results = verdicts(&report);
+    assert_eq!(report["backend"], "host-test");
+    assert!(
+        results[0].1 == "fail" && results[0].2.contains("wrong-exit-code"),
+        "config.json compares with --describe: {results:?}"
+    );
+    assert!(results[1].1 == "skip" && results[1].2.contains("cancel = false"), "{results:?}");
+}
+
+#[test]
+fn bad_driver_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        name.to_owned()
+    };
+    let no_block = write("no-block.toml", "[[runners]]\nname = \"x\"\nexecutor = \"shell\"\n");
+    let no_run = write("no-run.toml", "[runners.custom]\nconfig_exec = \"/bin/true\"\n");
+    let bad_args = write("bad-args.toml", "[runners.custom]\nrun_exec = \"/bin/true\"\nrun_args = \"run\"\n");
+    let not_toml = write("not-toml.toml", "[runners.custom\n");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--driver", ""], "--driver is empty"),
+        (vec!["--driver", "   "], "--driver is empty"),
+        (vec!["--driver", "'unbalanced"], "not a valid command"),
+        (vec!["--driver", "./no-such-driver"], "failed to find"),
+        (vec!["--driver-config", "missing.toml"], "failed to read missing.toml"),
+        (vec!["--driver-config", &not_toml], "invalid TOML in not-toml.toml"),
+        (vec!["--driver-config", &no_block], "no [runners.custom] block"),
+        (vec!["--driver-config", &no_run], "has no run_exec"),
+        (vec!["--driver-config", &bad_args], "run_args must be an array of strings"),
+        (vec!["--driver", "/bin/true", "--declare", "bogus=true"], "unknown key \"bogus\""),
+        (vec!["--driver", "/bin/true", "--declare", "isolation=moon"], "invalid isolation"),
+        (vec!["--driver", "/bin/true", "--describe", "missing.json"], "failed to read missing.json"),
+        (vec!["--driver", "/bin/true", "--plugin", "/x.so"], "cannot be used with"),
+        (vec!["--driver", "/bin/true", "--runner", "x"], "cannot be used with"),
+        (vec!["--driver", "/bin/true", "--driver-config", &no_run], "cannot be used with"),
+        (vec!["--state-dir", "/tmp"], "--driver"),
+    ];
+    for (args, says) in cases {
+        let out = foreign(dir.path(), &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(says), "{args:?} must say {says:?}: {}", text(&out));
+    }
+}
