@@ -20,11 +20,20 @@ pub fn render(body: &str) -> String {
     )
 }
 
-/// The stage body of a script in the runner's format: the decoded argument of
-/// its `eval $'...'`. `None` when the text is not in that format.
+/// The stage body of a script in the runner's format: the value of the word
+/// after its `eval` as [`quote`] writes it (`$'...'` decoded, `''`, or a word
+/// left unquoted, ending at the `)` of the subshell). `None` when the text is
+/// not in that format.
 pub fn body(script: &str) -> Option<String> {
-    let start = script.find("eval $'")? + "eval $'".len();
-    decode(&script[start..]).map(|(body, _)| body)
+    let rest = &script[script.find("eval ")? + "eval ".len()..];
+    if let Some(quoted) = rest.strip_prefix("$'") {
+        return decode(quoted).map(|(body, _)| body);
+    }
+    if rest.starts_with("'')") {
+        return Some(String::new());
+    }
+    let word = rest.bytes().take_while(|&b| is_literal(b)).count();
+    (word > 0 && rest[word..].starts_with(')')).then(|| rest[..word].to_owned())
 }
 
 /// `text` quoted for bash exactly as GitLab Runner quotes it (its
@@ -233,5 +242,112 @@ mod tests {
         assert_eq!(decode(r"\x41\101\u263a\cA\e\q'").unwrap().0, "AA☺\x01\x1b\\q");
         assert!(decode("unterminated").is_none());
         assert!(body("echo hi").is_none());
+    }
+
+    #[test]
+    fn bodies_the_runner_leaves_unquoted_read_back() {
+        // Found by `property::render_then_body_is_identity`: `quote` writes
+        // an empty body as `''` and a body of letters, digits and `,-./@_`
+        // as it is (so does the runner), and `body` knew only `$'...'`.
+        for text in ["", "a", "true", "make", "./build.sh"] {
+            assert_eq!(body(&render(text)).as_deref(), Some(text), "{text:?}");
+        }
+        assert_eq!(body("(trap 'exit 1' TERM; eval true; echo) < /dev/null"), None);
+        assert_eq!(body("eval  $'a'"), None);
+    }
+
+    mod property {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Text made of what `$'...'` decoding cares about, and anything.
+        fn text() -> impl Strategy<Value = String> {
+            let c = prop_oneof![
+                2 => any::<char>(),
+                3 => prop::sample::select(vec!['\\', '\'', 'x', 'u', 'U', 'c', '0', '7', '9', 'f', 'F', 'e', '$', '\n']),
+                1 => prop::sample::select(vec!['é', '☃', '\u{7f}', '\u{80}', '\u{10ffff}', '🚀', '\0']),
+            ];
+            prop_oneof![
+                prop::collection::vec(c, 0..24).prop_map(|cs| cs.into_iter().collect::<String>()),
+                prop::collection::vec(any::<u8>(), 0..32).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]
+        }
+
+        /// One change to a text, at a character boundary.
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Cut(prop::sample::Index),
+            Drop(prop::sample::Index, usize),
+            Insert(prop::sample::Index, String),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            prop_oneof![
+                any::<prop::sample::Index>().prop_map(Edit::Cut),
+                (any::<prop::sample::Index>(), 1..6usize).prop_map(|(at, n)| Edit::Drop(at, n)),
+                (any::<prop::sample::Index>(), text()).prop_map(|(at, s)| Edit::Insert(at, s)),
+            ]
+        }
+
+        fn apply(text: &mut String, edit: &Edit) {
+            let bounds: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+            match edit {
+                Edit::Cut(at) => text.truncate(bounds[at.index(bounds.len())]),
+                Edit::Drop(at, n) => {
+                    let from = at.index(bounds.len());
+                    text.replace_range(bounds[from]..bounds[(from + n).min(bounds.len() - 1)], "");
+                }
+                Edit::Insert(at, s) => text.insert_str(bounds[at.index(bounds.len())], s),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any text decodes or is unterminated; what was consumed ends
+            /// with the closing quote.
+            #[test]
+            fn any_text_decodes_or_is_unterminated(text in text()) {
+                if let Some((_, used)) = decode(&text) {
+                    prop_assert!(used <= text.len() && text.is_char_boundary(used));
+                    prop_assert_eq!(text.as_bytes()[used - 1], b'\'');
+                }
+                let _ = body(&text);
+                let _ = body(&format!("eval $'{text}"));
+            }
+
+            /// Rendering a body and reading it back gives the body, and the
+            /// quoting of any text decodes to the text.
+            #[test]
+            fn render_then_body_is_identity(text in text()) {
+                prop_assert_eq!(body(&render(&text)), Some(text.clone()));
+                let inner = format!("{}'rest", escape(&text));
+                prop_assert_eq!(decode(&inner), Some((text.clone(), inner.len() - "rest".len())));
+            }
+
+            /// A rendered script cut anywhere inside its `$'...'` body is
+            /// not in the runner's format.
+            #[test]
+            fn a_script_cut_inside_its_body_has_none(text in text(), at: prop::sample::Index) {
+                prop_assume!(quote(&text).starts_with("$'"));
+                let script = render(&text);
+                let start = script.find("eval $'").unwrap() + "eval $'".len();
+                let end = start + escape(&text).len();
+                let cut = start + at.index(end - start + 1);
+                prop_assert!(script.is_char_boundary(cut));
+                prop_assert_eq!(body(&script[..cut]), None);
+            }
+
+            /// Scripts a few edits away from valid ones read as a body or as
+            /// not in the format, never a panic.
+            #[test]
+            fn edited_scripts_never_panic(text in text(), edits in prop::collection::vec(edit(), 1..4)) {
+                let mut script = render(&text);
+                for edit in &edits {
+                    apply(&mut script, edit);
+                }
+                let _ = body(&script);
+            }
+        }
     }
 }

@@ -258,4 +258,175 @@ mod tests {
         let err = parse_err("[runners.demo\n", None);
         assert!(err.contains("/etc/berth/config.toml") && err.contains("line 1"), "{err}");
     }
+
+    mod property {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const PATH: &str = "/etc/berth/odd dir/config.toml";
+
+        /// Runner names: valid, nearly valid, and anything.
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => prop::sample::select(vec!["demo", "a", "nspawn-1", "Bad", "-x", "a_b", "", "é"]).prop_map(str::to_owned),
+                1 => "[a-z0-9-]{0,34}",
+                1 => any::<String>(),
+            ]
+        }
+
+        /// Any TOML value, of any type.
+        fn value() -> impl Strategy<Value = toml::Value> {
+            use toml::Value;
+            let leaf = prop_oneof![
+                any::<String>().prop_map(Value::String),
+                prop::sample::select(vec!["/abs", "relative", "", "dry-run", "/x/../y", "/lib.so"])
+                    .prop_map(|s| Value::String(s.to_owned())),
+                any::<i64>().prop_map(Value::Integer),
+                any::<f64>().prop_map(Value::Float),
+                any::<bool>().prop_map(Value::Boolean),
+                Just(Value::Datetime("1979-05-27T07:32:00Z".parse().unwrap())),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(name(), inner, 0..4)
+                        .prop_map(|m| Value::Table(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A runner's table: its known keys (and others) with values of any type.
+        fn runner() -> impl Strategy<Value = toml::Table> {
+            let key = prop::sample::select(vec![
+                "backend",
+                "plugin",
+                "builds_dir",
+                "cache_dir",
+                "state_dir",
+                "settings",
+                "build_dir",
+            ]);
+            (
+                prop::collection::btree_map(key.prop_map(str::to_owned), value(), 0..5),
+                prop::option::of(prop::collection::btree_map(name(), value(), 0..5)),
+            )
+                .prop_map(|(keys, settings)| {
+                    let mut table: toml::Table = keys.into_iter().collect();
+                    if let Some(settings) = settings {
+                        table.insert("settings".into(), toml::Value::Table(settings.into_iter().collect()));
+                    }
+                    table
+                })
+        }
+
+        /// A whole file: `state_dir` and `[runners.X]` tables, as TOML text.
+        fn file() -> impl Strategy<Value = String> {
+            (prop::option::of(value()), prop::collection::btree_map(name(), runner(), 0..3), any::<bool>()).prop_map(
+                |(state_dir, runners, plain_dir)| {
+                    let mut file = toml::Table::new();
+                    if let Some(dir) = state_dir {
+                        let dir = if plain_dir { toml::Value::String("/srv/berth".into()) } else { dir };
+                        file.insert("state_dir".into(), dir);
+                    }
+                    file.insert(
+                        "runners".into(),
+                        toml::Value::Table(runners.into_iter().map(|(k, v)| (k, toml::Value::Table(v))).collect()),
+                    );
+                    toml::to_string(&file).unwrap()
+                },
+            )
+        }
+
+        /// TOML-looking text: lines of headers and assignments with raw values.
+        fn lines() -> impl Strategy<Value = String> {
+            let line = prop_oneof![
+                prop::sample::select(vec![
+                    "[runners.demo]",
+                    "[runners.demo.settings]",
+                    "[runners.\"x y\"]",
+                    "[[runners.demo]]",
+                    "[runners]",
+                    "backend = \"dry-run\"",
+                    "plugin = \"/p.so\"",
+                    "state_dir = 3",
+                    "a.b.c = 1",
+                    "[runners.demo",
+                    "x = [1, \"a\"]",
+                    "y = { z = 1 }",
+                    "s = \"\"\"",
+                    "\"\\u0000\" = 1",
+                ])
+                .prop_map(str::to_owned),
+                (prop::sample::select(vec!["backend", "plugin", "builds_dir", "k"]), any::<String>())
+                    .prop_map(|(k, v)| format!("{k} = {v}")),
+                any::<String>(),
+            ];
+            prop::collection::vec(line, 0..8).prop_map(|lines| lines.join("\n"))
+        }
+
+        /// A line number within `text` (a file of no line has line 1).
+        fn within(text: &str, line: usize) -> bool {
+            line >= 1 && line <= text.split('\n').count()
+        }
+
+        fn check(text: &str, name: Option<&str>) -> Result<(), TestCaseError> {
+            match parse(text, Path::new(PATH), name) {
+                Ok(runner) => {
+                    prop_assert!(berth_backend_api_valid_name(&runner.name), "{:?}", runner.name);
+                    if let Some(name) = name {
+                        prop_assert_eq!(runner.name.as_str(), name);
+                    }
+                    prop_assert!(runner.state_dir.is_absolute());
+                    for dir in [&runner.builds_dir, &runner.cache_dir].into_iter().flatten() {
+                        prop_assert!(dir.starts_with('/'), "{:?}", dir);
+                    }
+                    if let BackendChoice::Plugin(path) = &runner.backend {
+                        prop_assert!(path.is_absolute());
+                    }
+                    for key in runner.settings.keys().map(String::as_str).chain(["", "[", "x.y[0]", "é"]) {
+                        let err = runner.settings_error(key, "bad");
+                        prop_assert!(matches!(err, ConfigError::Key { line, .. } if within(text, line)), "{}", err);
+                        prop_assert!(err.to_string().contains(PATH));
+                    }
+                    prop_assert!(runner.backend_error("bad").to_string().contains(PATH));
+                }
+                Err(err) => {
+                    let shown = err.to_string();
+                    prop_assert!(shown.contains(PATH), "{}", shown);
+                    if let ConfigError::Key { line, .. } = err {
+                        prop_assert!(within(text, line), "{}", shown);
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_text_is_a_runner_or_an_error_naming_the_file(text in any::<String>(), name in prop::option::of(name())) {
+                check(&text, name.as_deref())?;
+            }
+
+            #[test]
+            fn toml_lines_are_a_runner_or_an_error_naming_the_file(text in lines(), name in prop::option::of(name())) {
+                check(&text, name.as_deref())?;
+            }
+
+            #[test]
+            fn runner_tables_of_any_keys_and_types_are_a_runner_or_an_error(
+                text in file(),
+                name in prop::option::of(name()),
+                cut: prop::sample::Index,
+                truncate: bool,
+            ) {
+                check(&text, name.as_deref())?;
+                if truncate {
+                    let bounds: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+                    check(&text[..bounds[cut.index(bounds.len())]], name.as_deref())?;
+                }
+            }
+        }
+    }
 }

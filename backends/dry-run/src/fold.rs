@@ -387,4 +387,65 @@ mod tests {
         let pieces = fold(&body, &body, &HashMap::new());
         assert_eq!(pieces, body.iter().map(|l| Piece::Line(l)).collect::<Vec<_>>());
     }
+
+    mod property {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A line of a stage body: exports, heredoc starts and delimiters,
+        /// quotes and escapes, and anything.
+        fn line() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                prop::sample::select(vec![
+                    "export A=",
+                    "export B=$'",
+                    "export _C='",
+                    "cat <<EOF",
+                    "<<-'E'",
+                    "<<\"",
+                    "<<<",
+                    "EOF",
+                    "\tE",
+                    "E",
+                    "$'",
+                    "'",
+                    "\"",
+                    "\\",
+                    "#",
+                    " ",
+                    ";",
+                    "x",
+                    "\\x41",
+                    "[MASKED]",
+                    "é",
+                ])
+                .prop_map(str::to_owned),
+                any::<String>().prop_map(|s| s.replace('\n', "")),
+            ];
+            prop::collection::vec(piece, 0..6).prop_map(|p| p.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any body folds without a panic, and every line is shown or
+            /// counted in exactly one piece.
+            #[test]
+            fn any_body_folds_every_line_once(lines in prop::collection::vec(line(), 0..12), other: bool) {
+                let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+                let prepared: HashMap<&str, &str> = [("A", ""), ("B", "x")].into_iter().collect();
+                let values: Vec<&str> = if other { lines.iter().rev().copied().collect() } else { lines.clone() };
+                let pieces = fold(&lines, &values, &prepared);
+                let counted: usize = pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Line(_) => 1,
+                        Piece::Exports(n) => *n,
+                        Piece::Data { lines, .. } => *lines,
+                    })
+                    .sum();
+                prop_assert_eq!(counted, lines.len());
+            }
+        }
+    }
 }
