@@ -542,23 +542,29 @@ fn a_script_not_in_the_runner_format_is_shown_raw() {
     assert_eq!(lines[0]["script_body"], "#!/bin/sh\necho [MASKED]\n");
 }
 
+/// Job `id` of runner `demo` (token `job-token-<id × 1111>`) whose masked
+/// variable `name` holds `secret`, from a payload written in `dir`.
+fn masked_job(dir: &std::path::Path, id: u64, name: &str, secret: &str) -> JobContext {
+    let mut response = JobResponse::new(id);
+    response.token = format!("job-token-{}", id * 1111);
+    response.variables.push(ResponseVariable::new(name, secret).masked());
+    let response_path = dir.join("response.json");
+    fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
+    JobContext::from_vars(
+        "demo",
+        [
+            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
+            (format!("CUSTOM_ENV_{name}"), secret.to_owned()),
+        ],
+    )
+    .unwrap()
+}
+
 #[test]
 fn secrets_are_masked_in_their_shell_quoted_forms() {
     let tmp = tempfile::tempdir().unwrap();
     let secret = "it's-a\\secret\"value";
-    let mut response = JobResponse::new(5);
-    response.token = "job-token-5555".into();
-    response.variables.push(ResponseVariable::new("QUOTED", secret).masked());
-    let response_path = tmp.path().join("response.json");
-    fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
-    let job = JobContext::from_vars(
-        "demo",
-        [
-            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
-            ("CUSTOM_ENV_QUOTED".to_owned(), secret.to_owned()),
-        ],
-    )
-    .unwrap();
+    let job = masked_job(tmp.path(), 5, "QUOTED", secret);
     let body = format!("export QUOTED={}\necho done\n", script::quote(secret));
     let rendered = script::render(&body);
     let decoded = tmp.path().join("decoded.sh");
@@ -601,19 +607,7 @@ fn a_cancelled_hook_stops() {
 /// `secret`: its job log and every string of its transcript.
 fn shown_by_a_dry_run(secret: &str) -> (String, String) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut response = JobResponse::new(6);
-    response.token = "job-token-6666".into();
-    response.variables.push(ResponseVariable::new("SECRET", secret).masked());
-    let response_path = tmp.path().join("response.json");
-    fs::write(&response_path, serde_json::to_vec(&response).unwrap()).unwrap();
-    let job = JobContext::from_vars(
-        "demo",
-        [
-            ("JOB_RESPONSE_FILE".to_owned(), response_path.to_str().unwrap().to_owned()),
-            ("CUSTOM_ENV_SECRET".to_owned(), secret.to_owned()),
-        ],
-    )
-    .unwrap();
+    let job = masked_job(tmp.path(), 6, "SECRET", secret);
     // As berth exec's runner imitation writes a stage (the runner's quoting).
     let body = format!(
         "export SECRET={}\necho {}\nprintf '%s\\n' {}\n",
