@@ -115,8 +115,8 @@ pub fn open_checked(path: &Path) -> Result<OwnedFd, Failure> {
     let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let root =
         nix::fcntl::open("/", dir_flags, Mode::empty()).map_err(|e| refuse(path, format!("cannot open /: {e}")))?;
-    check_dir(path, &root, Path::new("/"))?;
-    let mut dirs: Vec<(OwnedFd, PathBuf)> = vec![(root, PathBuf::from("/"))];
+    let sticky = check_dir(path, &root, Path::new("/"))?;
+    let mut dirs: Vec<(OwnedFd, PathBuf, bool)> = vec![(root, PathBuf::from("/"), sticky)];
     let mut pending: Vec<OsString> = components(&absolute);
     let mut links = 0;
     while let Some(name) = pending.pop() {
@@ -129,10 +129,23 @@ pub fn open_checked(path: &Path) -> Result<OwnedFd, Failure> {
             }
             continue;
         }
-        let (dir, dir_path) = dirs.last().expect("the root stays");
+        let (dir, dir_path, sticky) = dirs.last().expect("the root stays");
         let here = dir_path.join(&name);
         let stat = fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| refuse(path, format!("cannot read {}: {e}", here.display())))?;
+        // In a sticky directory others can write (like /tmp), only an entry's
+        // owner can replace it: the entry must be trusted's.
+        if *sticky && !trusted_owner(stat.st_uid) {
+            return Err(refuse(
+                path,
+                format!(
+                    "{} lies in {}, which everyone can write, and belongs to uid {}: its owner could replace it",
+                    here.display(),
+                    dir_path.display(),
+                    stat.st_uid
+                ),
+            ));
+        }
         let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
         let last = pending.is_empty();
         if kind == SFlag::S_IFLNK {
@@ -149,8 +162,8 @@ pub fn open_checked(path: &Path) -> Result<OwnedFd, Failure> {
         } else if kind == SFlag::S_IFDIR && !last {
             let fd = openat(dir, name.as_os_str(), dir_flags, Mode::empty())
                 .map_err(|e| refuse(path, format!("cannot open {}: {e}", here.display())))?;
-            check_dir(path, &fd, &here)?;
-            dirs.push((fd, here));
+            let sticky = check_dir(path, &fd, &here)?;
+            dirs.push((fd, here, sticky));
         } else if last {
             let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
             let fd = openat(dir, name.as_os_str(), flags, Mode::empty())
@@ -179,10 +192,17 @@ fn components(path: &Path) -> Vec<OsString> {
     names
 }
 
-/// Refuses a directory on a plugin's path that someone else could change.
-fn check_dir(path: &Path, dir: &OwnedFd, shown: &Path) -> Result<(), Failure> {
+/// Refuses a directory on a plugin's path that someone else could change;
+/// true for a sticky directory others can write (`/tmp`): usable only
+/// through entries that root or berth's user owns, which only they can
+/// rename or remove there.
+fn check_dir(path: &Path, dir: &OwnedFd, shown: &Path) -> Result<bool, Failure> {
     let stat = fstat(dir).map_err(|e| refuse(path, format!("cannot read {}: {e}", shown.display())))?;
     let mode = stat.st_mode & 0o7777;
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && sticky && trusted_owner(stat.st_uid) {
+        return Ok(true);
+    }
     if mode & 0o022 != 0 {
         return Err(refuse(
             path,
@@ -202,7 +222,7 @@ fn check_dir(path: &Path, dir: &OwnedFd, shown: &Path) -> Result<(), Failure> {
             ),
         ));
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Refuses a plugin file that is not a regular file or that someone else could change.
@@ -492,9 +512,25 @@ mod tests {
         std::os::unix::fs::symlink(lib.parent().unwrap(), dir.path().join("to-debug")).unwrap();
         let via = dir.path().join("to-debug/../debug/libberth_backend_host_test.so");
         assert!(open_checked(&via).is_ok(), "a link in a trusted directory is fine");
+        // A sticky directory everyone can write (/tmp): through root's entries
+        // only, which no one else can rename or remove there.
         let open = tempfile::tempdir_in("/tmp").unwrap();
         std::os::unix::fs::symlink(&lib, open.path().join("lib.so")).unwrap();
-        let err = open_checked(&open.path().join("lib.so")).unwrap_err().to_string();
-        assert!(err.contains("its directory /tmp is writable by its group or by everyone"), "{err}");
+        if nix::unistd::Uid::effective().is_root() {
+            assert!(open_checked(&open.path().join("lib.so")).is_ok(), "root's directory in /tmp");
+            std::os::unix::fs::chown(open.path(), Some(65534), Some(65534)).unwrap();
+            let err = open_checked(&open.path().join("lib.so")).unwrap_err().to_string();
+            assert!(err.contains("which everyone can write, and belongs to uid 65534"), "{err}");
+        }
+        // Writable by everyone without the sticky bit: refused outright.
+        let shared = open.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&lib, shared.join("lib.so")).unwrap();
+        if nix::unistd::Uid::effective().is_root() {
+            std::os::unix::fs::chown(open.path(), Some(0), Some(0)).unwrap();
+        }
+        let err = open_checked(&shared.join("lib.so")).unwrap_err().to_string();
+        assert!(err.contains("is writable by its group or by everyone"), "{err}");
     }
 }
