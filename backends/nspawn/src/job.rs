@@ -44,6 +44,7 @@ use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_
 use berth_backend_support::claims::Claims;
 use berth_backend_support::image::Image;
 use berth_backend_support::proc as host;
+use berth_backend_support::settings::sys;
 use berth_backend_support::userns::{self, Allocator, Range, UserNs};
 use berth_backend_support::{cache, diskfs, mounts, rootfs};
 
@@ -105,11 +106,6 @@ fn boot_log(state: &JobState) -> PathBuf {
 
 fn unit_name(key: &JobKey) -> String {
     format!("berth-{key}.service")
-}
-
-fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
-    let what = what.into();
-    move |e| Failure::system_with(what, e)
 }
 
 /// Creates directory `path` (its parent exists) with `mode`, owned by the
@@ -628,32 +624,40 @@ pub(crate) fn run(
         "/bin/sh".into(),
         format!("{SCRIPTS_DIR}/stage-{seq}.run"),
     ];
-    let (mut cmd, mut stop) = match container.mode {
-        ModeName::Standalone => {
-            let cgroup = JobCgroup::of(&container.machine);
-            let mut cmd = enter(&container, &cgroup, "systemd-run")?;
-            cmd.args(&run_args);
-            let mut stop = enter(&container, &cgroup, "systemctl")?;
-            stop.args(["stop", &unit]);
-            (cmd, stop)
-        }
+    // The stop command is made only when a cancel needs it: making it
+    // (standalone: opening the container's namespaces) is not paid per stage.
+    let stop_command = || -> Result<Command, Failure> {
+        let mut stop = match container.mode {
+            ModeName::Standalone => enter(&container, &JobCgroup::of(&container.machine), "systemctl")?,
+            ModeName::Systemd => {
+                let mut stop = Command::new("systemctl");
+                stop.args(["--machine", &container.machine]);
+                stop
+            }
+        };
+        stop.args(["stop", &unit]);
+        Ok(stop)
+    };
+    let mut cmd = match container.mode {
+        ModeName::Standalone => enter(&container, &JobCgroup::of(&container.machine), "systemd-run")?,
+        // The host's systemd-run, through machined into the container's
+        // bus: nothing of the container's filesystem runs on the host.
         ModeName::Systemd => {
-            // The host's systemd-run, through machined into the container's
-            // bus: nothing of the container's filesystem runs on the host.
             let mut cmd = Command::new("systemd-run");
-            cmd.arg(format!("--machine={}", container.machine)).args(&run_args);
-            let mut stop = Command::new("systemctl");
-            stop.args(["--machine", &container.machine, "stop", &unit]);
-            (cmd, stop)
+            cmd.arg(format!("--machine={}", container.machine));
+            cmd
         }
     };
+    cmd.args(&run_args);
     let _ = std::io::stdout().flush();
     cmd.stdin(Stdio::null());
     let ended = process::run_with_stop(
         &mut cmd,
         cancel,
         &mut || {
-            let _ = command_output(&mut stop);
+            if let Ok(mut stop) = stop_command() {
+                let _ = command_output(&mut stop);
+            }
         },
         Duration::from_secs(5),
     )
