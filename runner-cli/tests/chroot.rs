@@ -25,13 +25,7 @@ fn chroot_passes_the_conformance_suite() {
 }
 
 fn exec(env: &Env, script: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("ci.yml");
-    let commands: String = script.lines().map(|l| format!("    - {}\n", serde_json::to_string(l).unwrap())).collect();
-    std::fs::write(&file, format!("probe:\n  script:\n{commands}")).unwrap();
-    let out =
-        env.berth("ch").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "probe"]).output().unwrap();
-    (out.status.code().unwrap_or(-1), text(&out))
+    exec_script(env, "ch", script)
 }
 
 #[test]
@@ -47,11 +41,12 @@ fn a_job_gets_its_own_proc_tmp_and_a_minimal_dev_and_leaves_no_mount() {
          echo data > /dev/null && head -c4 /dev/urandom | wc -c\n\
          test -d /dev/pts && test -d /dev/shm\n\
          grep ' /cache ' /proc/self/mountinfo | grep nosuid | grep -q nodev\n\
-         echo tmp-$(stat -f -c %T /tmp)",
+         echo tmp-$(stat -f -c %T /tmp) shm-$(stat -f -c %T /dev/shm)",
     );
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"), "{log}");
-    assert!(log.contains("tmp-tmpfs"), "{log}");
+    // /tmp is part of the job's bounded layer; /dev/shm a bounded tmpfs.
+    assert!(log.contains("tmp-overlayfs shm-tmpfs"), "{log}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(env.state().to_str().unwrap()), "mounts left:\n{mounts}");
 }

@@ -9,3 +9,4 @@ mod hooks;
 mod images;
 mod nspawn;
 mod plugin;
+mod sandbox;

@@ -128,6 +128,38 @@ pub fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// `berth exec` of a one-job pipeline whose script is `script`'s lines, without sources.
+pub fn exec_script(env: &Env, runner: &str, script: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ci.yml");
+    let commands: String = script.lines().map(|l| format!("    - {}\n", serde_json::to_string(l).unwrap())).collect();
+    std::fs::write(&file, format!("probe:\n  script:\n{commands}")).unwrap();
+    let out =
+        env.berth(runner).args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "probe"]).output().unwrap();
+    (out.status.code().unwrap_or(-1), text(&out))
+}
+
+/// The bwrap plugin built beside the berth binary, where it and bubblewrap
+/// are there; otherwise `None` with the reason printed (under `CI=true`, a panic).
+pub fn bwrap_plugin() -> Option<PathBuf> {
+    let path = Path::new(BERTH).parent().unwrap().join("libberth_backend_bwrap.so");
+    let missing = if !path.exists() {
+        Some(format!("{} is not built (run `cargo build --workspace` first; scripts/test does)", path.display()))
+    } else if !Path::new("/usr/bin/bwrap").exists() {
+        Some("bubblewrap is not installed (apt-get install bubblewrap)".to_owned())
+    } else {
+        None
+    };
+    match missing {
+        None => Some(path),
+        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but {reason}"),
+        Some(reason) => {
+            eprintln!("skipped: {reason}");
+            None
+        }
+    }
+}
+
 pub const DRY_RUN: &str = "[runners.demo]\nbackend = \"dry-run\"\n";
 pub const DRY_RUN_FAIL_42: &str = "[runners.fail42]\nbackend = \"dry-run\"\n[runners.fail42.settings]\nfail_stage = \"build_script\"\nfail_exit_code = 42\n";
 pub const HOST: &str = "[runners.host]\nbackend = \"host-test\"\n";

@@ -1,210 +1,162 @@
-//! berth's bubblewrap backend: every stage of a job runs under `bwrap` on a
-//! disposable copy-on-write root of an image of the same image store the
-//! nspawn and chroot backends use, with no init system inside.
+//! berth's bubblewrap backend: every stage of a job runs under `bwrap` in
+//! the sandbox of [`berth_backend_support::sandbox`], which the chroot
+//! backend shares (the job's root, its bounds, its user namespace).
 //!
-//! bubblewrap 0.8 (Debian 12) has no overlay option, so prepare mounts the
-//! job's writable root itself, on the host, under the job's state directory
-//! (an overlay of the image: `upper`, `work`, `root`), creates `/builds` and
-//! `/run/berth` in it and copies the host's `/etc/resolv.conf` and
-//! `/etc/hosts` in. Each stage is one `bwrap` over that root, with its own
-//! `/proc`, a minimal `/dev`, a `/tmp` of its own, the cache directory, the
-//! gitlab-runner binary and the extra bind mounts, in PID, IPC and UTS
-//! namespaces of its own (`--unshare-pid --die-with-parent`): when the script
-//! ends, bwrap exits and the kernel kills whatever the script left in the PID
-//! namespace, so nothing outlives the stage or holds the job log. cleanup
-//! kills anything still running on the job's root, unmounts everything under
-//! it deepest first, and the framework removes the writable layer.
-//!
-//! Jobs run as root with root's capabilities, as in the chroot backend: this
-//! isolates the filesystem, it is not a security boundary.
+//! What is bwrap's own is how a stage enters the sandbox: the stage's
+//! process joins the job's cgroup, becomes the host uid of the job's root
+//! (an unprivileged uid of the job's range) and runs `bwrap`, which enters
+//! the job's user namespace (`--userns`), binds the job's root, cache,
+//! gitlab-runner and extra binds by descriptor (`--bind-fd`: bwrap itself
+//! never resolves a host path), mounts its own `/proc` (with `/proc/sys`
+//! read-only), a minimal `/dev` and a bounded `/dev/shm`, in PID, IPC, UTS
+//! and cgroup namespaces of its own (`--die-with-parent`), keeps only the
+//! capabilities a build needs and loads the system call filters
+//! (`--add-seccomp-fd`). When the script ends, bwrap exits and the kernel
+//! kills whatever the script left in the PID namespace; cleanup kills the
+//! job's cgroup, unmounts everything and removes the writable layer.
 #![deny(missing_docs)]
 
 use std::ffi::OsString;
-use std::fs;
-use std::io::Write;
+use std::io::{Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use berth_backend_api::process::{self, Ended};
+use std::process::Command;
+
 use berth_backend_api::{
-    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobKey, JobState,
-    NewBackend, RunnerInfo,
+    Backend, Cancel, ConfigOutput, Description, Failure, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
 };
-use berth_backend_support::cache::{self, CacheScope};
-use berth_backend_support::image::ImageStore;
-use berth_backend_support::mounts;
-use berth_backend_support::rootfs;
-use berth_backend_support::settings::{sys, Bind, ImageSettings, ImageSetup};
-use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use berth_backend_support::sandbox::{self, Sandbox, Stage, CACHE_DIR, GITLAB_RUNNER, KEEP_CAPS};
+use berth_backend_support::settings::sys;
 
-/// `[runners.NAME.settings]` of the bwrap backend.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct Settings {
-    /// Where the images are (default `/var/lib/berth/images`).
-    pub images_dir: Option<PathBuf>,
-    /// The image for jobs without `image:`.
-    pub default_image: Option<String>,
-    /// Globs of image names jobs may use (default: every image).
-    #[serde(default)]
-    pub allowed_images: Vec<String>,
-    /// The host directory behind the job's cache dir (default `<state_dir>/cache/<runner>`).
-    pub cache_host_dir: Option<PathBuf>,
-    /// `project` (default): a cache directory per project; `runner`: one for all.
-    #[serde(default)]
-    pub cache_scope: CacheScope,
-    /// The gitlab-runner binary to bind in (default: `gitlab-runner` on PATH).
-    pub gitlab_runner: Option<PathBuf>,
-    /// Extra bind mounts (read-only unless `writable`).
-    #[serde(default)]
-    pub bind: Vec<Bind>,
-    /// A network namespace with only loopback for every stage (`--unshare-net`).
-    #[serde(default)]
-    pub private_network: bool,
-}
+pub use berth_backend_support::sandbox::Settings;
 
 /// The bwrap backend of one runner.
 #[derive(Debug)]
 pub struct Bwrap {
-    settings: Settings,
-    images: ImageStore,
-    cache_host_dir: PathBuf,
-    gitlab_runner: Option<PathBuf>,
+    sandbox: Sandbox,
 }
 
-const BUILDS_DIR: &str = "/builds";
-const CACHE_DIR: &str = "/cache";
-const SCRIPTS_DIR: &str = "run/berth";
-const GITLAB_RUNNER: &str = "/usr/local/bin/gitlab-runner";
-const RECORD: &str = "bwrap.json";
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const INSTALL_HINT: &str =
     "bubblewrap is not installed on this host (no bwrap on PATH); install it (apt-get install bubblewrap)";
-
-/// What prepare made (`bwrap.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    image: String,
-    /// The host directory of the job's cache (bwrap binds it nosuid,nodev).
-    #[serde(default)]
-    cache: PathBuf,
-}
 
 impl NewBackend for Bwrap {
     type Settings = Settings;
 
     fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
-        let ImageSetup { images, cache_host_dir, gitlab_runner } = ImageSettings {
-            images_dir: settings.images_dir.as_deref(),
-            allowed_images: &settings.allowed_images,
-            default_image: settings.default_image.as_deref(),
-            cache_host_dir: settings.cache_host_dir.as_deref(),
-            gitlab_runner: settings.gitlab_runner.as_deref(),
-            bind: &settings.bind,
-        }
-        .resolve(runner)?;
-        Ok(Bwrap { settings, images, cache_host_dir, gitlab_runner })
+        Ok(Bwrap { sandbox: Sandbox::new("bwrap", settings, runner)? })
     }
 }
 
-/// The job's overlay directories: writable layer, overlayfs's work dir, the mounted root.
-fn layer_dirs(state: &JobState) -> (PathBuf, PathBuf, PathBuf) {
-    (state.dir().join("upper"), state.dir().join("work"), state.dir().join("root"))
-}
-
-/// The `bwrap` executable on [`PATH`].
+/// The `bwrap` executable on [`sandbox::PATH`].
 fn find_bwrap() -> Option<PathBuf> {
-    std::env::split_paths(PATH).map(|dir| dir.join("bwrap")).find(|p| p.is_file())
+    std::env::split_paths(sandbox::PATH).map(|dir| dir.join("bwrap")).find(|p| p.is_file())
 }
 
-/// `rel` below `root`, as a real directory (created if a stage removed it):
-/// the host would follow a symbolic link a stage put there out of the job's
-/// root, so every component must be a directory, not a link to one.
+/// What bwrap gets besides its arguments: the descriptors it reads, which
+/// the stage's process puts at 3, 4, ... in the order of [`Bwrap::args`].
+#[derive(Debug)]
+struct Fds {
+    userns: Option<OwnedFd>,
+    filters: Vec<OwnedFd>,
+}
+
+impl Fds {
+    fn in_order(&self) -> Vec<RawFd> {
+        self.userns.iter().chain(&self.filters).map(|fd| fd.as_raw_fd()).collect()
+    }
+}
+
+/// A memory file holding `bytes`, read from its start.
+fn memfd(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(c"berth-seccomp", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file.into())
+}
+
 impl Bwrap {
-    /// Everything bwrap needs besides the root: where builds and stage scripts
-    /// go, and name resolution as on the host.
-    fn furnish(&self, root: &Path) -> Result<(), Failure> {
-        let mkdir = |path: &Path| fs::create_dir_all(path).map_err(sys(format!("failed to create {}", path.display())));
-        mkdir(&root.join(BUILDS_DIR.trim_start_matches('/')))?;
-        mkdir(&root.join(SCRIPTS_DIR))?;
-        mkdir(&root.join("etc"))?;
-        for file in ["etc/resolv.conf", "etc/hosts"] {
-            let target = root.join(file);
-            // A symbolic link (e.g. to systemd-resolved's stub) would be followed on the host.
-            let _ = fs::remove_file(&target);
-            if let Err(e) = fs::copy(Path::new("/").join(file), &target) {
-                warn!("failed to copy /{file} into the job's root: {e}");
-            }
-        }
-        Ok(())
+    fn fds(&self, stage: &Stage) -> Result<Fds, Failure> {
+        let userns = match stage.userns_fd() {
+            Some(fd) => Some(fd.try_clone_to_owned().map_err(sys("failed to pass the job's user namespace"))?),
+            None => None,
+        };
+        let filters = stage
+            .filters
+            .iter()
+            .map(|f| memfd(&f.bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(sys("failed to pass the system call filter"))?;
+        Ok(Fds { userns, filters })
     }
 
-    /// The arguments of the `bwrap` that runs `/run/berth/<script>` over `root`.
-    fn args(&self, root: &Path, cache: &Path, key: &JobKey, script: &str) -> Vec<OsString> {
+    /// The arguments of the `bwrap` that runs `script` in the job's sandbox
+    /// through its `view` ([`Sandbox::make_view`]), with `filters` system
+    /// call filters; the user namespace (if `users`) and the filters are
+    /// descriptors 3, 4, ...
+    fn args(&self, view: &Path, users: bool, key: &JobKey, filters: usize, script: &str) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
             args.extend(items.iter().map(|a| a.as_ref().to_owned()));
         };
-        push(&[&"--bind", &root, &"/"]);
-        push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
-        push(&[&"--bind", &cache, &CACHE_DIR]);
-        if let Some(gitlab_runner) = &self.gitlab_runner {
-            push(&[&"--ro-bind", gitlab_runner, &GITLAB_RUNNER]);
+        let mut next = 3..;
+        let mut fd = || next.next().unwrap_or(0).to_string();
+        if users {
+            push(&[&"--userns", &fd()]);
         }
-        for bind in &self.settings.bind {
+        push(&[&"--bind", &view.join("root"), &"/"]);
+        push(&[&"--proc", &"/proc", &"--ro-bind", &"/proc/sys", &"/proc/sys", &"--dev", &"/dev"]);
+        push(&[&"--perms", &"1777", &"--size", &self.sandbox.shm_size().to_string(), &"--tmpfs", &"/dev/shm"]);
+        push(&[&"--bind", &view.join("cache"), &CACHE_DIR]);
+        if self.sandbox.gitlab_runner().is_some() {
+            push(&[&"--ro-bind", &view.join("gitlab-runner"), &format!("/{GITLAB_RUNNER}")]);
+        }
+        for (i, bind) in self.sandbox.settings().bind.iter().enumerate() {
             let kind = if bind.writable { "--bind" } else { "--ro-bind" };
-            push(&[&kind, &bind.source, &bind.target()]);
+            push(&[&kind, &view.join(format!("bind-{i}")), &bind.target()]);
         }
-        push(&[&"--unshare-pid", &"--unshare-ipc", &"--unshare-uts"]);
-        push(&[&"--hostname", &format!("berth-{key}"), &"--die-with-parent"]);
-        if self.settings.private_network {
+        push(&[&"--unshare-pid", &"--unshare-ipc", &"--unshare-uts", &"--unshare-cgroup-try"]);
+        push(&[&"--hostname", &sandbox::sandbox_name(key), &"--die-with-parent"]);
+        if self.sandbox.settings().private_network {
             push(&[&"--unshare-net"]);
         }
-        push(&[&"--chdir", &"/", &"--", &"/bin/bash", &format!("/{SCRIPTS_DIR}/{script}")]);
+        push(&[&"--cap-drop", &"ALL"]);
+        for (_, cap) in KEEP_CAPS {
+            push(&[&"--cap-add", cap]);
+        }
+        for _ in 0..filters {
+            push(&[&"--add-seccomp-fd", &fd()]);
+        }
+        push(&[&"--chdir", &"/", &"--", &"/bin/bash", &script]);
         args
     }
 }
 
 impl Backend for Bwrap {
     fn describe(&self) -> Description {
-        Description::new(
+        self.sandbox.describe(
             "bwrap",
             env!("CARGO_PKG_VERSION"),
-            "every stage under bubblewrap on a disposable copy-on-write root of an image, no init",
-        )
-        .isolation(Isolation::Filesystem)
-        .capabilities(
-            Capabilities::none().executes_scripts(true).cancel(true).reap(true).images(true).concurrent_jobs(true),
+            "every stage under bubblewrap on a disposable copy-on-write root of an image, in a user namespace, no init",
         )
     }
 
     fn config(&self, _job: &JobContext) -> Result<ConfigOutput, Failure> {
-        Ok(ConfigOutput::with_dirs(BUILDS_DIR, CACHE_DIR))
+        let mut output = self.sandbox.config();
+        if find_bwrap().is_none() {
+            output.warnings.push(format!("bwrap runner: {INSTALL_HINT}; every job will fail"));
+        }
+        Ok(output)
     }
 
     fn prepare(&self, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<(), Failure> {
-        let started = Instant::now();
-        let image = self.images.resolve(job.image())?;
         if find_bwrap().is_none() {
             return Err(Failure::system(INSTALL_HINT));
         }
-        let cache = cache::job_cache_dir(&self.cache_host_dir, self.settings.cache_scope, job)?;
-        state.save(RECORD, &Record { image: image.name.clone(), cache })?;
-        let (upper, work, root) = layer_dirs(state);
-        for dir in [&upper, &work, &root] {
-            fs::create_dir_all(dir).map_err(sys(format!("failed to create {}", dir.display())))?;
-        }
-        mounts::mount_overlay(&image.root, &upper, &work, &root).map_err(sys("failed to mount the job's overlay"))?;
-        if cancel.is_cancelled() {
-            return Err(Failure::Cancelled);
-        }
-        self.furnish(&root)?;
-        rootfs::announce_prepared(&image, "bubblewrap", started, self.gitlab_runner.is_some());
-        info!(job = %job.key(), image = image.name, "bwrap root ready");
-        Ok(())
+        let record = self.sandbox.prepare(job, state, cancel)?;
+        self.sandbox.make_view(state, &record).map(|_| ())
     }
 
     fn run(
@@ -215,42 +167,25 @@ impl Backend for Bwrap {
         _stage: &str,
         cancel: &Cancel,
     ) -> Result<(), Failure> {
-        let record: Record = state
-            .load(RECORD)?
-            .ok_or_else(|| Failure::system("the job's root was never prepared (prepare did not finish)"))?;
-        let (_, _, root) = layer_dirs(state);
-        if !mounts::mounts_under(&root).iter().any(|point| point == &root) {
-            return Err(Failure::system(format!("the job's root {} is not mounted (host rebooted?)", root.display())));
-        }
         let bwrap = find_bwrap().ok_or_else(|| Failure::system(INSTALL_HINT))?;
-        let name = format!("stage-{}.sh", std::process::id());
-        let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
-        let copy = rootfs::place_file(&root, SCRIPTS_DIR, &name, &body)
-            .map_err(sys(format!("failed to copy the stage script into {}", root.display())))?;
+        let mut stage = self.sandbox.stage(state, script)?;
+        let fds = self.fds(&stage)?;
         let mut cmd = Command::new(bwrap);
-        cmd.args(self.args(&root, &record.cache, state.key(), &name))
-            .env_clear()
-            .env("PATH", PATH)
-            .env("HOME", "/root")
-            .env("LANG", "C.UTF-8")
-            .stdin(Stdio::null());
-        let _ = std::io::stdout().flush();
-        let ended = process::run(&mut cmd, cancel, Duration::from_secs(2)).map_err(sys("failed to run bwrap"))?;
-        let _ = fs::remove_file(&copy);
-        match ended {
-            Ended::Exited(0) => Ok(()),
-            Ended::Exited(code) => Err(Failure::script(code)),
-            Ended::Cancelled => Err(Failure::Cancelled),
-        }
+        let view = sandbox::view_dir(&sandbox::sandbox_name(state.key()));
+        cmd.args(self.args(&view, stage.record.users.is_some(), state.key(), fds.filters.len(), &stage.script));
+        sandbox::enter::install_launcher(&mut cmd, &mut stage, fds.in_order())
+            .map_err(sys("failed to set up bwrap"))?;
+        let result = self.sandbox.run(&stage, &mut cmd, cancel, "bwrap");
+        drop(fds);
+        result
     }
 
     fn reap_orphans(&self, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
-        Ok(berth_backend_support::generations::Images::new(self.images.dir()).prune())
+        Ok(self.sandbox.reap_orphans())
     }
 
     fn cleanup(&self, state: &JobState) -> Result<(), Failure> {
-        let (_, _, root) = layer_dirs(state);
-        rootfs::tear_down(&root)
+        self.sandbox.cleanup(state)
     }
 }
 

@@ -95,7 +95,9 @@ fn a_whole_job_runs_in_its_root_and_leaves_nothing() {
          test \"$(hostname)\" = berth-bwt-1\n\
          . /etc/os-release; test \"$ID\" = debian\n\
          test \"$(cat /proc/1/comm)\" = bwrap\n\
-         test \"$(stat -f -c %T /tmp)\" = tmpfs\n\
+         test \"$(stat -f -c %T /tmp)\" = overlayfs\n\
+         grep -q '^NoNewPrivs:\t1' /proc/self/status && grep -q '^Seccomp:\t2' /proc/self/status\n\
+         test \"$(cut -c1-12 /proc/self/uid_map | tr -d ' ')\" = 0 && ! grep -q '^ *0 *0 ' /proc/self/uid_map\n\
          test -c /dev/null && test -d /builds && test -d /cache && test -s /etc/resolv.conf\n\
          echo kept > /builds/file; touch /cache/entry\n\
          grep ' /cache ' /proc/self/mountinfo | grep nosuid | grep -q nodev\n\

@@ -37,10 +37,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::cgroup::JobCgroup;
 use crate::notify::{Notify, Wait};
 use crate::settings::Mode;
 use crate::{machine_name, Nspawn, BUILDS_DIR, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
+use berth_backend_support::cgroup::JobCgroup;
 use berth_backend_support::claims::Claims;
 use berth_backend_support::image::Image;
 use berth_backend_support::proc as host;
@@ -250,7 +250,10 @@ impl Nspawn {
             "DeviceAllow=char-pts rw".to_owned(),
             format!("TimeoutStartSec={boot}s"),
             "TimeoutStopSec=5s".to_owned(),
-            format!("TasksMax={}", self.settings.tasks_max.map_or(crate::limits::DEFAULT_TASKS_MAX, u64::from)),
+            format!(
+                "TasksMax={}",
+                self.settings.tasks_max.map_or(berth_backend_support::limits::DEFAULT_TASKS_MAX, u64::from)
+            ),
             format!("MemoryMax={}", self.settings.memory_max.as_deref().unwrap_or(crate::settings::DEFAULT_MEMORY_MAX)),
             // Who made this unit: reap recognises a job's container by it.
             format!("Description=berth job {} ({})", state.key(), state.dir().display()),

@@ -19,9 +19,7 @@
 //! leave it running).
 #![deny(missing_docs)]
 
-mod cgroup;
 mod job;
-pub mod limits;
 mod notify;
 pub mod settings;
 
@@ -32,10 +30,10 @@ use berth_backend_api::{
     NewBackend, RunnerInfo,
 };
 
-use crate::cgroup::Controller;
-use crate::limits::Limits;
 use crate::settings::{Mode, Settings};
+use berth_backend_support::cgroup;
 use berth_backend_support::image::ImageStore;
+use berth_backend_support::limits::Limits;
 use berth_backend_support::settings::{ImageSettings, ImageSetup};
 
 /// Where the job's builds dir is inside the container.
@@ -85,7 +83,7 @@ impl NewBackend for Nspawn {
             bind: &settings.bind,
         }
         .resolve(runner)?;
-        let limits = Limits::of(&settings).map_err(|e| Failure::system(format!("settings.{e}")))?;
+        let limits = Limits::of(&settings.limits()).map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
         settings::check_nspawn_args(&settings.nspawn_args).map_err(|e| Failure::system(format!("settings.{e}")))?;
@@ -119,42 +117,15 @@ impl Nspawn {
     fn unhonoured(&self) -> Vec<String> {
         let runner = &self.runner.name;
         let mut out = Vec::new();
-        let set = |name: &str| match name {
-            "memory_max" => true,
-            "tasks_max" => true,
-            "cpu_quota" => self.settings.cpu_quota.is_some(),
-            _ => self.settings.cpu_weight.is_some(),
-        };
-        for (name, controller) in [
-            ("memory_max", Controller::Memory),
-            ("cpu_quota", Controller::Cpu),
-            ("cpu_weight", Controller::Cpu),
-            ("tasks_max", Controller::Pids),
-        ] {
-            if !set(name) {
-                continue;
-            }
-            if let Some(reason) = controller.unavailable_because() {
-                let how = if self.mode == Mode::Standalone {
-                    "standalone mode sets limits in the container's cgroup"
-                } else {
-                    "systemd sets it on the container's unit, and cannot enforce it here"
-                };
-                let default =
-                    if self.settings.memory_max.is_none() && name == "memory_max" { " (default 50%)" } else { "" };
-                out.push(format!("nspawn runner {runner}: settings.{name}{default} is not enforced: {reason} ({how})"));
-            }
+        for (name, default, reason) in cgroup::unenforceable(&self.settings.limits()) {
+            let how = if self.mode == Mode::Standalone {
+                "standalone mode sets limits in the container's cgroup"
+            } else {
+                "systemd sets it on the container's unit, and cannot enforce it here"
+            };
+            out.push(format!("nspawn runner {runner}: settings.{name}{default} is not enforced: {reason} ({how})"));
         }
-        if self.limits.disk.is_some() && !Path::new("/dev/loop-control").exists() {
-            out.push(format!(
-                "nspawn runner {runner}: settings.disk_max cannot be enforced: this host has no /dev/loop-control (modprobe loop), so prepare will fail; set disk_max = \"infinity\" to run jobs without a disk bound"
-            ));
-        }
-        if !self.private_users() {
-            out.push(format!(
-                "nspawn runner {runner}: settings.private_users = false: jobs run as root of the host and can take it over"
-            ));
-        }
+        out.extend(berth_backend_support::limits::host_warnings("nspawn", runner, &self.limits, self.private_users()));
         out
     }
 }

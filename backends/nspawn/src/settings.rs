@@ -21,12 +21,7 @@ pub enum Mode {
     Standalone,
 }
 
-/// The memory a job may use by default: half the host's, so that one job
-/// cannot take the host (and the jobs beside it) down.
-pub const DEFAULT_MEMORY_MAX: &str = "50%";
-/// What a job may write to disk by default: enough for large builds, and a
-/// bound that keeps one job from filling the host's disk.
-pub const DEFAULT_DISK_MAX: &str = "20G";
+pub use berth_backend_support::limits::{DEFAULT_DISK_MAX, DEFAULT_MEMORY_MAX};
 
 /// systemd-nspawn arguments `nspawn_args` may not hold: they would undo the
 /// containment berth sets up (user namespace, capabilities, system call
@@ -98,7 +93,7 @@ pub struct Settings {
     /// Seconds to wait for the container's systemd to be ready (default 60).
     pub boot_timeout: Option<u64>,
     /// The container's memory limit, systemd syntax (`4G`, `50%`, `infinity`).
-    /// This and the other limits hold in both host modes ([`crate::limits`]).
+    /// This and the other limits hold in both host modes ([`berth_backend_support::limits`]).
     pub memory_max: Option<String>,
     /// The container's CPU quota (`200%` = two CPUs, `12.5%`).
     pub cpu_quota: Option<String>,
@@ -211,6 +206,17 @@ pub fn check_generator_name(name: &str) -> Result<(), String> {
 }
 
 impl Settings {
+    /// The limit settings, for [`berth_backend_support::limits::Limits::of`].
+    pub fn limits(&self) -> berth_backend_support::limits::LimitSettings<'_> {
+        berth_backend_support::limits::LimitSettings {
+            memory_max: self.memory_max.as_deref(),
+            cpu_quota: self.cpu_quota.as_deref(),
+            cpu_weight: self.cpu_weight,
+            tasks_max: self.tasks_max,
+            disk_max: self.disk_max.as_deref(),
+        }
+    }
+
     /// The units to mask, checked.
     pub fn masked_units(&self) -> Result<Vec<String>, String> {
         let units = match &self.mask_units {

@@ -5,12 +5,15 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod cgroup;
 pub mod claims;
 pub mod diskfs;
 pub mod generations;
 pub mod image;
+pub mod limits;
 pub mod mounts;
 pub mod proc;
 pub mod rootfs;
+pub mod sandbox;
 pub mod settings;
 pub mod userns;

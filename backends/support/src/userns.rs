@@ -168,10 +168,50 @@ impl UserNs {
     /// writes its maps (allowed to a parent privileged over the namespace),
     /// opens `/proc/CHILD/ns/user`, and lets the child exit.
     pub fn new(range: Range) -> io::Result<UserNs> {
+        UserNs::create(range, None)
+    }
+
+    /// A new user namespace with `range`'s mapping, owned by host uid and
+    /// gid `owner` (an id of the range): a process with that uid has every
+    /// capability in it, and may enter it without privileges on the host
+    /// (an unprivileged bubblewrap's `--userns`).
+    pub fn new_owned_by(range: Range, owner: u32) -> io::Result<UserNs> {
+        if !range.contains(owner) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("uid {owner} is not in the job's range")));
+        }
+        UserNs::create(range, Some(owner))
+    }
+
+    /// Keeps the namespace alive without a process: a bind mount of it on
+    /// `file` (an existing, empty regular file), which [`UserNs::open`] opens again.
+    pub fn pin(&self, file: &Path) -> io::Result<()> {
+        let source = PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()));
+        nix::mount::mount(Some(&source), file, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("failed to pin the job's user namespace on {}: {e}", file.display()),
+            )
+        })
+    }
+
+    /// The namespace pinned on `file` by [`UserNs::pin`].
+    pub fn open(file: &Path) -> io::Result<UserNs> {
+        let fd = fs::File::open(file).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+        Ok(UserNs { fd: fd.into() })
+    }
+
+    /// The namespace's descriptor.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    fn create(range: Range, owner: Option<u32>) -> io::Result<UserNs> {
+        let owner = owner.map(|id| id as libc::uid_t).unwrap_or(libc::uid_t::MAX);
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(io::Error::from)?;
         let (hold_r, hold_w) = nix::unistd::pipe().map_err(io::Error::from)?;
-        // SAFETY: the child calls only async-signal-safe functions (unshare,
-        // write, read, _exit) before it exits, as fork in a possibly
+        // SAFETY: the child calls only async-signal-safe functions (setgroups,
+        // setresgid, setresuid, unshare, write, read, _exit) before it exits, as fork in a possibly
         // multi-threaded process requires.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -180,7 +220,12 @@ impl UserNs {
         if pid == 0 {
             // SAFETY: async-signal-safe calls on descriptors this process owns.
             unsafe {
-                let ok: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { 0 };
+                // The namespace belongs to the uid that creates it.
+                let owned = owner == libc::uid_t::MAX
+                    || (libc::setgroups(0, std::ptr::null()) == 0
+                        && libc::setresgid(owner, owner, owner) == 0
+                        && libc::setresuid(owner, owner, owner) == 0);
+                let ok: u8 = if owned && libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { 0 };
                 libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
                 let mut byte = 0u8;
                 libc::close(hold_w.as_raw_fd());

@@ -1,11 +1,51 @@
-//! A runner's resource limits, checked once and applied in either host mode.
+//! A runner's resource limits, checked once, the same settings for every
+//! backend that bounds its jobs.
 //!
 //! The settings use systemd's syntax (systemd.resource-control(5)), since in
-//! systemd mode they become properties of the container's unit. In standalone
-//! mode berth writes them into the container's own cgroup (the `cgroup` module),
-//! in the cgroup2 or the cgroup v1 files, whichever the host has.
+//! the nspawn backend's systemd mode they become properties of the
+//! container's unit. Otherwise berth writes them into the job's own cgroup
+//! (the [`crate::cgroup`] module), in the cgroup2 or the cgroup v1 files,
+//! whichever the host has.
 
-use crate::settings::{Settings, DEFAULT_DISK_MAX, DEFAULT_MEMORY_MAX};
+/// A job's memory bound when `memory_max` is not set: half the host's memory.
+pub const DEFAULT_MEMORY_MAX: &str = "50%";
+/// What a job may write to disk by default: enough for large builds, and a
+/// bound that keeps one job from filling the host's disk.
+pub const DEFAULT_DISK_MAX: &str = "20G";
+
+/// What a runner of backend `kind` says at `berth config` whatever its
+/// backend: a disk bound the host cannot make, and jobs that run as root of
+/// the host.
+pub fn host_warnings(kind: &str, runner: &str, limits: &Limits, private_users: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if limits.disk.is_some() && !std::path::Path::new("/dev/loop-control").exists() {
+        out.push(format!(
+            "{kind} runner {runner}: settings.disk_max cannot be enforced: this host has no /dev/loop-control (modprobe loop), so prepare will fail; set disk_max = \"infinity\" to run jobs without a disk bound"
+        ));
+    }
+    if !private_users {
+        out.push(format!(
+            "{kind} runner {runner}: settings.private_users = false: jobs run as root of the host and can take it over"
+        ));
+    }
+    out
+}
+
+/// The limit settings of a runner, as written in its TOML (each backend's
+/// settings hold these keys).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitSettings<'a> {
+    /// `memory_max`, systemd syntax (`4G`, `50%`, `infinity`).
+    pub memory_max: Option<&'a str>,
+    /// `cpu_quota` (`200%` = two CPUs).
+    pub cpu_quota: Option<&'a str>,
+    /// `cpu_weight` (1-10000).
+    pub cpu_weight: Option<u32>,
+    /// `tasks_max`.
+    pub tasks_max: Option<u32>,
+    /// `disk_max` (`20G`, `infinity`).
+    pub disk_max: Option<&'a str>,
+}
 
 /// A limit that can also be lifted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,19 +86,16 @@ pub fn quota_us(cpu_quota: u64) -> u64 {
 
 impl Limits {
     /// The limits of `settings`, or what is wrong with one of them (`memory_max: ...`).
-    pub fn of(settings: &Settings) -> Result<Limits, String> {
+    pub fn of(settings: &LimitSettings<'_>) -> Result<Limits, String> {
         let memory = Some(
-            parse_bytes(settings.memory_max.as_deref().unwrap_or(DEFAULT_MEMORY_MAX), physical_memory)
+            parse_bytes(settings.memory_max.unwrap_or(DEFAULT_MEMORY_MAX), physical_memory)
                 .map_err(|e| format!("memory_max: {e}"))?,
         );
-        let disk = berth_backend_support::diskfs::parse_size(settings.disk_max.as_deref().unwrap_or(DEFAULT_DISK_MAX))
+        let disk = crate::diskfs::parse_size(settings.disk_max.unwrap_or(DEFAULT_DISK_MAX))
             .map_err(|e| format!("disk_max: {e}"))?;
         let tasks = Some(settings.tasks_max.map_or(Amount::Value(DEFAULT_TASKS_MAX), |n| Amount::Value(n.into())));
-        let cpu_quota = settings
-            .cpu_quota
-            .as_deref()
-            .map(|v| parse_percent(v).map_err(|e| format!("cpu_quota: {e}")))
-            .transpose()?;
+        let cpu_quota =
+            settings.cpu_quota.map(|v| parse_percent(v).map_err(|e| format!("cpu_quota: {e}"))).transpose()?;
         let cpu_weight = settings.cpu_weight.map(u64::from);
         if let Some(weight) = cpu_weight {
             if !(1..=10000).contains(&weight) {
@@ -66,7 +103,7 @@ impl Limits {
             }
         }
         if settings.tasks_max == Some(0) {
-            return Err("tasks_max: 0 would not even let the container's init run".to_owned());
+            return Err("tasks_max: 0 would not even let the job's first process run".to_owned());
         }
         Ok(Limits { memory, tasks, cpu_quota, cpu_weight, disk })
     }
@@ -183,24 +220,24 @@ mod tests {
 
     #[test]
     fn settings_become_limits_or_name_the_bad_one() {
-        let limits = Limits::of(&Settings::default()).unwrap();
+        let limits = Limits::of(&LimitSettings::default()).unwrap();
         // Bounds by default: tasks, half the host's memory, 20G of disk.
         assert_eq!(limits.tasks, Some(Amount::Value(DEFAULT_TASKS_MAX)));
         assert_eq!(limits.memory, Some(Amount::Value(physical_memory() / 2)));
         assert_eq!(limits.disk, Some(20 << 30));
         assert_eq!((limits.cpu_quota, limits.cpu_weight), (None, None));
         let unbounded =
-            Settings { memory_max: Some("infinity".into()), disk_max: Some("infinity".into()), ..Settings::default() };
+            LimitSettings { memory_max: Some("infinity"), disk_max: Some("infinity"), ..LimitSettings::default() };
         let limits = Limits::of(&unbounded).unwrap();
         assert_eq!((limits.memory, limits.disk), (Some(Amount::Max), None));
-        let bad = Settings { disk_max: Some("lots".into()), ..Settings::default() };
+        let bad = LimitSettings { disk_max: Some("lots"), ..LimitSettings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("disk_max: "));
-        let settings = Settings {
-            memory_max: Some("2G".into()),
-            cpu_quota: Some("150%".into()),
+        let settings = LimitSettings {
+            memory_max: Some("2G"),
+            cpu_quota: Some("150%"),
             cpu_weight: Some(50),
             tasks_max: Some(100),
-            ..Settings::default()
+            ..LimitSettings::default()
         };
         let limits = Limits::of(&settings).unwrap();
         assert_eq!(limits.memory, Some(Amount::Value(2 << 30)));
@@ -208,11 +245,11 @@ mod tests {
             (limits.cpu_quota, limits.cpu_weight, limits.tasks),
             (Some(15000), Some(50), Some(Amount::Value(100)))
         );
-        let bad = Settings { memory_max: Some("lots".into()), ..Settings::default() };
+        let bad = LimitSettings { memory_max: Some("lots"), ..LimitSettings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("memory_max: \"lots\""));
-        let bad = Settings { cpu_weight: Some(0), ..Settings::default() };
+        let bad = LimitSettings { cpu_weight: Some(0), ..LimitSettings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("cpu_weight:"));
-        let bad = Settings { tasks_max: Some(0), ..Settings::default() };
+        let bad = LimitSettings { tasks_max: Some(0), ..LimitSettings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("tasks_max:"));
     }
 

@@ -1,4 +1,7 @@
-//! A cgroup of its own for each container in standalone mode.
+//! A cgroup of its own for each job: the nspawn backend's containers in
+//! standalone mode, and every job of the chroot and bwrap sandboxes
+//! (`berth/<name>` in every hierarchy, `<name>` being the job's machine or
+//! sandbox name).
 //!
 //! With `--keep-unit` nspawn creates its `payload` and `supervisor` cgroups
 //! inside the cgroup it was started in. Started from the same cgroup, two
@@ -21,17 +24,20 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_backend_support::userns::{self, Range};
+use crate::userns::{self, Range};
 
-use crate::limits::{quota_us, weight_to_shares, Amount, Limits, CPU_PERIOD_US};
+use crate::limits::{quota_us, weight_to_shares, Amount, LimitSettings, Limits, CPU_PERIOD_US};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
 /// A cgroup controller berth can set a limit with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
+    /// `memory_max`.
     Memory,
+    /// `tasks_max`.
     Pids,
+    /// `cpu_quota` and `cpu_weight`.
     Cpu,
 }
 
@@ -367,6 +373,36 @@ fn walk_dirs(dir: &Path, visit: &mut dyn FnMut(&Path)) {
             }
         }
     }
+}
+
+/// What of a runner's limit settings this host cannot enforce in a job's
+/// cgroup: each as `(setting, default note, reason with what to do)`.
+pub fn unenforceable(settings: &LimitSettings<'_>) -> Vec<(&'static str, &'static str, String)> {
+    let set = |name: &str| match name {
+        "memory_max" | "tasks_max" => true,
+        "cpu_quota" => settings.cpu_quota.is_some(),
+        _ => settings.cpu_weight.is_some(),
+    };
+    let mut out = Vec::new();
+    for (name, controller) in [
+        ("memory_max", Controller::Memory),
+        ("cpu_quota", Controller::Cpu),
+        ("cpu_weight", Controller::Cpu),
+        ("tasks_max", Controller::Pids),
+    ] {
+        if !set(name) {
+            continue;
+        }
+        if let Some(reason) = controller.unavailable_because() {
+            let default = match name {
+                "memory_max" if settings.memory_max.is_none() => " (default 50%)",
+                "tasks_max" if settings.tasks_max.is_none() => " (default 4096)",
+                _ => "",
+            };
+            out.push((name, default, reason));
+        }
+    }
+    out
 }
 
 fn amount(amount: Option<Amount>, max: &str) -> String {

@@ -1,0 +1,301 @@
+//! How a stage of the chroot backend enters its sandbox: in the stage's
+//! process, between fork and exec (`pre_exec`), with nothing but system calls.
+//!
+//! 1. join the job's cgroup (everything the stage starts counts against the
+//!    job's bounds and dies with it);
+//! 2. unshare mount, PID, IPC, UTS and cgroup namespaces (and the network's
+//!    with `private_network`), as host root;
+//! 3. fork: the parent waits for the child and exits with its status (what
+//!    `unshare --fork` does); the child, PID 1 of the new namespace, dies
+//!    with it (`PR_SET_PDEATHSIG`);
+//! 4. mount `/proc` of the new PID namespace in the job's root (its
+//!    `/proc/sys` read-only), make the root the mount namespace's root
+//!    (`pivot_root`) and detach the host's: nothing of the host is left to
+//!    reach, by `chroot` tricks or otherwise;
+//! 5. enter the job's user namespace (root in the job is a uid of the job's
+//!    range on the host), switch to the scripts' user;
+//! 6. drop every capability but [`super::KEEP_CAPS`] from the bounding,
+//!    permitted, effective and inheritable sets, set `no_new_privs`, load
+//!    the system call filters;
+//! 7. exec the stage's script (by the job's own `/bin/bash`).
+//!
+//! The mount namespace belongs to the host's user namespace, so the job
+//! cannot mount or unmount anything in it, whatever it does.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use super::seccomp::Program;
+use super::{Stage, KEEP_CAPS};
+
+/// Moves the calling process into a cgroup; safe between fork and exec.
+pub type Joiner = Box<dyn FnMut() -> io::Result<()> + Send + Sync>;
+
+/// What [`Entry::enter`] uses, all made before the fork.
+struct Entry {
+    join: Option<Joiner>,
+    flags: libc::c_int,
+    root: CString,
+    userns: Option<RawFd>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    hostname: Vec<u8>,
+    keep: u64,
+    last_cap: u32,
+    filters: Vec<Program>,
+}
+
+/// The highest capability number of this kernel.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
+}
+
+/// The mask of [`KEEP_CAPS`].
+pub fn keep_mask() -> u64 {
+    KEEP_CAPS.iter().fold(0, |mask, (cap, _)| mask | 1 << cap)
+}
+
+/// Sets `cmd` up to enter `stage`'s sandbox (see the module doc) before it
+/// execs. `stage` must outlive the command's spawn.
+pub fn install(cmd: &mut Command, stage: &mut Stage, private_network: bool) -> io::Result<()> {
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if stage.join.is_some() {
+        flags |= libc::CLONE_NEWCGROUP;
+    }
+    if private_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let (uid, gid) = match stage.record.users {
+        Some(_) => (stage.record.uid, stage.record.gid),
+        None => stage.record.host_ids(),
+    };
+    let mut entry = Entry {
+        join: stage.join.take(),
+        flags,
+        root: CString::new(stage.paths.root.as_os_str().as_bytes()).map_err(io::Error::other)?,
+        userns: stage.userns_fd().map(|fd| fd.as_raw_fd()),
+        uid,
+        gid,
+        hostname: stage.hostname.as_bytes().to_vec(),
+        keep: keep_mask(),
+        last_cap: last_cap(),
+        filters: std::mem::take(&mut stage.filters),
+    };
+    // SAFETY: `Entry::enter` makes system calls only, on memory allocated
+    // before the fork; the user namespace's descriptor stays open in
+    // `stage`, which outlives the spawn.
+    unsafe { cmd.pre_exec(move || entry.enter()) };
+    Ok(())
+}
+
+/// The error of a failed step (`rc < 0`). Only its errno reaches the
+/// spawning process (the standard library passes no more); `_what` names the
+/// step for the reader.
+/// Sets `cmd` (a launcher such as bubblewrap, which enters the sandbox
+/// itself) up to start in the job's cgroup, with descriptors `fds` at 3, 4,
+/// ... (in that order), as the host uid of the job's user: unprivileged on
+/// the host, the owner of the job's user namespace.
+pub fn install_launcher(cmd: &mut Command, stage: &mut Stage, fds: Vec<RawFd>) -> io::Result<()> {
+    if fds.len() > 64 {
+        return Err(io::Error::other(format!("too many descriptors for the launcher ({}; at most 64)", fds.len())));
+    }
+    let mut join = stage.join.take();
+    let ids = stage.record.users.map(|_| stage.record.host_ids());
+    let pre_exec = move || -> io::Result<()> {
+        if let Some(join) = join.as_mut() {
+            join()?;
+        }
+        // SAFETY: system calls only, on memory allocated before the fork.
+        unsafe {
+            // Out of the way first, so that no target number is a source still needed.
+            let mut high = [0 as RawFd; 64];
+            for (slot, fd) in high.iter_mut().zip(&fds) {
+                *slot = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
+                check(*slot, "duplicate a descriptor")?;
+            }
+            for (i, fd) in high.iter().take(fds.len()).enumerate() {
+                check(libc::dup2(*fd, 3 + i as RawFd), "place a descriptor")?;
+            }
+            if let Some((uid, gid)) = ids {
+                check(libc::setgroups(0, std::ptr::null()), "clear the supplementary groups")?;
+                check(libc::setresgid(gid, gid, gid), "switch to the job's group")?;
+                check(libc::setresuid(uid, uid, uid), "switch to the job's user")?;
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure makes system calls only (see above).
+    unsafe { cmd.pre_exec(pre_exec) };
+    Ok(())
+}
+
+fn check(rc: libc::c_int, _what: &'static str) -> io::Result<()> {
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+impl Entry {
+    fn enter(&mut self) -> io::Result<()> {
+        if let Some(join) = self.join.as_mut() {
+            join()?;
+        }
+        // The unsafe blocks below make system calls on memory this process
+        // owns; no allocation, no lock (the state between fork and exec of a
+        // possibly multi-threaded parent).
+        // SAFETY: see above.
+        let rc = unsafe { libc::unshare(self.flags) };
+        check(rc, "unshare the stage's namespaces")?;
+        // SAFETY: see above.
+        let child = unsafe { libc::fork() };
+        check(child, "fork the stage's init")?;
+        if child > 0 {
+            wait_and_exit(child);
+        }
+        // SAFETY: see above.
+        unsafe {
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL), "set the parent-death signal")?;
+            check(
+                libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ),
+                "make the stage's mounts private",
+            )?;
+            check(
+                libc::mount(
+                    self.root.as_ptr(),
+                    self.root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ),
+                "bind the job's root",
+            )?;
+            check(libc::chdir(self.root.as_ptr()), "enter the job's root")?;
+            check(
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ),
+                "mount the job's /proc",
+            )?;
+            check(
+                libc::mount(
+                    c"proc/sys".as_ptr(),
+                    c"proc/sys".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ),
+                "bind /proc/sys",
+            )?;
+            check(
+                libc::mount(
+                    std::ptr::null(),
+                    c"proc/sys".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ),
+                "make /proc/sys read-only",
+            )?;
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+                "pivot_root into the job's root",
+            )?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH), "detach the host's root")?;
+            check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+            check(libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()), "set the hostname")?;
+            if let Some(fd) = self.userns {
+                check(libc::setns(fd, libc::CLONE_NEWUSER), "enter the job's user namespace")?;
+            }
+            check(libc::setgroups(0, std::ptr::null()), "clear the supplementary groups")?;
+            check(libc::setresgid(self.gid, self.gid, self.gid), "switch to the job's group")?;
+            for cap in 0..=self.last_cap {
+                if self.keep & (1 << cap) == 0 {
+                    check(libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong), "drop a capability")?;
+                }
+            }
+            let header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+            let mut data = [CapData::default(); 2];
+            check(libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) as libc::c_int, "read capabilities")?;
+            for (i, d) in data.iter_mut().enumerate() {
+                let keep = (self.keep >> (32 * i)) as u32;
+                d.effective &= keep;
+                d.permitted &= keep;
+                d.inheritable = 0;
+            }
+            check(libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int, "set capabilities")?;
+            check(
+                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+                "clear ambient capabilities",
+            )?;
+            check(libc::setresuid(self.uid, self.uid, self.uid), "switch to the job's user")?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")?;
+        }
+        for filter in &self.filters {
+            filter.apply()?;
+        }
+        Ok(())
+    }
+}
+
+/// The parent of the stage's init: waits for it, exits with its status.
+fn wait_and_exit(child: libc::pid_t) -> ! {
+    // SAFETY: system calls only; this process never returns to Rust code.
+    unsafe {
+        // Only the init holds the spawn's error pipe and the stage's output.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let mut status = 0;
+        loop {
+            let rc = libc::waitpid(child, &mut status, 0);
+            if rc == child {
+                break;
+            }
+            if rc < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else if libc::WIFSIGNALED(status) {
+            128 + libc::WTERMSIG(status)
+        } else {
+            127
+        };
+        libc::_exit(code)
+    }
+}
