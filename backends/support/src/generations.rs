@@ -45,16 +45,26 @@ pub fn current(image_dir: &Path) -> io::Result<Option<(u64, PathBuf)>> {
 }
 
 /// Who uses the root filesystem `root`: overlay mounts with it as a lower
-/// directory, and processes (containers) that name it.
+/// directory, mounts of it (the idmapped clones jobs get), and processes
+/// (containers) that name it.
 pub fn users_of(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = fs::metadata(root).ok().map(|m| (m.dev(), m.ino()));
     let root = root.to_string_lossy().into_owned();
     let mut users = Vec::new();
     if let Ok(table) = fs::read_to_string("/proc/self/mountinfo") {
         for line in table.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = fields.get(4).copied().unwrap_or("?");
             let options = line.rsplit(' ').next().unwrap_or("");
             let lower = options.split(',').find_map(|o| o.strip_prefix("lowerdir=")).unwrap_or("");
-            if lower.split(':').any(|l| l == root) {
-                users.push(format!("mount {}", line.split(' ').nth(4).unwrap_or("?")));
+            // A mount of the generation itself: on its device, its root the generation's directory.
+            let device = identity.map(|(dev, _)| format!("{}:{}", libc::major(dev), libc::minor(dev)));
+            let clone = device.as_deref() == fields.get(2).copied()
+                && fields.get(3).is_some_and(|r| *r != "/")
+                && fs::metadata(point).is_ok_and(|m| Some((m.dev(), m.ino())) == identity);
+            if lower.split(':').any(|l| l == root) || clone {
+                users.push(format!("mount {point}"));
             }
         }
     }
