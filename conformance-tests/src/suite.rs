@@ -1021,6 +1021,22 @@ const CHECKS: &[Check] = &[
         run: containment::own_root,
     },
     Check {
+        id: "containment.chroot-escape",
+        level: Level::Should,
+        statement: "the classic chroot escape (chroot into a subdirectory, \"..\" up, chroot \".\") stays in the job's root (probed with perl or python3)",
+        protocol: "security: a job's root must be the root of its own mount namespace, not a chroot in the host's",
+        needs: Needs::Containment,
+        run: containment::chroot_escape,
+    },
+    Check {
+        id: "containment.open-by-handle",
+        level: Level::Should,
+        statement: "open_by_handle_at is refused in a job (probed with perl or python3)",
+        protocol: "security: a file handle of a bound filesystem must not open the host's files",
+        needs: Needs::Containment,
+        run: containment::open_by_handle,
+    },
+    Check {
         id: "containment.root-unmapped",
         level: Level::Must,
         statement: "the job's uid 0 is not the host's uid 0 (/proc/self/uid_map has no `0 0 N`)",

@@ -52,17 +52,6 @@ fn a_job_gets_its_own_proc_tmp_and_a_minimal_dev_and_leaves_no_mount() {
 }
 
 #[test]
-fn the_run_user_and_private_network_settings_apply() {
-    let Some(images) = real_containers() else { return };
-    let env = Env::new(&runner(&images, "user = \"nobody\"\nprivate_network = true\n"));
-    // The cache is the user's too (a cache stage writes it as that user).
-    let (code, log) = exec(&env, "echo user-$(id -un)\ntouch /builds/mine /cache/mine\necho ifaces-$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)");
-    assert_eq!(code, 0, "{log}");
-    assert!(log.contains("user-nobody"), "{log}");
-    assert!(log.contains("ifaces-lo,"), "only loopback:\n{log}");
-}
-
-#[test]
 fn the_copy_layer_works_where_overlayfs_is_not_wanted() {
     let Some(images) = real_containers() else { return };
     let env = Env::new(&runner(&images, "layer = \"copy\"\n"));

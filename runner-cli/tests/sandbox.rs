@@ -149,3 +149,28 @@ fn host_root_is_refused_unless_the_runner_says_so() {
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("WARNING: this runner runs jobs as root of the host"), "{log}");
 }
+
+fn run_user(kind: &str) {
+    let Some((env, _)) = runner(kind, "user = \"nobody\"\nprivate_network = true\n") else { return };
+    // The cache is the user's too (a cache stage writes it as that user).
+    let (code, log) = exec_script(
+        &env,
+        "sb",
+        "echo user-$(id -un)\ntouch /builds/mine /cache/mine\ngrep CapEff /proc/self/status | tr -d '\\t'\n\
+         echo ifaces-$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)",
+    );
+    assert_eq!(code, 0, "{kind}: {log}");
+    assert!(log.contains("user-nobody"), "{kind}: {log}");
+    assert!(log.contains("CapEff:0000000000000000"), "{kind}: the job's user has capabilities:\n{log}");
+    assert!(log.contains("ifaces-lo,"), "{kind}: only loopback:\n{log}");
+}
+
+#[test]
+fn the_run_user_and_private_network_settings_apply_in_chroot() {
+    run_user("chroot");
+}
+
+#[test]
+fn the_run_user_and_private_network_settings_apply_in_bwrap() {
+    run_user("bwrap");
+}

@@ -95,8 +95,17 @@ impl Bwrap {
     /// The arguments of the `bwrap` that runs `script` in the job's sandbox
     /// through its `view` ([`Sandbox::make_view`]), with `filters` system
     /// call filters; the user namespace (if `users`) and the filters are
-    /// descriptors 3, 4, ...
-    fn args(&self, view: &Path, users: bool, key: &JobKey, filters: usize, script: &str) -> Vec<OsString> {
+    /// descriptors 3, 4, ... The capabilities a build needs are root's
+    /// (`as_root`): a job of `settings.user` gets none, as in chroot.
+    fn args(
+        &self,
+        view: &Path,
+        users: bool,
+        as_root: bool,
+        key: &JobKey,
+        filters: usize,
+        script: &str,
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
             args.extend(items.iter().map(|a| a.as_ref().to_owned()));
@@ -123,7 +132,7 @@ impl Bwrap {
             push(&[&"--unshare-net"]);
         }
         push(&[&"--cap-drop", &"ALL"]);
-        for (_, cap) in KEEP_CAPS {
+        for (_, cap) in KEEP_CAPS.iter().filter(|_| as_root) {
             push(&[&"--cap-add", cap]);
         }
         for _ in 0..filters {
@@ -172,7 +181,8 @@ impl Backend for Bwrap {
         let fds = self.fds(&stage)?;
         let mut cmd = Command::new(bwrap);
         let view = sandbox::view_dir(&sandbox::sandbox_name(state.key()));
-        cmd.args(self.args(&view, stage.record.users.is_some(), state.key(), fds.filters.len(), &stage.script));
+        let (users, as_root) = (stage.record.users.is_some(), stage.record.uid == 0);
+        cmd.args(self.args(&view, users, as_root, state.key(), fds.filters.len(), &stage.script));
         sandbox::enter::install_launcher(&mut cmd, &mut stage, fds.in_order())
             .map_err(sys("failed to set up bwrap"))?;
         let result = self.sandbox.run(&stage, &mut cmd, cancel, "bwrap");

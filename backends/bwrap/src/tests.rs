@@ -92,7 +92,7 @@ fn the_bwrap_command_line_is_exact() {
     let view = Path::new("/run/berth-views/berth-bw-42");
     let b = backend("cache_host_dir = \"/srv/cache\"\ngitlab_runner = \"/opt/gitlab-runner\"\n");
     assert_eq!(
-        strings(&b.args(view, true, &key, 2, "/run/berth/stage-9.sh")).join(" "),
+        strings(&b.args(view, true, true, &key, 2, "/run/berth/stage-9.sh")).join(" "),
         format!(
             "--userns 3 --bind /run/berth-views/berth-bw-42/root / \
              --proc /proc --ro-bind /proc/sys /proc/sys --dev /dev --perms 1777 --size 67108864 --tmpfs /dev/shm \
@@ -108,7 +108,7 @@ fn the_bwrap_command_line_is_exact() {
          [[bind]]\nsource = \"/srv/data\"\n\
          [[bind]]\nsource = \"/srv/out\"\ntarget = \"/out\"\nwritable = true\n",
     );
-    let args = strings(&b.args(view, false, &key, 2, "/run/berth/stage-9.sh")).join(" ");
+    let args = strings(&b.args(view, false, true, &key, 2, "/run/berth/stage-9.sh")).join(" ");
     assert!(
         args.starts_with("--bind /run/berth-views/berth-bw-42/root / --proc /proc")
             && args.contains("--size 1048576 --tmpfs /dev/shm")
@@ -119,6 +119,9 @@ fn the_bwrap_command_line_is_exact() {
             && args.ends_with("--add-seccomp-fd 3 --add-seccomp-fd 4 --chdir / -- /bin/bash /run/berth/stage-9.sh"),
         "{args}"
     );
+    // A job of `settings.user` keeps no capability.
+    let args = strings(&b.args(view, true, false, &key, 2, "/run/berth/stage-9.sh")).join(" ");
+    assert!(args.contains("--cap-drop ALL --add-seccomp-fd 4") && !args.contains("--cap-add"), "{args}");
 }
 
 fn state(dir: &Path, id: u64) -> JobState {

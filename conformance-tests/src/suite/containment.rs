@@ -519,6 +519,97 @@ pub(super) fn cache_nosuid(target: &Target) -> Result<(), String> {
     })
 }
 
+/// Runs `perl` (else `python3`) code in a fresh temporary directory of the
+/// job: the shell fragment that does it, printing `berth-interpreter: none`
+/// when the image has neither.
+fn with_interpreter(perl: &str, python: &str) -> String {
+    format!(
+        "cd \"$(mktemp -d)\"\n\
+         if command -v perl >/dev/null 2>&1; then perl -e '{perl}'\n\
+         elif command -v python3 >/dev/null 2>&1; then python3 -c '{python}'\n\
+         else echo 'berth-interpreter: none'; fi\n"
+    )
+}
+
+const NO_INTERPRETER: &str =
+    "the job's image has neither perl nor python3, which this probe needs to make the system calls";
+
+pub(super) fn chroot_escape(target: &Target) -> Result<(), String> {
+    let host = HostMarker::new()?;
+    let mut case = Case::new(target)?;
+    case.prepare()?;
+    let written = PathBuf::from(format!("/berth-probe-escape-{}", case.id()));
+    let (marker, out) = (host.marker().display().to_string(), written.display().to_string());
+    then_finish(case, |case| {
+        // chroot into a subdirectory, climb out of it with "..", and make
+        // wherever that ends the root: the classic escape from a chroot.
+        let perl = format!(
+            "mkdir \"x\"; chroot \"x\" or do {{ print \"berth-escape: refused\\n\"; exit 0 }}; chdir \"..\" for 1..64; \
+             chroot \".\"; print \"berth-escape: \", (-e \"{marker}\" ? \"host\" : \"own\"), \"\\n\"; \
+             if (-e \"{marker}\") {{ exit 0 }} open(F, \">>\", \"{out}\")"
+        );
+        let python = format!(
+            "import os\nos.mkdir(\"x\")\ntry:\n os.chroot(\"x\")\nexcept OSError:\n print(\"berth-escape: refused\"); raise SystemExit\n\
+             for _ in range(64): os.chdir(\"..\")\nos.chroot(\".\")\nseen = os.path.exists(\"{marker}\")\n\
+             print(\"berth-escape: \" + (\"host\" if seen else \"own\"))\nif not seen: open(\"{out}\", \"a\")"
+        );
+        let body = format!("{}{}", host.guard(), with_interpreter(&perl, &python));
+        let result = case.run("build_script", &body);
+        probe_ran(&result, &host, "the escape probe")?;
+        let landed = written.exists();
+        let _ = std::fs::remove_file(&written);
+        let seen = tagged(&result, "berth-escape: ");
+        if landed || seen.iter().any(|s| s == "host") {
+            return Err(
+                "the classic chroot escape (chroot into a subdirectory, then \"..\" up and chroot \".\") reached \
+                        the host's /: the job's root must be the root of its own mount namespace (pivot_root), not a \
+                        chroot in the host's"
+                    .to_owned(),
+            );
+        }
+        if !tagged(&result, "berth-interpreter: ").is_empty() {
+            return Err(NO_INTERPRETER.to_owned());
+        }
+        if seen.is_empty() {
+            return Err(format!("the escape probe printed nothing\n{}", tail(&result.output())));
+        }
+        Ok(())
+    })
+}
+
+pub(super) fn open_by_handle(target: &Target) -> Result<(), String> {
+    let host = HostMarker::new()?;
+    let mut case = Case::new(target)?;
+    case.prepare()?;
+    then_finish(case, |case| {
+        // open_by_handle_at(AT_FDCWD, NULL, 0): refused (EPERM, or ENOSYS
+        // from a filter) where it is out of a job's reach; EFAULT where the
+        // job could open any file of a filesystem it can name a handle on.
+        let perl = "my %nr = (x86_64 => 304, aarch64 => 265); my $nr = $nr{(POSIX::uname())[4]}; \
+                    if (!defined $nr) { print \"berth-handle: unknown-arch\\n\"; exit 0 } \
+                    syscall($nr, -100, 0, 0); print \"berth-handle: \", $!+0, \"\\n\"";
+        let python = "import ctypes, os\nnr = {\"x86_64\": 304, \"aarch64\": 265}.get(os.uname().machine)\n\
+                      libc = ctypes.CDLL(None, use_errno=True)\n\
+                      print(\"berth-handle: unknown-arch\" if nr is None else \"berth-handle: %d\" % (libc.syscall(nr, -100, None, 0) and ctypes.get_errno()))";
+        let body = format!("{}{}", host.guard(), with_interpreter(&format!("use POSIX; {perl}"), python));
+        let result = case.run("build_script", &body);
+        probe_ran(&result, &host, "the open_by_handle_at probe")?;
+        if !tagged(&result, "berth-interpreter: ").is_empty() {
+            return Err(NO_INTERPRETER.to_owned());
+        }
+        match tagged(&result, "berth-handle: ").first().map(String::as_str) {
+            Some("1") | Some("38") => Ok(()),
+            Some("unknown-arch") => Err("the probe knows the system call number of x86_64 and aarch64 only".to_owned()),
+            Some(errno) => Err(format!(
+                "open_by_handle_at is open to the job (errno {errno}, not EPERM): with a handle of a file on a filesystem \
+                 bound into the job (the cache), a job opens any file of that filesystem on the host; refuse it \
+                 (no CAP_DAC_READ_SEARCH of the host, or a system call filter)"
+            )),
+            None => Err(format!("the open_by_handle_at probe printed nothing\n{}", tail(&result.output()))),
+        }
+    })
+}
+
 /// A payload edit: the job belongs to project `id`.
 fn project(id: u64) -> impl FnOnce(&mut JobResponse) {
     move |r: &mut JobResponse| {

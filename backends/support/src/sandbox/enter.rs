@@ -1,13 +1,15 @@
 //! How a stage of the chroot backend enters its sandbox: in the stage's
 //! process, between fork and exec (`pre_exec`), with nothing but system calls.
 //!
-//! 1. join the job's cgroup (everything the stage starts counts against the
-//!    job's bounds and dies with it);
-//! 2. unshare mount, PID, IPC, UTS and cgroup namespaces (and the network's
-//!    with `private_network`), as host root;
-//! 3. fork: the parent waits for the child and exits with its status (what
-//!    `unshare --fork` does); the child, PID 1 of the new namespace, dies
-//!    with it (`PR_SET_PDEATHSIG`);
+//! 1. unshare mount, PID, IPC and UTS namespaces (and the network's with
+//!    `private_network`), as host root;
+//! 2. fork into the job's cgroup (`clone3(CLONE_INTO_CGROUP)`, no costly
+//!    migration; where the kernel cannot, the child joins by writing
+//!    `cgroup.procs`): everything the stage starts counts against the job's
+//!    bounds and dies with it. The parent waits for the child and exits with
+//!    its status (what `unshare --fork` does); the child, PID 1 of the new
+//!    PID namespace, dies with it (`PR_SET_PDEATHSIG`) and unshares a cgroup
+//!    namespace;
 //! 4. mount `/proc` of the new PID namespace in the job's root (its
 //!    `/proc/sys` read-only), make the root the mount namespace's root
 //!    (`pivot_root`) and detach the host's: nothing of the host is left to
@@ -37,6 +39,7 @@ pub type Joiner = Box<dyn FnMut() -> io::Result<()> + Send + Sync>;
 
 /// What [`Entry::enter`] uses, all made before the fork.
 struct Entry {
+    cgroup: Option<RawFd>,
     join: Option<Joiner>,
     flags: libc::c_int,
     root: CString,
@@ -63,9 +66,6 @@ pub fn keep_mask() -> u64 {
 /// execs. `stage` must outlive the command's spawn.
 pub fn install(cmd: &mut Command, stage: &mut Stage, private_network: bool) -> io::Result<()> {
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if stage.join.is_some() {
-        flags |= libc::CLONE_NEWCGROUP;
-    }
     if private_network {
         flags |= libc::CLONE_NEWNET;
     }
@@ -74,6 +74,7 @@ pub fn install(cmd: &mut Command, stage: &mut Stage, private_network: bool) -> i
         None => stage.record.host_ids(),
     };
     let mut entry = Entry {
+        cgroup: stage.cgroup.as_ref().map(|fd| fd.as_raw_fd()),
         join: stage.join.take(),
         flags,
         root: CString::new(stage.paths.root.as_os_str().as_bytes()).map_err(io::Error::other)?,
@@ -86,28 +87,29 @@ pub fn install(cmd: &mut Command, stage: &mut Stage, private_network: bool) -> i
         filters: std::mem::take(&mut stage.filters),
     };
     // SAFETY: `Entry::enter` makes system calls only, on memory allocated
-    // before the fork; the user namespace's descriptor stays open in
-    // `stage`, which outlives the spawn.
+    // before the fork; the user namespace's and the cgroup's descriptors
+    // stay open in `stage`, which outlives the spawn.
     unsafe { cmd.pre_exec(move || entry.enter()) };
     Ok(())
 }
 
-/// The error of a failed step (`rc < 0`). Only its errno reaches the
-/// spawning process (the standard library passes no more); `_what` names the
-/// step for the reader.
 /// Sets `cmd` (a launcher such as bubblewrap, which enters the sandbox
-/// itself) up to start in the job's cgroup, with descriptors `fds` at 3, 4,
-/// ... (in that order), as the host uid of the job's user: unprivileged on
-/// the host, the owner of the job's user namespace.
+/// itself) up to start in the job's cgroup (forked into it, the parent
+/// waiting as in [`install`]), with descriptors `fds` at 3, 4, ... (in that
+/// order), as the host uid of the job's user: unprivileged on the host, the
+/// owner of the job's user namespace.
 pub fn install_launcher(cmd: &mut Command, stage: &mut Stage, fds: Vec<RawFd>) -> io::Result<()> {
     if fds.len() > 64 {
         return Err(io::Error::other(format!("too many descriptors for the launcher ({}; at most 64)", fds.len())));
     }
+    let cgroup = stage.cgroup.as_ref().map(|fd| fd.as_raw_fd());
     let mut join = stage.join.take();
     let ids = stage.record.users.map(|_| stage.record.host_ids());
     let pre_exec = move || -> io::Result<()> {
-        if let Some(join) = join.as_mut() {
-            join()?;
+        if !fork_into(cgroup)? {
+            if let Some(join) = join.as_mut() {
+                join()?;
+            }
         }
         // SAFETY: system calls only, on memory allocated before the fork.
         unsafe {
@@ -128,11 +130,15 @@ pub fn install_launcher(cmd: &mut Command, stage: &mut Stage, fds: Vec<RawFd>) -
         }
         Ok(())
     };
-    // SAFETY: the closure makes system calls only (see above).
+    // SAFETY: the closure makes system calls only (see above); the cgroup's
+    // descriptor stays open in `stage`, which outlives the spawn.
     unsafe { cmd.pre_exec(pre_exec) };
     Ok(())
 }
 
+/// The error of a failed step (`rc < 0`). Only its errno reaches the
+/// spawning process (the standard library passes no more); `_what` names the
+/// step for the reader.
 fn check(rc: libc::c_int, _what: &'static str) -> io::Result<()> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -158,20 +164,21 @@ const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 impl Entry {
     fn enter(&mut self) -> io::Result<()> {
-        if let Some(join) = self.join.as_mut() {
-            join()?;
-        }
         // The unsafe blocks below make system calls on memory this process
         // owns; no allocation, no lock (the state between fork and exec of a
         // possibly multi-threaded parent).
         // SAFETY: see above.
         let rc = unsafe { libc::unshare(self.flags) };
         check(rc, "unshare the stage's namespaces")?;
-        // SAFETY: see above.
-        let child = unsafe { libc::fork() };
-        check(child, "fork the stage's init")?;
-        if child > 0 {
-            wait_and_exit(child);
+        if !fork_into(self.cgroup)? {
+            if let Some(join) = self.join.as_mut() {
+                join()?;
+            }
+        }
+        if self.cgroup.is_some() || self.join.is_some() {
+            // SAFETY: see above.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWCGROUP) };
+            check(rc, "unshare a cgroup namespace")?;
         }
         // SAFETY: see above.
         unsafe {
@@ -273,7 +280,55 @@ impl Entry {
     }
 }
 
-/// The parent of the stage's init: waits for it, exits with its status.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks (between fork and exec): the parent waits for the child and exits
+/// with its status; the child returns, in cgroup2 directory `cgroup` when
+/// given and the kernel can (`true`: `clone3(CLONE_INTO_CGROUP)`, no
+/// migration), else where this process is (`false`).
+fn fork_into(cgroup: Option<RawFd>) -> io::Result<bool> {
+    let mut joined = false;
+    let mut child = -1;
+    if let Some(fd) = cgroup {
+        let args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: fd as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and without a stack is fork: the
+        // child continues on a copy of this stack.
+        child = unsafe { libc::syscall(libc::SYS_clone3, &args, std::mem::size_of::<CloneArgs>()) } as libc::pid_t;
+        joined = child >= 0;
+    }
+    if child < 0 {
+        // SAFETY: fork between fork and exec; the child makes system calls only.
+        child = unsafe { libc::fork() };
+    }
+    check(child, "fork the stage's first process")?;
+    if child > 0 {
+        wait_and_exit(child);
+    }
+    Ok(joined)
+}
+
+/// The parent of the stage's first process: waits for it, exits with its status.
 fn wait_and_exit(child: libc::pid_t) -> ! {
     // SAFETY: system calls only; this process never returns to Rust code.
     unsafe {

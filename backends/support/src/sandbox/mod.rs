@@ -628,11 +628,15 @@ impl Sandbox {
             Some(_) => Some(UserNs::open(&paths.userns).map_err(sys("failed to open the job's user namespace"))?),
             None => None,
         };
-        let join: Option<enter::Joiner> = match &record.cgroup {
+        let (cgroup, join) = match &record.cgroup {
             Some(group) => {
-                Some(Box::new(JobCgroup::of(group).stage_joiner().map_err(sys("failed to join the job's cgroup"))?))
+                let group = JobCgroup::of(group);
+                let dir = group.stage_dir().map_err(sys("failed to open the job's cgroup"))?;
+                let join: enter::Joiner =
+                    Box::new(group.stage_joiner().map_err(sys("failed to join the job's cgroup"))?);
+                (dir, Some(join))
             }
-            None => None,
+            None => (None, None),
         };
         let filters =
             seccomp::filters().map_err(|e| Failure::system(format!("failed to build the system call filter: {e}")))?;
@@ -642,6 +646,7 @@ impl Sandbox {
             record,
             paths,
             userns,
+            cgroup,
             join,
             filters,
             hostname: sandbox_name(state.key()),
@@ -792,7 +797,10 @@ pub struct Stage {
     pub paths: Paths,
     /// The job's user namespace, unless it runs as host root.
     pub userns: Option<UserNs>,
-    /// Joins the job's cgroup (in the stage's process, before it execs).
+    /// The job's cgroup2 directory for a stage's processes, which they start in.
+    pub cgroup: Option<std::os::fd::OwnedFd>,
+    /// Joins the job's cgroup where there is no such directory (cgroup v1)
+    /// or the kernel cannot start a process in it (no `clone3`).
     pub join: Option<enter::Joiner>,
     /// The system call filters.
     pub filters: Vec<seccomp::Program>,
