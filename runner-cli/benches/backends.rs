@@ -4,8 +4,8 @@
 //! The nspawn backend boots a fresh systemd container (`systemd-nspawn --boot`,
 //! standalone mode) per job and runs every stage in it as a unit of its own.
 //! The chroot backend mounts a disposable copy-on-write root of the same image
-//! per job (no init) and runs every stage chrooted into it, in a PID namespace
-//! of its own. This bench drives berth's hooks by hand, each a new process with
+//! per job (no init) and every stage enters it (`pivot_root`, the job's user
+//! namespace and cgroup, a PID namespace of its own). This bench drives berth's hooks by hand, each a new process with
 //! the runner's environment (its own `TMPDIR` with a `response.json`, the
 //! exit-code variables, `CUSTOM_ENV_*`), and times whole processes, spawn to
 //! exit. It prints one table per backend. The floor of a stage is the same
@@ -51,7 +51,7 @@
 //!
 //! Both backends need root and an image directory `bookworm` in
 //! `$BERTH_TEST_IMAGES` (default `/var/cache/berth-test/images`); nspawn needs
-//! `systemd-nspawn` too, chroot `unshare` (util-linux). A backend that cannot
+//! `systemd-nspawn` too, chroot `mkfs.ext4` (e2fsprogs, for its disk bound). A backend that cannot
 //! run here prints `berth BACKEND benchmarks skipped: <reason>`; the others
 //! still run, and the bench exits 0.
 //!
@@ -163,7 +163,7 @@ impl Kind {
     fn tool(self) -> &'static str {
         match self {
             Kind::Nspawn => "systemd-nspawn",
-            Kind::Chroot => "unshare",
+            Kind::Chroot => "mkfs.ext4",
         }
     }
 

@@ -446,3 +446,31 @@ fn bad_driver_input_is_a_clear_error() {
         assert!(text(&out).contains(says), "{args:?} must say {says:?}: {}", text(&out));
     }
 }
+
+#[test]
+fn the_escape_probes_catch_a_plain_chroot_that_keeps_the_jobs_files_apart() {
+    // What berth's chroot backend did before #11: the job's own files, but
+    // a chroot as the host's root. own-root cannot tell; the two probes can.
+    let Some(images) = real_containers() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let driver = format!(
+        "testdata/drivers/plain-chroot.sh '{}' '{}'",
+        state.path().display(),
+        images.join("bookworm/current").display()
+    );
+    let mut args = vec!["--driver", &driver, "--declare", "contains_root=true,isolation=filesystem"];
+    for id in ["containment.own-root", "containment.chroot-escape", "containment.open-by-handle"] {
+        args.extend(["--check", id]);
+    }
+    let (_, report) = foreign_report(&repo(), &args);
+    let result = |id: &str| {
+        let r = report["results"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap().clone();
+        (r["verdict"].as_str().unwrap().to_owned(), r["detail"].as_str().unwrap_or("").to_owned())
+    };
+    assert_eq!(result("containment.own-root").0, "pass", "{report}");
+    let (verdict, detail) = result("containment.chroot-escape");
+    assert!(verdict == "fail" && detail.contains("reached the host's /"), "{verdict}: {detail}");
+    let (verdict, detail) = result("containment.open-by-handle");
+    assert!(verdict == "fail" && detail.contains("not EPERM"), "{verdict}: {detail}");
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(state.path().to_str().unwrap()));
+}

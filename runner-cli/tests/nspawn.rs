@@ -716,3 +716,38 @@ tasks:
         .expect("df's size");
     assert!((19..=20).contains(&size), "the default disk_max is 20G: {size}G\n{log}");
 }
+
+#[test]
+fn the_chroot_sandbox_starts_stages_in_the_jobs_cgroup_on_a_cgroup2_host() {
+    let Some(images) = real_containers() else { return };
+    // berth's chroot backend inside a container of a cgroup2-only host: a
+    // stage starts in the job's cgroup (clone3 into it, no migration).
+    let config = "[runners.ch]\nbackend = \"chroot\"\n[runners.ch.settings]\nimages_dir = \"/var/lib/berth/images\"\n\
+                  default_image = \"bookworm\"\n";
+    let Hosted { host, etc, _scratch, .. } = hosted(&images, "sandbox2", true, config);
+    let shell = |script: &str| text(&host.command("sh").args(["-c", script]).output().unwrap());
+    assert_eq!(shell("stat -f -c %T /sys/fs/cgroup").trim(), "cgroup2fs", "a cgroup2-only test host");
+    std::fs::write(etc.join("ci.yml"), "test:\n  script:\n    - sleep 4; grep '^0::' /proc/self/cgroup\n").unwrap();
+    let exec = host
+        .command("berth")
+        .args(["--runner", "ch", "exec", "--no-sources", "--file", "/etc/berth/ci.yml", "test"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the stage sleeps: its processes are in the job's stage cgroup.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut inside = String::new();
+    while inside.trim().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        inside = shell("cat /sys/fs/cgroup/berth/berth-ch-*/berth-stage/cgroup.procs 2>/dev/null");
+    }
+    let out = exec.wait_with_output().unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(!inside.trim().is_empty(), "no process of the stage in the job's cgroup:\n{log}");
+    // A cgroup namespace rooted there: the stage sees its own cgroup as /.
+    assert!(log.contains("0::/\n") || log.ends_with("0::/"), "{log}");
+    let left = shell("ls /sys/fs/cgroup/berth 2>/dev/null | grep berth-ch- || true");
+    assert!(left.trim().is_empty(), "cgroups left: {left}");
+}
