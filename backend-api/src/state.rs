@@ -168,6 +168,9 @@ impl StateDir {
     }
 
     fn lock(&self, key: &JobKey, wait: Wait) -> Result<Option<JobState>, StateError> {
+        if let Some(root) = self.jobs.parent() {
+            mkdir_private(root)?;
+        }
         mkdir_private(&self.jobs)?;
         let lock_path = self.jobs.join(format!("{key}.lock"));
         loop {
@@ -202,8 +205,24 @@ impl StateDir {
     }
 }
 
+/// Creates `path` (and missing parents) with mode 0700, whatever the umask;
+/// an existing directory that others can enter is tightened to 0700, and
+/// one that is not berth's user's is refused.
 fn mkdir_private(path: &Path) -> Result<(), StateError> {
-    DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io_err("create", path))
+    DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io_err("create", path))?;
+    let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io_err("use", path)(io::Error::other(format!(
+            "it is not a directory of berth's user (uid {}): job state holds job tokens; remove it or point state_dir elsewhere",
+            nix::unistd::geteuid()
+        ))));
+    }
+    if meta.mode() & 0o077 != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err("tighten the mode of", path))?;
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.mode() & 0o777), "tightened to 0700: job state holds job tokens");
+    }
+    Ok(())
 }
 
 /// The locked state of one job. The lock is released when it is dropped.
@@ -309,6 +328,34 @@ mod tests {
 
     fn key(id: u64) -> JobKey {
         JobKey::new("demo", id).unwrap()
+    }
+
+    #[test]
+    fn a_state_dir_others_can_enter_is_tightened_and_new_ones_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        // New: the state dir and its jobs dir are berth's alone, whatever the umask.
+        let fresh = root.path().join("fresh");
+        let states = StateDir::new(&fresh);
+        drop(states.create(JobRecord::new(JobKey::new("r", 1).unwrap(), "dry-run")).unwrap());
+        for dir in [fresh.clone(), fresh.join("jobs"), fresh.join("jobs/r-1")] {
+            assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700, "{}", dir.display());
+        }
+        // Existing and loose (as `berth image` used to leave it): tightened.
+        let loose = root.path().join("loose");
+        fs::create_dir_all(loose.join("jobs")).unwrap();
+        for dir in [loose.clone(), loose.join("jobs")] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        drop(StateDir::new(&loose).create(JobRecord::new(JobKey::new("r", 2).unwrap(), "dry-run")).unwrap());
+        for dir in [loose.clone(), loose.join("jobs")] {
+            assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700, "{}", dir.display());
+        }
+        // Not a directory: refused, with the path.
+        let file = root.path().join("file");
+        fs::write(&file, "").unwrap();
+        let err = StateDir::new(&file).create(JobRecord::new(JobKey::new("r", 3).unwrap(), "dry-run")).unwrap_err();
+        assert!(err.to_string().contains(file.to_str().unwrap()), "{err}");
     }
 
     #[test]

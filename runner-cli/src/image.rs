@@ -186,9 +186,9 @@ fn check_usable(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `script` (a file, or `default` text) as root inside `root`, with
-/// /dev, /proc, /sys and the host's resolv.conf, in a private mount namespace
-/// that vanishes with it.
+/// Runs `script` (a file, or `default` text) as root inside `root` (see
+/// [`enter`]), with a minimal /dev, its own /proc, a read-only /sys and the
+/// host's resolv.conf.
 fn run_in(root: &Path, script: Option<&Path>, default: Option<&str>) -> Result<()> {
     let target = root.join("tmp/berth-image-script");
     match (script, default) {
@@ -208,29 +208,31 @@ fn run_in(root: &Path, script: Option<&Path>, default: Option<&str>) -> Result<(
     Ok(())
 }
 
-/// Runs `argv` (a login shell when empty) chrooted into `root`.
+/// Runs `argv` (a login shell when empty) as root inside the image whose
+/// draft is `root`, in the same sandbox as jobs (`support::sandbox::maintain`):
+/// the image's root is a uid range of its own on the host, with a system
+/// call filter, no host devices and the host's `/` out of reach.
 fn enter(root: &Path, argv: &[&str], interactive: bool) -> Result<std::process::ExitStatus> {
-    const SETUP: &str = r#"set -e
-r=$1; shift
-mount --rbind /dev "$r/dev"
-mount -t proc proc "$r/proc"
-mount --rbind /sys "$r/sys"
-if [ -f "$r/etc/resolv.conf" ] && [ ! -L "$r/etc/resolv.conf" ]; then mount --bind /etc/resolv.conf "$r/etc/resolv.conf"; fi
-exec chroot "$r" "$@""#;
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--pid", "--fork", "--propagation", "private", "--", "/bin/sh", "-c", SETUP, "sh"])
-        .arg(root)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let mut cmd = Command::new(argv.first().copied().unwrap_or("/bin/bash"));
     if argv.is_empty() {
-        cmd.args(["/bin/bash", "-l"]);
+        cmd.arg("-l");
     } else {
-        cmd.args(argv);
+        cmd.args(&argv[1..]);
     }
-    if !interactive {
+    cmd.env_clear()
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8");
+    if interactive {
+        if let Some(term) = std::env::var_os("TERM") {
+            cmd.env("TERM", term);
+        }
+    } else {
         cmd.stdin(Stdio::null());
     }
-    cmd.status().context("failed to run unshare (util-linux)")
+    berth_backend_support::sandbox::maintain::run_in_image(root, &mut cmd)
+        .with_context(|| format!("failed to run {} in the image", argv.first().copied().unwrap_or("a shell")))
 }
 
 fn list(images: &Images) -> Result<()> {

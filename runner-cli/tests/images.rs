@@ -215,3 +215,54 @@ fn shell_publishes_its_changes_on_success_and_drops_them_otherwise() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(images.to_str().unwrap()), "{mounts}");
 }
+
+#[test]
+fn image_scripts_run_as_roots_of_their_own_not_as_the_hosts() {
+    // An image of unknown origin runs its update script as its root: that
+    // root must not be the host's (#12). Before, the script ran chrooted as
+    // host root with the host's /dev and /sys.
+    let Some(test_images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let out = image(&images, &["import", "deb", test_images.join("bookworm/current").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let marker = scratch.path().join("host-marker");
+    std::fs::write(&marker, "host").unwrap();
+    let escaped = format!("/escaped-by-image-{}", std::process::id());
+    let script = scratch.path().join("hostile.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             touch /etc/created-by-update\n\
+             awk '{{print \"maps-to-\" $2}}' /proc/self/uid_map\n\
+             (echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null && echo SYSCTL-\"WRITTEN\" || echo sysctl-refused\n\
+             mknod /tmp/mem c 1 1 2>/dev/null && echo MKNOD-\"MADE\" || echo mknod-refused\n\
+             test -e /dev/sda && echo HOST-\"DISK\" || true\n\
+             perl -e 'mkdir \"x\"; chroot \"x\" or exit; chdir \"..\" for 1..64; chroot \".\"; print \"ESC\".\"APED\\n\" if -e \"{}\"; open(F, \">{escaped}\")'\n\
+             exit 0\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let out = image(&images, &["update", "deb", "--script", script.to_str().unwrap()]);
+    let log = text(&out);
+    let wrote = Path::new(&escaped).exists();
+    let _ = std::fs::remove_file(&escaped);
+    assert!(out.status.success(), "{log}");
+    for sign in ["SYSCTL-WRITTEN", "MKNOD-MADE", "HOST-DISK", "ESCAPED"] {
+        assert!(!log.contains(sign), "the image's script got out ({sign}):\n{log}");
+    }
+    assert!(!wrote, "the image's script wrote {escaped} on the host");
+    let base: u64 = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("maps-to-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no uid map:\n{log}"));
+    assert!(base >= 0x7000_0000, "the image's root is host uid {base}:\n{log}");
+    // What it wrote is the image's root's, as on the image: uid 0 on disk.
+    let meta = std::fs::metadata(images.join("deb/current/etc/created-by-update")).unwrap();
+    assert_eq!((std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta)), (0, 0));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(images.to_str().unwrap()) && !mounts.contains("/run/berth-image/"), "{mounts}");
+}

@@ -18,7 +18,6 @@
 #![deny(missing_docs)]
 
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::Command;
 
@@ -29,7 +28,6 @@ use berth_backend_support::mounts;
 use berth_backend_support::rootfs::real_dir;
 use berth_backend_support::sandbox::{self, enter, Record, Sandbox, CACHE_DIR, GITLAB_RUNNER};
 use berth_backend_support::settings::sys;
-use nix::mount::MsFlags;
 
 pub use berth_backend_support::sandbox::{Layer, Settings};
 
@@ -69,43 +67,8 @@ impl Chroot {
     fn furnish(&self, state: &JobState, record: &Record) -> Result<(), Failure> {
         let paths = sandbox::Paths::of(state);
         let root = &paths.root;
-        let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        mounts::mount_fs("sysfs", &dir_in(root, "sys")?, "sysfs", nodev | MsFlags::MS_RDONLY, None)
-            .map_err(sys("/sys"))?;
-        let dev = dir_in(root, "dev")?;
-        mounts::mount_fs("tmpfs", &dev, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=64k"))
-            .map_err(sys("/dev"))?;
-        for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-            let target = dev.join(node);
-            fs::File::create(&target).map_err(sys(format!("failed to create {}", target.display())))?;
-            mounts::bind(&Path::new("/dev").join(node), &target, true).map_err(sys(format!("/dev/{node}")))?;
-        }
-        let pts = dir_in(root, "dev/pts")?;
-        mounts::mount_fs(
-            "devpts",
-            &pts,
-            "devpts",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=620"),
-        )
-        .map_err(sys("/dev/pts"))?;
-        let shm = dir_in(root, "dev/shm")?;
-        let size = format!("mode=1777,size={}", self.sandbox.shm_size());
-        mounts::mount_fs("tmpfs", &shm, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(&size))
-            .map_err(sys("/dev/shm"))?;
-        if let Some(range) = record.users {
-            std::os::unix::fs::chown(&shm, Some(range.base), Some(range.base)).map_err(sys("/dev/shm"))?;
-        }
-        for (link, to) in [
-            ("ptmx", "pts/ptmx"),
-            ("fd", "/proc/self/fd"),
-            ("stdin", "/proc/self/fd/0"),
-            ("stdout", "/proc/self/fd/1"),
-            ("stderr", "/proc/self/fd/2"),
-        ] {
-            symlink(to, dev.join(link)).map_err(sys(format!("failed to create /dev/{link}")))?;
-        }
-        dir_in(root, "proc")?;
+        sandbox::mount_system_dirs(root, self.sandbox.shm_size(), record.users)
+            .map_err(sys("failed to mount /sys and /dev in the job's root"))?;
         mounts::bind_guarded(&paths.cache, &dir_in(root, CACHE_DIR)?, true).map_err(sys("the cache directory"))?;
         if let Some(gitlab_runner) = self.sandbox.gitlab_runner() {
             mounts::bind(gitlab_runner, &file_in(root, GITLAB_RUNNER)?, false).map_err(sys("gitlab-runner"))?;

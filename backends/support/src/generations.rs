@@ -145,7 +145,12 @@ impl Images {
     /// Locks image `name`; `waiting` is called once if another command holds it.
     pub fn lock(&self, name: &str, waiting: impl FnOnce()) -> io::Result<ImageLock> {
         self.image_dir(name)?;
-        fs::create_dir_all(&self.dir)?;
+        // Missing parents (berth's state directory, when the images live in
+        // it) are made root's alone, as berth makes its state directory.
+        if !self.dir.exists() {
+            std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700).create(&self.dir)?;
+            fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
         let path = self.dir.join(format!(".{name}.lock"));
         let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
         let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
@@ -385,6 +390,18 @@ pub fn disk_usage(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_image_command_makes_missing_parents_roots_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let images = Images::new(state.join("images"));
+        drop(images.lock("deb", || panic!("nobody else holds it")).unwrap());
+        // The state directory it made is not open to others (it holds job tokens later).
+        assert_eq!(fs::metadata(&state).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(state.join("images")).unwrap().mode() & 0o777, 0o755);
+    }
 
     #[test]
     fn generations_are_published_atomically_and_failed_drafts_leave_nothing() {

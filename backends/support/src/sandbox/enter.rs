@@ -26,9 +26,10 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 
 use super::seccomp::Program;
@@ -62,33 +63,75 @@ pub fn keep_mask() -> u64 {
     KEEP_CAPS.iter().fold(0, |mask, (cap, _)| mask | 1 << cap)
 }
 
-/// Sets `cmd` up to enter `stage`'s sandbox (see the module doc) before it
-/// execs. `stage` must outlive the command's spawn.
-pub fn install(cmd: &mut Command, stage: &mut Stage, private_network: bool) -> io::Result<()> {
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if private_network {
-        flags |= libc::CLONE_NEWNET;
+/// What a process needs to enter a sandbox root (see the module doc). The
+/// descriptors are borrowed: their owners must outlive the command's spawn.
+pub struct Spec<'a> {
+    /// The root to `pivot_root` into (a directory on the host).
+    pub root: &'a Path,
+    /// The user namespace to enter, unless the process stays host root.
+    pub userns: Option<BorrowedFd<'a>>,
+    /// The uid and gid to run as (in the user namespace when there is one).
+    pub ids: (u32, u32),
+    /// The hostname in the new UTS namespace.
+    pub hostname: &'a str,
+    /// The cgroup2 directory to start in.
+    pub cgroup: Option<BorrowedFd<'a>>,
+    /// Joins the cgroup otherwise.
+    pub join: Option<Joiner>,
+    /// The system call filters.
+    pub filters: Vec<Program>,
+    /// A network namespace of its own, with only loopback.
+    pub private_network: bool,
+}
+
+impl std::fmt::Debug for Spec<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec").field("root", &self.root).field("ids", &self.ids).finish_non_exhaustive()
     }
-    let (uid, gid) = match stage.record.users {
+}
+
+/// Sets `cmd` up to enter `stage`'s sandbox before it execs. `stage` must
+/// outlive the command's spawn.
+pub fn install(cmd: &mut Command, stage: &mut Stage, private_network: bool) -> io::Result<()> {
+    let ids = match stage.record.users {
         Some(_) => (stage.record.uid, stage.record.gid),
         None => stage.record.host_ids(),
     };
-    let mut entry = Entry {
-        cgroup: stage.cgroup.as_ref().map(|fd| fd.as_raw_fd()),
+    let spec = Spec {
+        root: &stage.paths.root,
+        userns: stage.userns.as_ref().map(|ns| ns.fd()),
+        ids,
+        hostname: &stage.hostname,
+        cgroup: stage.cgroup.as_ref().map(|fd| fd.as_fd()),
         join: stage.join.take(),
+        filters: std::mem::take(&mut stage.filters),
+        private_network,
+    };
+    install_spec(cmd, spec)
+}
+
+/// Sets `cmd` up to enter the sandbox `spec` describes before it execs.
+pub fn install_spec(cmd: &mut Command, spec: Spec<'_>) -> io::Result<()> {
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if spec.private_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let mut entry = Entry {
+        cgroup: spec.cgroup.map(|fd| fd.as_raw_fd()),
+        join: spec.join,
         flags,
-        root: CString::new(stage.paths.root.as_os_str().as_bytes()).map_err(io::Error::other)?,
-        userns: stage.userns_fd().map(|fd| fd.as_raw_fd()),
-        uid,
-        gid,
-        hostname: stage.hostname.as_bytes().to_vec(),
+        root: CString::new(spec.root.as_os_str().as_bytes()).map_err(io::Error::other)?,
+        userns: spec.userns.map(|fd| fd.as_raw_fd()),
+        uid: spec.ids.0,
+        gid: spec.ids.1,
+        hostname: spec.hostname.as_bytes().to_vec(),
         keep: keep_mask(),
         last_cap: last_cap(),
-        filters: std::mem::take(&mut stage.filters),
+        filters: spec.filters,
     };
     // SAFETY: `Entry::enter` makes system calls only, on memory allocated
-    // before the fork; the user namespace's and the cgroup's descriptors
-    // stay open in `stage`, which outlives the spawn.
+    // before the fork; the descriptors it uses are borrowed from owners
+    // that outlive the spawn.
     unsafe { cmd.pre_exec(move || entry.enter()) };
     Ok(())
 }

@@ -26,6 +26,7 @@
 //! unmounts everything, removes the layer and releases the range.
 
 pub mod enter;
+pub mod maintain;
 pub mod seccomp;
 
 use std::fs;
@@ -697,6 +698,48 @@ impl Sandbox {
         removed.extend(crate::generations::Images::new(self.images.dir()).prune());
         removed
     }
+}
+
+/// Mounts, on the host, what a root entered with [`enter`] needs besides
+/// its own `/proc` (whose mount point is made): a read-only `/sys` and a
+/// minimal `/dev` (null, zero, full, random, urandom and tty of the host, a
+/// new devpts instance, a `shm`-byte `/dev/shm` given to `owner`), at real
+/// directories of `root` (never links the image or a job planted).
+pub fn mount_system_dirs(root: &Path, shm: u64, owner: Option<Range>) -> io::Result<()> {
+    use std::os::unix::fs::symlink;
+    let dir = |rel: &str| {
+        rootfs::real_dir(root, rel).map_err(|e| io::Error::new(e.kind(), format!("/{rel} in the root: {e}")))
+    };
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mounts::mount_fs("sysfs", &dir("sys")?, "sysfs", nodev | MsFlags::MS_RDONLY, None)?;
+    let dev = dir("dev")?;
+    mounts::mount_fs("tmpfs", &dev, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=64k"))?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(node);
+        fs::File::create(&target)?;
+        mounts::bind(&Path::new("/dev").join(node), &target, true)?;
+    }
+    let pts = dir("dev/pts")?;
+    let pts_options = "newinstance,ptmxmode=0666,mode=620";
+    mounts::mount_fs("devpts", &pts, "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(pts_options))?;
+    let shm_dir = dir("dev/shm")?;
+    let size = format!("mode=1777,size={shm}");
+    mounts::mount_fs("tmpfs", &shm_dir, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(&size))?;
+    if let Some(range) = owner {
+        userns::give(&shm_dir, range)?;
+    }
+    let links = [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ];
+    for (link, to) in links {
+        symlink(to, dev.join(link))?;
+    }
+    dir("proc")?;
+    Ok(())
 }
 
 /// The view of the job named `name` (see [`Sandbox::make_view`]).
