@@ -238,7 +238,7 @@ fn image_scripts_run_as_roots_of_their_own_not_as_the_hosts() {
              awk '{{print \"maps-to-\" $2}}' /proc/self/uid_map\n\
              (echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null && echo SYSCTL-\"WRITTEN\" || echo sysctl-refused\n\
              mknod /tmp/mem c 1 1 2>/dev/null && echo MKNOD-\"MADE\" || echo mknod-refused\n\
-             test -e /dev/sda && echo HOST-\"DISK\" || true\n\
+             ls /dev | grep -qE '^(sd|vd|xvd|nvme)' && echo HOST-\"DISK\" || true\n\
              perl -e 'mkdir \"x\"; chroot \"x\" or exit; chdir \"..\" for 1..64; chroot \".\"; print \"ESC\".\"APED\\n\" if -e \"{}\"; open(F, \">{escaped}\")'\n\
              exit 0\n",
             marker.display()

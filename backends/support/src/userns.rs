@@ -166,7 +166,7 @@ impl UserNs {
     ///
     /// A child process unshares a user namespace and waits; this process
     /// writes its maps (allowed to a parent privileged over the namespace),
-    /// opens `/proc/CHILD/ns/user`, and lets the child exit.
+    /// opens `/proc/CHILD/ns/user`, and kills the child.
     pub fn new(range: Range) -> io::Result<UserNs> {
         UserNs::create(range, None)
     }
@@ -208,11 +208,11 @@ impl UserNs {
 
     fn create(range: Range, owner: Option<u32>) -> io::Result<UserNs> {
         let owner = owner.map(|id| id as libc::uid_t).unwrap_or(libc::uid_t::MAX);
-        let (ready_r, ready_w) = nix::unistd::pipe().map_err(io::Error::from)?;
-        let (hold_r, hold_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+        let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+        let (ready_r, ready_w) = nix::unistd::pipe2(cloexec).map_err(io::Error::from)?;
         // SAFETY: the child calls only async-signal-safe functions (setgroups,
-        // setresgid, setresuid, unshare, write, read, _exit) before it exits, as fork in a possibly
-        // multi-threaded process requires.
+        // setresgid, setresuid, unshare, write, pause) until it is killed, as
+        // fork in a possibly multi-threaded process requires.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(last_os_error("fork"));
@@ -227,14 +227,15 @@ impl UserNs {
                         && libc::setresuid(owner, owner, owner) == 0);
                 let ok: u8 = if owned && libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { 0 };
                 libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
-                let mut byte = 0u8;
-                libc::close(hold_w.as_raw_fd());
-                libc::read(hold_r.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
-                libc::_exit(0);
+                // Held until the parent has what it needs, then killed: never
+                // waiting on a descriptor, which another thread's child could
+                // hold open too.
+                loop {
+                    libc::pause();
+                }
             }
         }
         drop(ready_w);
-        drop(hold_r);
         let result = (|| {
             let mut ok = [0u8];
             let n = nix::unistd::read(&ready_r, &mut ok).map_err(io::Error::from)?;
@@ -256,10 +257,12 @@ impl UserNs {
             // SAFETY: `fd` was just opened and is owned by nothing else.
             Ok(UserNs { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
         })();
-        drop(hold_w);
         let mut status = 0;
-        // SAFETY: reaps the child forked above.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // SAFETY: kills and reaps the child forked above.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
         result
     }
 }
