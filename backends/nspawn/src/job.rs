@@ -23,7 +23,6 @@ use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -111,15 +110,7 @@ fn unit_name(key: &JobKey) -> String {
 /// Creates directory `path` (its parent exists) with `mode`, owned by the
 /// job's root when there is a range: what the container sees as its own.
 fn make_dir(path: &Path, mode: u32, owner: Option<Range>) -> Result<(), Failure> {
-    match fs::DirBuilder::new().mode(mode).create(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(Failure::system_with(format!("failed to create {}", path.display()), e))
-        }
-        _ => {}
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(sys(format!("failed to set the mode of {}", path.display())))?;
-    give(path, owner)
+    rootfs::make_dir(path, mode, owner.map(|range| (range.base, range.base)))
 }
 
 fn give(path: &Path, owner: Option<Range>) -> Result<(), Failure> {

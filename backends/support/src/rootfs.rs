@@ -76,6 +76,26 @@ pub fn tear_down(root: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Creates directory `path` (its parent exists) with `mode`, whatever the
+/// umask, owned by host ids `owner` when given (a job's root: what the job
+/// sees as its own).
+pub fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), Failure> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(Failure::system_with(format!("failed to create {}", path.display()), e))
+        }
+        _ => {}
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| Failure::system_with(format!("failed to set the mode of {}", path.display()), e))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .map_err(|e| Failure::system_with(format!("failed to give {} to the job", path.display()), e))?;
+    }
+    Ok(())
+}
+
 /// `root/rel`, created where missing, refusing any component that is not a
 /// real directory (a symbolic link planted by the job).
 pub fn real_dir(root: &Path, rel: &str) -> io::Result<PathBuf> {

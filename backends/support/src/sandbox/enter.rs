@@ -49,17 +49,11 @@ struct Entry {
     gid: libc::gid_t,
     hostname: Vec<u8>,
     keep: u64,
-    last_cap: u32,
     filters: Vec<Program>,
 }
 
-/// The highest capability number of this kernel.
-fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
-}
-
 /// The mask of [`KEEP_CAPS`].
-pub fn keep_mask() -> u64 {
+fn keep_mask() -> u64 {
     KEEP_CAPS.iter().fold(0, |mask, (cap, _)| mask | 1 << cap)
 }
 
@@ -126,7 +120,6 @@ pub fn install_spec(cmd: &mut Command, spec: Spec<'_>) -> io::Result<()> {
         gid: spec.ids.1,
         hostname: spec.hostname.as_bytes().to_vec(),
         keep: keep_mask(),
-        last_cap: last_cap(),
         filters: spec.filters,
     };
     // SAFETY: `Entry::enter` makes system calls only, on memory allocated
@@ -294,9 +287,13 @@ impl Entry {
             }
             check(libc::setgroups(0, std::ptr::null()), "clear the supplementary groups")?;
             check(libc::setresgid(self.gid, self.gid, self.gid), "switch to the job's group")?;
-            for cap in 0..=self.last_cap {
-                if self.keep & (1 << cap) == 0 {
-                    check(libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong), "drop a capability")?;
+            // Every capability the kernel knows (EINVAL past the last one).
+            for cap in (0..64u64).filter(|cap| self.keep & (1 << cap) == 0) {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) < 0 {
+                    if *libc::__errno_location() == libc::EINVAL {
+                        break;
+                    }
+                    return Err(io::Error::last_os_error());
                 }
             }
             let header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };

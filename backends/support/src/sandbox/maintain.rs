@@ -35,20 +35,15 @@ fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> io::Error {
 /// The view of a draft while a command runs in it, undone on drop.
 struct View {
     dir: PathBuf,
-    cgroup: JobCgroup,
+    name: String,
     owner: PathBuf,
 }
 
 impl Drop for View {
     fn drop(&mut self) {
-        let pids = self.cgroup.pids();
-        if !pids.is_empty() && !self.cgroup.kill() {
-            for pid in &pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
-            }
+        if let Err(e) = super::kill_cgroup(&self.name) {
+            eprintln!("WARNING: {e}");
         }
-        crate::proc::wait_gone(&pids, std::time::Duration::from_secs(10));
-        let _ = self.cgroup.remove();
         if let Err(e) = mounts::unmount_all(&self.dir) {
             eprintln!("WARNING: failed to unmount {}: {e}", self.dir.display());
         }
@@ -71,7 +66,7 @@ pub fn run_in_image(draft: &Path, cmd: &mut Command) -> io::Result<ExitStatus> {
         Allocator::host().allocate(draft).map_err(|e| err("failed to allocate a uid range for the image", e))?;
     let mut cgroup = JobCgroup::of(&name);
     let limits = Limits::of(&LimitSettings::default()).map_err(io::Error::other)?;
-    let view = View { dir: dir.clone(), cgroup: cgroup.clone(), owner: draft.to_owned() };
+    let view = View { dir: dir.clone(), name: name.clone(), owner: draft.to_owned() };
     cgroup.create(&limits).map_err(|e| err("failed to create a cgroup for the image's command", e))?;
     let root = dir.join("root");
     fs::DirBuilder::new().mode(0o755).create(&root).map_err(|e| err(root.display(), e))?;

@@ -31,7 +31,7 @@ pub mod seccomp;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,6 +49,7 @@ use crate::cgroup::{self, JobCgroup};
 use crate::claims::Claims;
 use crate::image::{Image, ImageStore};
 use crate::limits::{LimitSettings, Limits};
+use crate::rootfs::make_dir;
 use crate::settings::{sys, Bind, ImageSettings, ImageSetup};
 use crate::userns::{self, Allocator, Range, UserNs};
 use crate::{diskfs, mounts, rootfs};
@@ -245,19 +246,6 @@ pub fn sandbox_name(key: &JobKey) -> String {
     format!("berth-{key}")
 }
 
-/// Creates directory `path` with `mode` (whatever the umask), owned by `owner` when given.
-fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), Failure> {
-    match fs::DirBuilder::new().mode(mode).create(path) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            return Err(Failure::system_with(format!("failed to create {}", path.display()), e))
-        }
-        _ => {}
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(sys(format!("failed to set the mode of {}", path.display())))?;
-    chown(path, owner)
-}
-
 fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), Failure> {
     match owner {
         Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid))
@@ -383,11 +371,6 @@ impl Sandbox {
         output
     }
 
-    /// Where images are.
-    pub fn images_dir(&self) -> &Path {
-        self.images.dir()
-    }
-
     /// Mounts the job's root (see the module doc) and records it.
     pub fn prepare(&self, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<Record, Failure> {
         let started = Instant::now();
@@ -439,7 +422,6 @@ impl Sandbox {
             cgroup: None,
             layer: self.settings.layer,
         };
-        state.save(RECORD, &record)?;
         let mut group = JobCgroup::of(&name);
         match group.create(&self.limits) {
             Ok(()) => record.cgroup = Some(name.clone()),
@@ -567,7 +549,6 @@ impl Sandbox {
     /// resolution as on the host.
     fn furnish(&self, base: &Path, record: &Record) -> Result<(), Failure> {
         let job_root = record.users.map(|r| (r.base, r.base));
-        let user = Some(record.host_ids()).filter(|_| record.users.is_some() || record.uid != 0);
         let dir =
             |rel: &str| rootfs::real_dir(base, rel).map_err(sys(format!("failed to create /{rel} in the job's root")));
         for rel in ["etc", "tmp", "run"] {
@@ -580,7 +561,7 @@ impl Sandbox {
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(sys("failed to set the mode of /tmp"))?;
         for rel in [BUILDS_DIR.trim_start_matches('/'), SCRIPTS_DIR] {
             let path = dir(rel)?;
-            chown(&path, user.or(job_root))?;
+            chown(&path, Some(record.host_ids()))?;
         }
         for file in ["etc/resolv.conf", "etc/hosts"] {
             let target = base.join(file);
