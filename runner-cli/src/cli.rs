@@ -1,6 +1,7 @@
 //! Command-line arguments.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -161,9 +162,10 @@ pub struct ExecArgs {
     /// Use this built-in backend with its default settings instead of a configured runner.
     #[arg(long)]
     pub backend: Option<String>,
-    /// Job timeout in seconds (default: the job's `timeout:`, else 3600).
-    #[arg(long)]
-    pub timeout: Option<u64>,
+    /// Job timeout: seconds, or a duration such as `90m` or `1h 30m` (default: the job's
+    /// `timeout:`, else 1h).
+    #[arg(long, value_parser = duration)]
+    pub timeout: Option<Duration>,
     /// Show cleanup's output (the runner keeps it for its own log).
     #[arg(long, short)]
     pub verbose: bool,
@@ -229,9 +231,9 @@ pub struct DescribeArgs {
 
 #[derive(Debug, Args)]
 pub struct ReapArgs {
-    /// Only jobs whose state is older than this many seconds.
-    #[arg(long, default_value_t = 600)]
-    pub grace: u64,
+    /// Only jobs whose state is older than this: seconds, or a duration such as `10m`.
+    #[arg(long, default_value = "600", value_parser = duration)]
+    pub grace: Duration,
     /// Show what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -246,4 +248,29 @@ pub enum Bootstrapper {
     Mmdebstrap,
     /// debootstrap.
     Debootstrap,
+}
+
+/// A duration on the command line: bare seconds (`600`), as always, or
+/// humantime's syntax (`10m`, `1h 30m`, `2days`).
+fn duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e}: give seconds (600) or a duration such as 10m or 1h 30m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_bare_seconds_or_humantime() {
+        assert_eq!(duration("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        let err = duration("ten minutes").unwrap_err();
+        assert!(err.contains("give seconds (600) or a duration"), "{err}");
+        assert!(duration("-5").is_err());
+    }
 }

@@ -3,33 +3,36 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use berth_backend_api::{Capabilities, Description, Isolation, JobContext};
+use berth_backend_api::{Capabilities, Description, Failure, Isolation, JobContext};
 use berth_conformance::runner::{Hook, HookExec};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs};
 use crate::config::{self, Runner};
-use crate::exit::{self, Codes};
+use crate::error::Error;
+use crate::exit::{self, Codes, Done, Invocation};
 use crate::{exec, hooks, registry};
 
+/// Parses the command line, runs the command, and exits as
+/// [`exit::process_exit_code`] decides.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Config | Command::Prepare | Command::Run(_) | Command::Cleanup => hook(&cli),
-        Command::Exec(args) => exec::main(&cli, args),
         command => {
-            let default_log = if matches!(command, Command::Reap(_)) { "info" } else { "" };
-            init_tracing(default_log);
-            match tool(&cli) {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(2)
-                }
+            if !matches!(command, Command::Exec(_)) {
+                init_tracing(if matches!(command, Command::Reap(_)) { "info" } else { "" });
             }
+            let result = match command {
+                Command::Exec(args) => exec::main(&cli, args),
+                _ => tool(&cli),
+            };
+            if let Err(e) = &result {
+                eprintln!("error: {}", e.report());
+            }
+            exit::process_exit_code(Invocation::Command, &result)
         }
     }
 }
@@ -54,60 +57,59 @@ fn hook(cli: &Cli) -> ExitCode {
     // Cleanup's stderr goes to the runner's log: diagnostics belong there.
     init_tracing(if matches!(cli.command, Command::Cleanup) { "info" } else { "" });
     let mut exit_file = None;
-    let result = (|| -> Result<()> {
+    let result = (|| -> Result<Done, Error> {
         let runner = config::load(&cli.config, cli.runner.as_deref())?;
         let backend = registry::load(&runner)?;
         let job = JobContext::from_env(&runner.name)?;
         exit_file = job.build_exit_code_file().map(Path::to_owned);
         match &cli.command {
-            Command::Config => hooks::config(&runner, backend.as_ref(), &job),
-            Command::Prepare => hooks::prepare(&runner, backend.as_ref(), &job, &hooks::cancel_on_signals()?),
+            Command::Config => println!("{}", hooks::config(&runner, backend.as_ref(), &job)?),
+            Command::Prepare => hooks::prepare(&runner, backend.as_ref(), &job, &hooks::cancel_on_signals()?)?,
             Command::Run(args) => {
-                hooks::run(&runner, backend.as_ref(), &job, &args.script, &args.stage, &hooks::cancel_on_signals()?)
+                hooks::run(&runner, backend.as_ref(), &job, &args.script, &args.stage, &hooks::cancel_on_signals()?)?
             }
-            Command::Cleanup => hooks::cleanup(&runner, backend.as_ref(), &job),
+            Command::Cleanup => hooks::cleanup(&runner, backend.as_ref(), &job)?,
             _ => unreachable!("not a hook"),
         }
+        Ok(Done::Success)
     })();
-    if let Err(e) = &result {
-        match e.downcast_ref::<berth_backend_api::Failure>() {
-            // The script's own output already explains a script failure.
-            Some(berth_backend_api::Failure::Script { .. }) => {}
-            Some(berth_backend_api::Failure::Cancelled) => eprintln!("berth: stopped: the job was cancelled"),
-            _ => eprintln!("ERROR: berth: {e:#}"),
-        }
+    match &result {
+        // The script's own output already explains a script failure.
+        Err(Error::Failure(Failure::Script { .. })) | Ok(_) => {}
+        Err(Error::Failure(Failure::Cancelled)) => eprintln!("berth: stopped: the job was cancelled"),
+        Err(e) => eprintln!("ERROR: berth: {}", e.report()),
     }
-    exit::exit_code(&result, codes, exit_file.as_deref())
+    exit::process_exit_code(Invocation::Hook { codes, exit_code_file: exit_file.as_deref() }, &result)
 }
 
-fn load(cli: &Cli) -> Result<(Runner, Box<dyn berth_backend_api::Backend>)> {
+fn load(cli: &Cli) -> Result<(Runner, Box<dyn berth_backend_api::Backend>), Error> {
     let runner = config::load(&cli.config, cli.runner.as_deref())?;
     let backend = registry::load(&runner)?;
     Ok((runner, backend))
 }
 
-fn tool(cli: &Cli) -> Result<ExitCode> {
+fn tool(cli: &Cli) -> Result<Done, Error> {
     match &cli.command {
-        Command::GitlabConfig(args) => gitlab_config(cli, args),
-        Command::Describe(args) => describe(cli, args),
+        Command::GitlabConfig(args) => Ok(gitlab_config(cli, args)?),
+        Command::Describe(args) => Ok(describe(cli, args)?),
         Command::Backends => {
             for builtin in registry::BUILT_IN.iter().filter(|b| !b.test_fixture) {
                 println!("{:<10} {}", builtin.name, builtin.summary);
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(Done::Success)
         }
         Command::Reap(args) => {
             let (runner, backend) = load(cli)?;
-            hooks::reap(&runner, backend.as_ref(), Duration::from_secs(args.grace), args.dry_run)?;
-            Ok(ExitCode::SUCCESS)
+            hooks::reap(&runner, backend.as_ref(), args.grace, args.dry_run)?;
+            Ok(Done::Success)
         }
-        Command::Conformance(args) => conformance(cli, args),
-        Command::Image(args) => crate::image::main(args),
+        Command::Conformance(args) => Ok(conformance(cli, args)?),
+        Command::Image(args) => Ok(crate::image::main(args)?),
         _ => unreachable!("hooks and exec are dispatched in main"),
     }
 }
 
-fn describe(cli: &Cli, args: &DescribeArgs) -> Result<ExitCode> {
+fn describe(cli: &Cli, args: &DescribeArgs) -> Result<Done> {
     let (runner, backend) = load(cli)?;
     let description = backend.describe();
     if args.json {
@@ -123,7 +125,7 @@ fn describe(cli: &Cli, args: &DescribeArgs) -> Result<ExitCode> {
             caps.executes_scripts, caps.cancel, caps.reap, caps.images, caps.concurrent_jobs, caps.contains_root
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Done::Success)
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -134,7 +136,7 @@ fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
 }
 
-fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<ExitCode> {
+fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<Done> {
     let runner = config::load(&cli.config, cli.runner.as_deref())?;
     let berth = match &args.berth {
         Some(path) => path.clone(),
@@ -176,10 +178,10 @@ fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<ExitCode> {
         run_args = hook_args("run"),
         cleanup_args = hook_args("cleanup"),
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(Done::Success)
 }
 
-fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
+fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<Done> {
     use berth_conformance::suite;
     if args.list {
         for check in suite::checks() {
@@ -192,7 +194,7 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
                 println!("{id:<29} {level:<6} {kind:<9} {} ({why})", check.statement);
             }
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Done::Success);
     }
     let foreign = args.driver.is_some() || args.driver_config.is_some();
     // `_scratch` holds what the hooks read (a made-up configuration file) until the suite is done.
@@ -207,7 +209,7 @@ fn conformance(cli: &Cli, args: &ConformanceArgs) -> Result<ExitCode> {
     } else {
         print!("{}", report.table());
     }
-    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.passed() { Done::Success } else { Done::Unsuccessful })
 }
 
 /// The target for the runner of berth's configuration, or for `--plugin`,
@@ -234,14 +236,7 @@ fn berth_target(
             let mut runner = toml::Table::new();
             runner.insert("plugin".into(), toml::Value::String(plugin.display().to_string()));
             runner.insert("settings".into(), toml::Value::Table(settings));
-            let mut runners = toml::Table::new();
-            runners.insert("plugin".into(), toml::Value::Table(runner));
-            let mut file = toml::Table::new();
-            file.insert("state_dir".into(), toml::Value::String(scratch.path().join("state").display().to_string()));
-            file.insert("runners".into(), toml::Value::Table(runners));
-            let path = scratch.path().join("config.toml");
-            std::fs::write(&path, toml::to_string(&file)?)
-                .with_context(|| format!("failed to write {}", path.display()))?;
+            let path = config::write_adhoc(scratch.path(), &scratch.path().join("state"), "plugin", runner)?;
             (path, Some("plugin".to_owned()))
         }
         None => (absolute(&cli.config), cli.runner.clone()),

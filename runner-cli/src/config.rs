@@ -107,6 +107,22 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
 }
 
+/// Writes `dir/config.toml`, a configuration of one runner `name` (the
+/// given table: `backend` or `plugin`, `settings`, ...) with its state in
+/// `state_dir`, for commands that make a runner up (`berth exec --backend`,
+/// `berth conformance --plugin`): the hooks they run read it like any other.
+pub fn write_adhoc(dir: &Path, state_dir: &Path, name: &str, runner: toml::Table) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let mut runners = toml::Table::new();
+    runners.insert(name.into(), toml::Value::Table(runner));
+    let mut file = toml::Table::new();
+    file.insert("state_dir".into(), toml::Value::String(state_dir.display().to_string()));
+    file.insert("runners".into(), toml::Value::Table(runners));
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml::to_string(&file)?).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(path)
+}
+
 /// Reads `path` and resolves the runner `name` (or the only one).
 pub fn load(path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;

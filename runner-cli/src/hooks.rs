@@ -4,12 +4,15 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 use berth_backend_api::{Backend, Cancel, ConfigOutput, JobContext, JobRecord, StateDir};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::config::Runner;
+use crate::error::Error;
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// A cancel signal that fires on SIGTERM (the runner's cancel) or SIGINT.
 pub fn cancel_on_signals() -> Result<Cancel> {
@@ -34,8 +37,8 @@ struct ConfigJson<'a> {
     output: &'a ConfigOutput,
 }
 
-/// `berth config`: one JSON object on stdout; warnings to the job log.
-pub fn config(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Result<()> {
+/// `berth config`: the JSON object for stdout; warnings go to the job log.
+pub fn config(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Result<String> {
     let description = backend.describe();
     let mut output = backend.config(job)?;
     if runner.builds_dir.is_some() {
@@ -52,8 +55,7 @@ pub fn config(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Resul
     }
     let json =
         ConfigJson { driver: Driver { name: &description.name, version: &description.version }, output: &output };
-    println!("{}", serde_json::to_string(&json).context("failed to encode config output")?);
-    Ok(())
+    Ok(serde_json::to_string(&json).context("failed to encode config output")?)
 }
 
 /// `berth prepare`.
@@ -119,14 +121,15 @@ pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bo
             known.push(key);
             continue;
         }
-        match backend.cleanup(&state).map_err(anyhow::Error::from).and_then(|()| Ok(state.remove()?)) {
+        match backend.cleanup(&state).map_err(Error::from).and_then(|()| Ok(state.remove()?)) {
             Ok(()) => {
                 println!("removed {key}: {reason}");
                 removed += 1;
             }
             Err(e) => {
-                warn!(job = %key, "reap failed: {e:#}");
-                eprintln!("failed to remove {key}: {e:#}");
+                let e = e.report();
+                warn!(job = %key, "reap failed: {e}");
+                eprintln!("failed to remove {key}: {e}");
                 known.push(key);
             }
         }
@@ -159,7 +162,105 @@ fn gone(record: &JobRecord, now: u64, grace: Duration) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_backend_api::JobKey;
+    use crate::error::Class;
+    use berth_backend_api::testing::FakeBackend;
+    use berth_backend_api::{JobKey, StateError};
+
+    /// A runner whose state lives in a temp dir, and a job of it (id 7).
+    struct Setup {
+        dir: tempfile::TempDir,
+        runner: Runner,
+        job: JobContext,
+    }
+
+    fn setup(extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "state_dir = {:?}\n[runners.demo]\nbackend = \"dry-run\"\n{extra}",
+            dir.path().join("state").display().to_string()
+        );
+        let runner = crate::config::parse(&text, Path::new("test.toml"), None).unwrap();
+        let vars = [("CUSTOM_ENV_CI_JOB_ID", "7"), ("TMPDIR", dir.path().to_str().unwrap())];
+        let job = JobContext::from_vars("demo", vars.map(|(k, v)| (k.to_owned(), v.to_owned()))).unwrap();
+        Setup { dir, runner, job }
+    }
+
+    fn never() -> Cancel {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        std::mem::forget(write);
+        Cancel::from_fd(read)
+    }
+
+    #[test]
+    fn config_answers_json_with_the_drivers_name_and_the_runners_dirs() {
+        let s = setup("builds_dir = \"/srv/builds\"\n");
+        let json: serde_json::Value =
+            serde_json::from_str(&config(&s.runner, &FakeBackend::default(), &s.job).unwrap()).unwrap();
+        assert_eq!(json["driver"]["name"], "fake");
+        assert_eq!(json["builds_dir"], "/srv/builds", "the runner's TOML overrides the backend");
+        assert_eq!(json["cache_dir"], "/cache", "the backend's answer where the runner says nothing");
+    }
+
+    #[test]
+    fn a_job_is_prepared_run_and_cleaned_up_in_its_state_dir() {
+        let s = setup("");
+        let backend = FakeBackend { fail_stage: Some("build_script".into()), fail_code: 42, ..Default::default() };
+        let script = s.dir.path().join("script");
+        prepare(&s.runner, &backend, &s.job, &never()).unwrap();
+        let states = StateDir::new(&s.runner.state_dir);
+        assert_eq!(states.list().unwrap(), vec![s.job.key().clone()], "prepare leaves the job's state");
+        run(&s.runner, &backend, &s.job, &script, "step_script", &never()).unwrap();
+        let err = run(&s.runner, &backend, &s.job, &script, "build_script", &never()).unwrap_err();
+        assert_eq!(err.class(), Class::Script(42), "{}", err.report());
+        cleanup(&s.runner, &backend, &s.job).unwrap();
+        assert!(states.list().unwrap().is_empty(), "cleanup removes the state");
+        cleanup(&s.runner, &backend, &s.job).unwrap();
+        assert_eq!(backend.calls(), ["prepare", "run step_script", "run build_script", "cleanup", "cleanup"]);
+    }
+
+    #[test]
+    fn a_stage_of_a_job_never_prepared_is_a_system_failure_and_reaches_no_backend() {
+        let s = setup("");
+        let backend = FakeBackend::default();
+        let err = run(&s.runner, &backend, &s.job, Path::new("/x"), "build_script", &never()).unwrap_err();
+        assert!(matches!(err, Error::State(StateError::NotPrepared(_))), "{}", err.report());
+        assert_eq!(err.class(), Class::System);
+        assert!(backend.calls().is_empty());
+    }
+
+    #[test]
+    fn a_retried_prepare_reaches_the_backend_again_over_the_kept_state() {
+        let s = setup("");
+        let backend = FakeBackend::default();
+        prepare(&s.runner, &backend, &s.job, &never()).unwrap();
+        let states = StateDir::new(&s.runner.state_dir);
+        let marker = states.open(s.job.key()).unwrap().dir().join("left-by-attempt-1");
+        std::fs::write(&marker, "").unwrap();
+        prepare(&s.runner, &backend, &s.job, &never()).unwrap();
+        assert!(marker.exists(), "the runner retries prepare: the backend sees what the first attempt left");
+        assert_eq!(backend.calls(), ["prepare", "prepare"]);
+    }
+
+    #[test]
+    fn reap_removes_jobs_whose_runner_is_gone_and_keeps_the_others() {
+        let s = setup("");
+        let backend = FakeBackend::default();
+        let states = StateDir::new(&s.runner.state_dir);
+        let two_minutes_ago = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 120;
+        let record = |id: u64, tmp: &Path| {
+            let mut record = JobRecord::new(JobKey::new("demo", id).unwrap(), "fake").runner_tmpdir(Some(tmp.into()));
+            record.created_unix = two_minutes_ago; // past the grace, within the timeout
+            record
+        };
+        drop(states.create(record(1, Path::new("/nonexistent/berth-runner-dir"))).unwrap());
+        drop(states.create(record(2, s.dir.path())).unwrap());
+        reap(&s.runner, &backend, Duration::from_secs(60), true).unwrap();
+        assert_eq!(states.list().unwrap().len(), 2, "a dry run removes nothing");
+        assert!(backend.calls().is_empty());
+        reap(&s.runner, &backend, Duration::from_secs(60), false).unwrap();
+        assert_eq!(states.list().unwrap(), vec![JobKey::new("demo", 2).unwrap()]);
+        assert_eq!(backend.calls(), ["cleanup"]);
+    }
 
     #[test]
     fn a_job_is_gone_when_its_runner_dir_vanished_or_it_outlived_its_timeout() {

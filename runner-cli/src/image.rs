@@ -1,13 +1,14 @@
 //! `berth image`: building and maintaining the root filesystems jobs run on.
 
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use berth_backend_support::generations::{disk_usage, Draft, ImageLock, Images};
 
 use crate::cli::{Bootstrapper, ImageArgs, ImageCommand};
+use crate::exit::Done;
 
 /// Packages every image gets: what booting and CI jobs need.
 const BASE_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "git", "ca-certificates", "curl"];
@@ -23,7 +24,8 @@ impl Progress {
     }
 }
 
-pub fn main(args: &ImageArgs) -> Result<ExitCode> {
+/// `berth image ...`.
+pub fn main(args: &ImageArgs) -> Result<Done> {
     let images = Images::new(&args.images_dir);
     let progress = Progress(Instant::now());
     let lock = |name: &str| -> Result<ImageLock> {
@@ -77,7 +79,7 @@ pub fn main(args: &ImageArgs) -> Result<ExitCode> {
             let status = enter(draft.path(), &[], true)?;
             if !status.success() {
                 println!("The shell exited with {status}: changes dropped, {name} is unchanged.");
-                return Ok(ExitCode::from(1));
+                return Ok(Done::Unsuccessful);
             }
             publish(draft, name, &progress)?;
         }
@@ -93,7 +95,7 @@ pub fn main(args: &ImageArgs) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Done::Success)
 }
 
 fn publish(draft: Draft, name: &str, progress: &Progress) -> Result<()> {

@@ -24,6 +24,7 @@ pub const TEST_BACKENDS_ENV: &str = "BERTH_ALLOW_TEST_BACKENDS";
 type Build = fn(&Runner, &RunnerInfo) -> Result<Box<dyn Backend>, LoadError>;
 
 /// A backend compiled into berth.
+#[derive(Debug)]
 pub struct BuiltIn {
     pub name: &'static str,
     pub summary: &'static str,

@@ -149,10 +149,10 @@ fn create_builds_a_usable_image_from_the_mirror_with_either_tool_and_a_failed_bu
     std::fs::write(&setup, "#!/bin/sh\nset -e\necho provisioned > /etc/berth-setup\n").unwrap();
     let env = Env::new(&chroot_runner(&images));
     for (tool, id) in [("debootstrap", 710_010), ("mmdebstrap", 710_011)] {
+        let missing = format!("{tool} is not installed (apt-get install {tool})");
         let path = std::env::var_os("PATH").unwrap_or_default();
-        if !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()) {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but {tool} is not installed");
-            eprintln!("skipped: {tool} is not installed (apt-get install {tool})");
+        let installed = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
+        if !prerequisite((!installed).then_some(missing)) {
             continue;
         }
         let out = image(

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub use berth_backend_api::testing::prerequisite;
+
 pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
 /// The repository's root.
@@ -150,14 +152,7 @@ pub fn bwrap_plugin() -> Option<PathBuf> {
     } else {
         None
     };
-    match missing {
-        None => Some(path),
-        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but {reason}"),
-        Some(reason) => {
-            eprintln!("skipped: {reason}");
-            None
-        }
-    }
+    prerequisite(missing).then_some(path)
 }
 
 pub const DRY_RUN: &str = "[runners.demo]\nbackend = \"dry-run\"\n";
@@ -179,16 +174,7 @@ pub fn real_containers() -> Option<PathBuf> {
     } else {
         None
     };
-    match missing {
-        None => Some(images),
-        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but cannot test real containers: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("skipped: {reason}");
-            None
-        }
-    }
+    prerequisite(missing.map(|reason| format!("cannot test real containers: {reason}"))).then_some(images)
 }
 
 /// The results of a conformance report (`--json`) that did not pass, as

@@ -7,7 +7,6 @@ mod sources;
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,15 +18,11 @@ use berth_conformance::runner::{Driver, Hook, Log, Stream};
 
 use crate::cli::{Cli, ExecArgs};
 use crate::config;
+use crate::exit::Done;
 
-pub fn main(cli: &Cli, args: &ExecArgs) -> ExitCode {
-    match exec(cli, args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+/// `berth exec`: how the job ended, or why it could not run.
+pub fn main(cli: &Cli, args: &ExecArgs) -> Result<Done, crate::Error> {
+    Ok(exec(cli, args)?)
 }
 
 /// The job log on this terminal.
@@ -120,28 +115,23 @@ fn local_state_dir() -> PathBuf {
     }
 }
 
-fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
+fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     if args.list {
         let text =
             std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
         for name in pipeline::job_names(&text, &args.file)? {
             println!("{name}");
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Done::Success);
     }
     let job = pipeline::load(&args.file, args.job.as_deref().unwrap_or_default())?;
     // The runner: a configured one, or an ad-hoc one for --backend.
     let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
     let (config_path, runner) = match &args.backend {
         Some(backend) => {
-            let path = adhoc.path().join("config.toml");
-            let state = local_state_dir();
-            let text = format!(
-                "state_dir = {}\n[runners.local]\nbackend = {}\n",
-                toml_str(&state.display().to_string()),
-                toml_str(backend)
-            );
-            std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
+            let mut table = toml::Table::new();
+            table.insert("backend".into(), toml::Value::String(backend.clone()));
+            let path = config::write_adhoc(adhoc.path(), &local_state_dir(), "local", table)?;
             let runner = config::load(&path, None)?;
             (path, runner)
         }
@@ -170,7 +160,7 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let id = 8_000_000_000_000 + (now.as_millis() as u64 % 1_000_000_000) * 1000 + u64::from(std::process::id() % 1000);
-    let timeout = args.timeout.or(job.timeout_secs).unwrap_or(3600);
+    let timeout = args.timeout.map(|t| t.as_secs().max(1)).or(job.timeout_secs).unwrap_or(3600);
     let mut response = JobResponse::new(id);
     response.token = format!("berth-exec-token-{id:x}{:x}", now.subsec_nanos());
     response.job_info = JobInfo::new(job.name.clone(), job.stage.clone(), format!("local/{project}"));
@@ -250,11 +240,7 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
         }
     }
     log.runner(&report.outcome.verdict());
-    Ok(ExitCode::from(report.outcome.exit_code() as u8))
-}
-
-fn toml_str(text: &str) -> String {
-    toml::Value::String(text.to_owned()).to_string()
+    Ok(Done::Job(report.outcome))
 }
 
 /// A project name usable in a path: keeps `a-z0-9._-`, maps the rest to `-`.
