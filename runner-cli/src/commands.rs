@@ -22,6 +22,9 @@ pub fn main() -> ExitCode {
     match &cli.command {
         Command::Config | Command::Prepare | Command::Run(_) | Command::Cleanup => hook(&cli),
         command => {
+            // A command's output piped into `head` ends it quietly, as for any Unix tool.
+            // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             if !matches!(command, Command::Exec(_)) {
                 init_tracing(if matches!(command, Command::Reap(_)) { "info" } else { "" });
             }
@@ -48,6 +51,8 @@ pub fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // The runner's log (journald) is no terminal: colour codes would be noise there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

@@ -223,3 +223,31 @@ fn reap_removes_jobs_whose_runner_is_gone_and_keeps_running_ones() {
     assert!(env.state().join("jobs/host-48151624").exists(), "a job whose runner dir exists is kept");
     assert!(live.hook(&env, "host", &["cleanup"]).status.success());
 }
+
+#[test]
+fn the_runner_side_log_has_no_colour_codes_when_it_is_not_a_terminal() {
+    let env = Env::new(DRY_RUN);
+    let job = env.job("job");
+    assert!(job.hook(&env, "demo", &["prepare"]).status.success());
+    let out = job.hook(&env, "demo", &["cleanup"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("cleanup"), "cleanup logs to the runner's log: {log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log that is no terminal: {log:?}");
+    let out = env.berth("demo").arg("reap").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("reap done"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in reap's log: {log:?}");
+}
+
+#[test]
+fn a_command_piped_into_a_closed_reader_ends_quietly_by_sigpipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read); // `berth backends | head -0`: the reader is gone before berth writes
+    let env = Env::new(DRY_RUN);
+    let out = env.berth("demo").arg("backends").stdout(std::process::Stdio::from(write)).output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?} {}", out.status, text(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{}", text(&out));
+}
