@@ -55,9 +55,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ImageArgs {
-    /// The images directory (the backends' `images_dir`).
-    #[arg(long, env = "BERTH_IMAGES_DIR", default_value = "/var/lib/berth/images")]
-    pub images_dir: PathBuf,
+    /// The images directory (default: the `images_dir` of the runner given with
+    /// `--runner`, else /var/lib/berth/images).
+    #[arg(long, env = "BERTH_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: ImageCommand,
 }

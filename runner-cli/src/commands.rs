@@ -109,7 +109,7 @@ fn tool(cli: &Cli) -> Result<Done, Error> {
             Ok(Done::Success)
         }
         Command::Conformance(args) => Ok(conformance(cli, args)?),
-        Command::Image(args) => Ok(crate::image::main(args)?),
+        Command::Image(args) => Ok(crate::image::main(cli, args)?),
         _ => unreachable!("hooks and exec are dispatched in main"),
     }
 }

@@ -1,13 +1,14 @@
 //! `berth image`: building and maintaining the root filesystems jobs run on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use berth_backend_support::generations::{disk_usage, Draft, ImageLock, Images};
 
-use crate::cli::{Bootstrapper, ImageArgs, ImageCommand};
+use crate::cli::{Bootstrapper, Cli, ImageArgs, ImageCommand};
+use crate::config;
 use crate::exit::Done;
 
 /// Packages every image gets: what booting and CI jobs need.
@@ -24,9 +25,15 @@ impl Progress {
     }
 }
 
+/// Where images are when neither `--images-dir` nor a runner says.
+const DEFAULT_IMAGES_DIR: &str = "/var/lib/berth/images";
+
 /// `berth image ...`.
-pub fn main(args: &ImageArgs) -> Result<Done> {
-    let images = Images::new(&args.images_dir);
+pub fn main(cli: &Cli, args: &ImageArgs) -> Result<Done> {
+    let (dir, source) = images_dir(cli, args)?;
+    // Which directory, and why: an image built where the runner does not look is refused at every job.
+    eprintln!("images: {} ({source})", dir.display());
+    let images = Images::new(&dir);
     let progress = Progress(Instant::now());
     let lock = |name: &str| -> Result<ImageLock> {
         images
@@ -96,6 +103,30 @@ pub fn main(args: &ImageArgs) -> Result<Done> {
         }
     }
     Ok(Done::Success)
+}
+
+/// The images directory for this command, and where it came from: the
+/// option (or `BERTH_IMAGES_DIR`), else the `images_dir` of the runner given
+/// with `--runner` (its settings checked as a job's would be), else the default.
+fn images_dir(cli: &Cli, args: &ImageArgs) -> Result<(PathBuf, String)> {
+    if let Some(dir) = &args.images_dir {
+        return Ok((dir.clone(), "--images-dir or BERTH_IMAGES_DIR".to_owned()));
+    }
+    let Some(name) = &cli.runner else {
+        return Ok((PathBuf::from(DEFAULT_IMAGES_DIR), "the default; --runner NAME uses that runner's".to_owned()));
+    };
+    let runner = config::load(&cli.config, Some(name))?;
+    let backend = crate::registry::load(&runner)?;
+    if !backend.describe().capabilities.images {
+        bail!(
+            "runner {name} (backend {}) runs no images, so it has no images_dir; give --images-dir, or a runner whose backend uses images",
+            backend.describe().name
+        );
+    }
+    Ok(match runner.settings.get("images_dir").and_then(toml::Value::as_str) {
+        Some(dir) => (PathBuf::from(dir), format!("images_dir of runner {name}")),
+        None => (PathBuf::from(DEFAULT_IMAGES_DIR), format!("runner {name} sets no images_dir: the default")),
+    })
 }
 
 fn publish(draft: Draft, name: &str, progress: &Progress) -> Result<()> {

@@ -266,3 +266,20 @@ fn image_scripts_run_as_roots_of_their_own_not_as_the_hosts() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(images.to_str().unwrap()) && !mounts.contains("/run/berth-image/"), "{mounts}");
 }
+
+#[test]
+fn an_image_command_given_a_runner_uses_that_runners_images_dir_and_says_so() {
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("runner-images");
+    std::fs::create_dir(&images).unwrap();
+    let env = Env::new(&format!("{}[runners.demo]\nbackend = \"dry-run\"\n", chroot_runner(&images)));
+    let out = env.berth("ch").args(["image", "list"]).env_remove("BERTH_IMAGES_DIR").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = images.display().to_string();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("no images in {shown}")), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("images: {shown} (images_dir of runner ch)")));
+    // A runner without images has no images_dir to take: refused, with what to do.
+    let out = env.berth("demo").args(["image", "list"]).env_remove("BERTH_IMAGES_DIR").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("runs no images, so it has no images_dir; give --images-dir"), "{}", text(&out));
+}
