@@ -134,7 +134,7 @@ fn describe(cli: &Cli, args: &DescribeArgs) -> Result<Done> {
 }
 
 fn absolute(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+    std::fs::canonicalize(path).or_else(|_| std::path::absolute(path)).unwrap_or_else(|_| path.to_owned())
 }
 
 fn toml_string(text: &str) -> String {
@@ -144,7 +144,8 @@ fn toml_string(text: &str) -> String {
 fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<Done> {
     let runner = config::load(&cli.config, cli.runner.as_deref())?;
     let berth = match &args.berth {
-        Some(path) => path.clone(),
+        // gitlab-runner runs hooks from its own directory: a relative path would not be found.
+        Some(path) => absolute(path),
         None => std::env::current_exe().context("failed to find this executable's path; pass --berth")?,
     };
     let berth = toml_string(&berth.display().to_string());

@@ -14,14 +14,16 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
 /// A configuration problem: says the file, the key and the line where it can.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("failed to read berth's configuration {path}: {source} (set --config or BERTH_CONFIG, or create it; `berth gitlab-config` shows an example)")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("failed to read berth's configuration {path}: {error}; create it (README: \"Using berth with gitlab-runner\" shows one) or give its path with --config or BERTH_CONFIG")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("invalid configuration {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration {path}, line {line}: key `{key}`: {message}")]
     Key { path: PathBuf, line: usize, key: String, message: String },
     #[error("{path} defines no runner named {name:?}; defined: {defined}")]
     NoSuchRunner { path: PathBuf, name: String, defined: String },
+    #[error("{path} defines no runners: add one, e.g. [runners.demo] with backend = \"dry-run\"")]
+    NoRunners { path: PathBuf },
     #[error("{path} defines {count} runners ({defined}): choose one with --runner or BERTH_RUNNER")]
     WhichRunner { path: PathBuf, count: usize, defined: String },
 }
@@ -125,7 +127,7 @@ pub fn write_adhoc(dir: &Path, state_dir: &Path, name: &str, runner: toml::Table
 
 /// Reads `path` and resolves the runner `name` (or the only one).
 pub fn load(path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
     parse(&text, path, name)
 }
 
@@ -149,11 +151,12 @@ pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, Conf
             })?
         }
         None if raw.runners.len() == 1 => raw.runners.iter().next().expect("one runner"),
+        None if raw.runners.is_empty() => return Err(ConfigError::NoRunners { path: path.to_owned() }),
         None => {
             return Err(ConfigError::WhichRunner {
                 path: path.to_owned(),
                 count: raw.runners.len(),
-                defined: if raw.runners.is_empty() { "none".into() } else { defined() },
+                defined: defined(),
             })
         }
     };
@@ -273,6 +276,20 @@ mod tests {
         assert!(err.contains("line 1") && err.contains("runner names"), "{err}");
         let err = parse_err("[runners.demo\n", None);
         assert!(err.contains("/etc/berth/config.toml") && err.contains("line 1"), "{err}");
+        let err = parse_err("state_dir = \"/srv\"\n", None);
+        assert_eq!(
+            err,
+            "/etc/berth/config.toml defines no runners: add one, e.g. [runners.demo] with backend = \"dry-run\""
+        );
+    }
+
+    #[test]
+    fn a_missing_file_says_so_once_and_what_to_do() {
+        let err = load(Path::new("/nonexistent/berth.toml"), None).unwrap_err();
+        let shown = crate::Error::from(err).report();
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert!(shown.contains("--config or BERTH_CONFIG"), "{shown}");
+        assert!(!shown.contains("gitlab-config"), "gitlab-config needs the same file: {shown}");
     }
 
     mod property {

@@ -1,5 +1,7 @@
 //! The four hooks called by hand, with the environment gitlab-runner sets.
 
+use std::path::Path;
+
 use crate::util::*;
 
 #[test]
@@ -196,6 +198,18 @@ fn gitlab_config_names_every_hook_with_config_and_runner() {
         assert_eq!(args, ["--config", env.config().to_str().unwrap(), "--runner", "demo", hook]);
     }
     assert!(custom.contains_key("graceful_kill_timeout"));
+}
+
+#[test]
+fn gitlab_config_writes_a_relative_berth_as_an_absolute_path() {
+    let env = Env::new(DRY_RUN);
+    let dir = tempfile::tempdir().unwrap();
+    let out = env.berth("demo").current_dir(dir.path()).args(["gitlab-config", "--berth", "./bin/berth"]).output();
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let block: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let exec = block["runners"][0]["custom"]["run_exec"].as_str().unwrap().to_owned();
+    assert_eq!(Path::new(&exec), dir.path().join("bin/berth"), "gitlab-runner runs hooks from its own directory");
 }
 
 #[test]
