@@ -142,7 +142,9 @@ fn toml_string(text: &str) -> String {
 }
 
 fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<Done> {
-    let runner = config::load(&cli.config, cli.runner.as_deref())?;
+    // The runner's backend is built as a job's would be: a block for a runner
+    // whose settings are wrong would fail every job once pasted.
+    let (runner, _backend) = load(cli)?;
     let berth = match &args.berth {
         // gitlab-runner runs hooks from its own directory: a relative path would not be found.
         Some(path) => absolute(path),

@@ -265,3 +265,14 @@ fn a_command_piped_into_a_closed_reader_ends_quietly_by_sigpipe() {
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?} {}", out.status, text(&out));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{}", text(&out));
 }
+
+#[test]
+fn gitlab_config_refuses_a_runner_whose_settings_would_fail_every_job() {
+    let env =
+        Env::new("[runners.demo]\nbackend = \"dry-run\"\n[runners.demo.settings]\nfail_stagee = \"build_script\"\n");
+    let out = env.berth("demo").args(["gitlab-config", "--berth", "/usr/bin/berth"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(out.stdout.is_empty(), "no block for a broken runner: {}", text(&out));
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("line 5") && message.contains("runners.demo.settings.fail_stagee"), "{message}");
+}
