@@ -113,3 +113,18 @@ fn ctrl_c_cancels_the_running_step_then_after_script_and_cleanup_run() {
     assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with("ERROR: Job failed: canceled"), "{log}");
     assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "cleanup ran:\n{log}");
 }
+
+#[test]
+fn a_pipeline_below_the_root_of_its_work_tree_says_which_files_the_job_gets() {
+    let env = Env::new(DRY_RUN);
+    let hello = repo().join("examples/hello");
+    let out = env.berth("demo").current_dir(&hello).args(["exec", "--retry-delay-ms", "50", "test"]).output().unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let shown = std::fs::canonicalize(&hello).unwrap();
+    let note = format!("(the pipeline file is in examples/hello/ of it); --sources {}", shown.display());
+    assert!(log.contains("Project files: the git work tree") && log.contains(&note), "{log}");
+    // With --sources, as the quick start runs it, nothing to say.
+    let out = env.exec_sample("demo", "test", &[]);
+    assert!(!text(&out).contains("Project files:"), "{}", text(&out));
+}

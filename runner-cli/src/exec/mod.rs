@@ -142,12 +142,18 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     };
     crate::registry::load(&runner)?;
 
+    // Said in the log when the project is a work tree the pipeline file is not at the root of.
+    let mut sources_note = None;
     let sources = if args.no_sources {
         None
     } else {
         let dir = match &args.sources {
             Some(dir) => dir.clone(),
-            None => sources::work_tree(&args.file)?,
+            None => {
+                let root = sources::work_tree(&args.file)?;
+                sources_note = sources::nested_note(&root, &args.file);
+                root
+            }
         };
         Some((sources::archive(&dir)?, dir))
     };
@@ -229,6 +235,9 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         args.file.display(),
         runner.name
     ));
+    if let Some(note) = &sources_note {
+        log.runner(note);
+    }
     let interrupts = interrupts()?;
     let report = driver.run_job(&spec, &interrupts, &log);
     if !args.verbose {

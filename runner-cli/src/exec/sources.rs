@@ -23,6 +23,23 @@ pub fn work_tree(file: &Path) -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// A note for the log when `file` is not at the root of its work tree `root`:
+/// the job gets the whole tree (as GitLab would), which surprises a user
+/// running a pipeline kept in a subdirectory, such as an example.
+pub fn nested_note(root: &Path, file: &Path) -> Option<String> {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let inner = dir.strip_prefix(std::fs::canonicalize(root).ok()?).ok()?;
+    (!inner.as_os_str().is_empty()).then(|| {
+        format!(
+            "Project files: the git work tree {} (the pipeline file is in {}/ of it); --sources {} carries only that directory",
+            root.display(),
+            inner.display(),
+            dir.display()
+        )
+    })
+}
+
 fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
     let out = Command::new("git").arg("-C").arg(dir).args(args).stderr(Stdio::null()).output().ok()?;
     out.status.success().then_some(out.stdout)
