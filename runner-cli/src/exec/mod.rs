@@ -1,7 +1,6 @@
 //! `berth exec`: one job of a .gitlab-ci.yml, run locally through the full
 //! custom-executor protocol, the way gitlab-runner would run it.
 
-mod pipeline;
 mod sources;
 
 use std::ffi::OsString;
@@ -16,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, ResponseVariable, Step};
 use berth_conformance::job::{Interrupts, JobSpec};
 use berth_conformance::runner::{Driver, Hook, Log, Stream};
+use gitlab_ci as pipeline;
 
 use crate::cli::{Cli, ExecArgs};
 use crate::config;
