@@ -100,7 +100,7 @@ pub(crate) fn parse_document(text: &str, path: &Path) -> Result<Mapping, Pipelin
 /// whose hash itself uses `<<`) and keeps key order: merged keys take the
 /// place of the `<<` key. Keys of the hash win over merged ones; among
 /// several merged hashes, the first one holding a key wins.
-pub(crate) fn apply_merge_keys(value: &mut Value, at: &mut Vec<String>) -> Result<(), String> {
+fn apply_merge_keys(value: &mut Value, at: &mut Vec<String>) -> Result<(), String> {
     match value {
         Value::Mapping(mapping) => {
             for (key, child) in mapping.iter_mut() {
