@@ -1,7 +1,6 @@
 //! `berth exec`: one job of a .gitlab-ci.yml, run locally through the full
 //! custom-executor protocol, the way gitlab-runner would run it.
 
-mod pipeline;
 mod sources;
 
 use std::ffi::OsString;
@@ -119,12 +118,12 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     if args.list {
         let text =
             std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
-        for name in pipeline::job_names(&text, &args.file)? {
+        for name in gitlab_ci::job_names(&text, &args.file)? {
             println!("{name}");
         }
         return Ok(Done::Success);
     }
-    let job = pipeline::load(&args.file, args.job.as_deref().unwrap_or_default())?;
+    let job = gitlab_ci::load(&args.file, args.job.as_deref().unwrap_or_default())?;
     // The runner: a configured one, or an ad-hoc one for --backend.
     let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
     let (config_path, runner) = match &args.backend {

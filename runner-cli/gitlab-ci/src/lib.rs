@@ -1,0 +1,178 @@
+//! Reads a `.gitlab-ci.yml` and resolves one of its jobs, as GitLab would.
+//!
+//! This is the interpreter behind `berth exec`, which runs a single job of a
+//! pipeline file locally, the way the removed `gitlab-runner exec` did. It
+//! turns the file into a flat [`PipelineJob`]: the job's stage, image,
+//! variables, scripts, timeout and failure policy, with everything GitLab
+//! would compute from other parts of the file already applied. It depends on
+//! nothing of berth's; its messages name `berth exec` because that is the
+//! program a user of it runs.
+//!
+//! # What it interprets
+//!
+//! The file is processed in GitLab's order:
+//!
+//! 1. YAML anchors, aliases and merge keys (`<<: *anchor`, also nested and
+//!    lists of anchors);
+//! 2. `extends:` (one name or a list, recursive, deep-merging hashes, at most
+//!    [`MAX_EXTENDS_DEPTH`] levels, cycles rejected);
+//! 3. `!reference [entry, key, ...]` tags, anywhere in the values used
+//!    (references may point at values holding references);
+//! 4. `default:` and the legacy global `image:`, `before_script:`,
+//!    `after_script:`, honouring `inherit:default` and `inherit:variables`.
+//!
+//! Then each keyword a local run needs is decoded: `script:` and its
+//! neighbours (nested lists flattened), `variables:` (plain or
+//! `{value: ...}`), `image:` (a name or `{name: ...}`), `timeout:` (GitLab's
+//! duration syntax, like `1h 30m`), `allow_failure:` (also
+//! `{exit_codes: ...}` and the `when: manual` default) and `stage:`.
+//!
+//! # What it refuses
+//!
+//! Not supported: `include:` (included files are not fetched: jobs and
+//! templates defined there are unknown, and error messages say so),
+//! `spec:inputs` interpolation (a `spec:` header document is skipped),
+//! evaluation of `rules`/`only`/`except`/`needs`, `services`, `cache`,
+//! `artifacts`, `parallel`, and variable expansion (values are kept verbatim).
+//! Keywords that do not affect a local run are ignored silently. A file of
+//! several YAML documents, YAML tags other than `!reference`, trigger jobs
+//! (which have no script), hidden jobs and values of the wrong shape are
+//! refused with a [`PipelineError`] naming the file, the job and the keyword,
+//! and saying how to fix it.
+//!
+//! # Layers
+//!
+//! `yaml` (the document, anchors and merge keys), `resolve` (the job
+//! resolver), `keywords` (one decoder per keyword), `duration` (GitLab's
+//! duration syntax) and `error` (the messages).
+
+#![deny(missing_docs)]
+
+mod duration;
+mod error;
+mod keywords;
+mod resolve;
+mod yaml;
+
+use std::path::Path;
+
+pub use error::PipelineError;
+pub use resolve::MAX_EXTENDS_DEPTH;
+
+use resolve::Resolver;
+
+/// A job of a pipeline file, resolved: defaults applied, `extends` merged, `!reference` expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineJob {
+    /// The job's name: its top-level key.
+    pub name: String,
+    /// The job's `stage:`, `"test"` when it has none.
+    pub stage: String,
+    /// The image name: the job's `image:`, else `default:image`, else the
+    /// legacy global `image:`. `image: {name: x}` gives `x`.
+    pub image: Option<String>,
+    /// Top-level `variables:` first, then the job's; a job variable replaces
+    /// a global one of the same name in place. `{value: x, ...}` gives `x`;
+    /// numbers and booleans are written as YAML writes them.
+    pub variables: Vec<(String, String)>,
+    /// The job's `before_script:`, else `default:before_script`, else the legacy global one.
+    pub before_script: Vec<String>,
+    /// The job's `script:`, nested lists flattened; never empty.
+    pub script: Vec<String>,
+    /// The job's `after_script:`, else `default:after_script`, else the legacy global one.
+    pub after_script: Vec<String>,
+    /// The job's `timeout:`, else `default:timeout`, in seconds.
+    pub timeout_secs: Option<u64>,
+    /// `allow_failure: true`, or a `when: manual` job without `rules` and
+    /// without `allow_failure:`. False for `allow_failure: {exit_codes: ...}`.
+    pub allow_failure: bool,
+    /// The exit codes of `allow_failure: {exit_codes: ...}`: the job may fail
+    /// with these codes only.
+    pub allow_failure_exit_codes: Vec<i32>,
+}
+
+/// Reads the pipeline file at `path` and resolves its job `job`.
+///
+/// # Errors
+///
+/// [`PipelineError::Read`] when the file cannot be read, else as [`parse`].
+pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
+    parse(&text, path, job)
+}
+
+/// Resolves the job `job` of the pipeline file `text`; `path` only names the file in errors.
+///
+/// # Errors
+///
+/// When the text is not YAML or not a pipeline, when `job` is not one of its
+/// runnable jobs, and when the job, what it extends or references, or the
+/// defaults it inherits hold a value of the wrong shape.
+pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
+    Resolver::new(text, path)?.job(job)
+}
+
+/// The runnable jobs of the pipeline file `text`, in file order.
+///
+/// Hidden jobs (`.name`), global keywords, entries that are not hashes, and
+/// trigger jobs (which start a downstream pipeline and have no script) are
+/// left out. `path` only names the file in errors.
+///
+/// # Errors
+///
+/// When the text is not YAML or its top level is not a hash.
+pub fn job_names(text: &str, path: &Path) -> Result<Vec<String>, PipelineError> {
+    Ok(Resolver::new(text, path)?.job_names())
+}
+
+/// What the tests of every layer share: a file name and job lookups.
+#[cfg(test)]
+mod test_support {
+    use std::path::Path;
+
+    use crate::{parse, PipelineError, PipelineJob};
+
+    pub(crate) fn path() -> &'static Path {
+        Path::new("ci.yml")
+    }
+
+    pub(crate) fn job(text: &str, name: &str) -> PipelineJob {
+        parse(text, path(), name).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    pub(crate) fn error(text: &str, name: &str) -> PipelineError {
+        match parse(text, path(), name) {
+            Ok(job) => panic!("{name} resolved to {job:?}"),
+            Err(e) => e,
+        }
+    }
+
+    pub(crate) fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    pub(crate) fn vars(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    #[test]
+    fn load_reads_the_file() {
+        let dir = std::env::temp_dir().join(format!("berth-pipeline-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(".gitlab-ci.yml");
+        std::fs::write(&file, "hello:\n  script: echo hello\n").unwrap();
+        let loaded = load(&file, "hello");
+        let missing = load(&dir.join("absent.yml"), "hello");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded.unwrap().script, strings(&["echo hello"]));
+        let e = missing.unwrap_err();
+        assert!(matches!(e, PipelineError::Read { .. }), "{e:?}");
+        assert!(e.to_string().contains("absent.yml: check that it exists"), "{e}");
+    }
+}

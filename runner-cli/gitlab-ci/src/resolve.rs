@@ -1,0 +1,482 @@
+//! The job resolver: `extends`, `!reference`, `default:` and `inherit:`
+//! applied in GitLab's order, giving one [`PipelineJob`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_norway::{Mapping, Value};
+
+use crate::keywords::{allow_failure, commands, image_name, timeout, variables, Inherit};
+use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string};
+use crate::{PipelineError, PipelineJob};
+
+/// Deepest `extends` chain accepted below a job, as in GitLab.
+pub const MAX_EXTENDS_DEPTH: usize = 11;
+
+/// Deepest chain of `!reference` tags pointing at values holding more of them.
+const MAX_REFERENCE_DEPTH: usize = 10;
+
+/// The stage of a job without `stage:`.
+const DEFAULT_STAGE: &str = "test";
+
+/// Deep-merges `over` into `base`: hashes merge recursively, anything else
+/// in `over` replaces what `base` holds.
+fn deep_merge(base: &mut Mapping, over: &Mapping) {
+    for (key, value) in over {
+        match (base.get_mut(key), value) {
+            (Some(Value::Mapping(inner)), Value::Mapping(value)) => deep_merge(inner, value),
+            _ => {
+                base.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// The parsed file, with the entries extended so far.
+#[derive(Debug)]
+pub(crate) struct Resolver<'a> {
+    path: &'a Path,
+    root: Mapping,
+    includes: bool,
+    /// Entries with `extends` merged, and how many levels of `extends` lie below them.
+    extended: HashMap<String, (Value, usize)>,
+}
+
+impl<'a> Resolver<'a> {
+    pub(crate) fn new(text: &str, path: &'a Path) -> Result<Self, PipelineError> {
+        let root = parse_document(text, path)?;
+        let includes = root.contains_key("include");
+        Ok(Resolver { path, root, includes, extended: HashMap::new() })
+    }
+
+    fn invalid(&self, job: &str, key: &str, message: impl Into<String>) -> PipelineError {
+        PipelineError::Invalid {
+            path: self.path.to_owned(),
+            job: job.to_owned(),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn job_names(&mut self) -> Vec<String> {
+        let candidates: Vec<String> = self
+            .root
+            .iter()
+            .filter(|(_, value)| value.is_mapping())
+            .filter_map(|(key, _)| key.as_str())
+            .filter(|name| is_visible_job(name))
+            .map(str::to_owned)
+            .collect();
+        candidates
+            .into_iter()
+            .filter(|name| match self.extend(name, &mut vec![name.clone()]) {
+                Ok(Value::Mapping(job)) => !job.contains_key("trigger"),
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// The entry `name` with its `extends` merged in; `chain` holds the
+    /// entries being extended, `name` last.
+    fn extend(&mut self, name: &str, chain: &mut Vec<String>) -> Result<Value, PipelineError> {
+        if let Some((done, height)) = self.extended.get(name) {
+            // A cached entry skips the walk below it: check its depth here.
+            if chain.len() - 1 + height > MAX_EXTENDS_DEPTH {
+                return Err(PipelineError::ExtendsTooDeep {
+                    path: self.path.to_owned(),
+                    job: chain[0].clone(),
+                    chain: chain.clone(),
+                });
+            }
+            return Ok(done.clone());
+        }
+        let Some(Value::Mapping(own)) = self.root.get(name) else {
+            return Ok(self.root.get(name).cloned().unwrap_or(Value::Null));
+        };
+        let own = own.clone();
+        let bases = match own.get("extends") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(base)) => vec![base.clone()],
+            Some(Value::Sequence(items)) => {
+                items.iter().map(|item| item.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>().ok_or_else(
+                    || {
+                        self.invalid(
+                            &chain[0],
+                            "extends",
+                            format!("`{name}` extends a list holding something other than names"),
+                        )
+                    },
+                )?
+            }
+            Some(other) => {
+                return Err(self.invalid(
+                    &chain[0],
+                    "extends",
+                    format!("`{name}` extends {}; use a name or a list of names", kind(other)),
+                ))
+            }
+        };
+        let mut merged = Mapping::new();
+        let mut height = 0;
+        for base in bases {
+            let exists = is_job_or_template(&base) && self.root.contains_key(base.as_str());
+            if !exists {
+                return Err(PipelineError::ExtendsMissing {
+                    path: self.path.to_owned(),
+                    job: name.to_owned(),
+                    missing: base,
+                    includes: self.includes,
+                });
+            }
+            if chain.contains(&base) {
+                let mut cycle = chain.clone();
+                cycle.push(base);
+                return Err(PipelineError::ExtendsCycle {
+                    path: self.path.to_owned(),
+                    job: chain[0].clone(),
+                    chain: cycle,
+                });
+            }
+            chain.push(base.clone());
+            if chain.len() > MAX_EXTENDS_DEPTH + 1 {
+                return Err(PipelineError::ExtendsTooDeep {
+                    path: self.path.to_owned(),
+                    job: chain[0].clone(),
+                    chain: chain.clone(),
+                });
+            }
+            let extended = self.extend(&base, chain)?;
+            chain.pop();
+            let base_height = self.extended.get(&base).map_or(0, |(_, h)| *h);
+            height = height.max(base_height + 1);
+            match extended {
+                Value::Mapping(extended) => deep_merge(&mut merged, &extended),
+                other => {
+                    return Err(self.invalid(
+                        &chain[0],
+                        "extends",
+                        format!("`{name}` extends `{base}`, which is {} instead of a hash of keywords", kind(&other)),
+                    ))
+                }
+            }
+        }
+        deep_merge(&mut merged, &own);
+        merged.shift_remove("extends");
+        let merged = Value::Mapping(merged);
+        self.extended.insert(name.to_owned(), (merged.clone(), height));
+        Ok(merged)
+    }
+
+    /// `value` with every `!reference` tag replaced by what it points at.
+    fn expand(
+        &mut self,
+        value: &Value,
+        job: &str,
+        key: &str,
+        stack: &mut Vec<Vec<String>>,
+    ) -> Result<Value, PipelineError> {
+        match value {
+            Value::Tagged(tagged) => {
+                if tagged.tag != "reference" {
+                    return Err(self.invalid(
+                        job,
+                        key,
+                        format!("the YAML tag `{}` is not supported; only `!reference` is", tagged.tag),
+                    ));
+                }
+                let reference = match &tagged.value {
+                    Value::Sequence(items) if !items.is_empty() => {
+                        items.iter().map(|item| item.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>()
+                    }
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    self.invalid(job, key, "`!reference` must be a list of names, like `!reference [.setup, script]`")
+                })?;
+                let bad = |message: &str, includes: bool| PipelineError::BadReference {
+                    path: self.path.to_owned(),
+                    job: job.to_owned(),
+                    reference: reference.clone(),
+                    message: message.to_owned(),
+                    includes,
+                };
+                if stack.contains(&reference) {
+                    return Err(bad("is part of a cycle of references; break the cycle", false));
+                }
+                if stack.len() >= MAX_REFERENCE_DEPTH {
+                    return Err(bad(
+                        &format!(
+                            "nests references more than {MAX_REFERENCE_DEPTH} deep; \
+                             reference the values directly"
+                        ),
+                        false,
+                    ));
+                }
+                stack.push(reference.clone());
+                let target = self.lookup(&reference, job, key, stack);
+                let expanded = target.and_then(|target| self.expand(&target, job, key, stack));
+                stack.pop();
+                expanded
+            }
+            Value::Mapping(mapping) => {
+                let mut out = Mapping::with_capacity(mapping.len());
+                for (k, v) in mapping {
+                    out.insert(k.clone(), self.expand(v, job, key, stack)?);
+                }
+                Ok(Value::Mapping(out))
+            }
+            Value::Sequence(items) => items
+                .iter()
+                .map(|item| self.expand(item, job, key, stack))
+                .collect::<Result<_, _>>()
+                .map(Value::Sequence),
+            other => Ok(other.clone()),
+        }
+    }
+
+    /// The value a `!reference` points at, in the extended file.
+    fn lookup(
+        &mut self,
+        reference: &[String],
+        job: &str,
+        key: &str,
+        stack: &mut Vec<Vec<String>>,
+    ) -> Result<Value, PipelineError> {
+        let bad = |message: String, includes: bool| PipelineError::BadReference {
+            path: self.path.to_owned(),
+            job: job.to_owned(),
+            reference: reference.to_vec(),
+            message,
+            includes,
+        };
+        let entry = &reference[0];
+        if !self.root.contains_key(entry.as_str()) {
+            return Err(bad(format!("points at `{entry}`, which is not defined in this file"), self.includes));
+        }
+        let mut current = if is_job_or_template(entry) {
+            self.extend(entry, &mut vec![entry.clone()])?
+        } else {
+            self.root[entry.as_str()].clone()
+        };
+        for (depth, step) in reference.iter().enumerate().skip(1) {
+            if let Value::Tagged(_) = current {
+                current = self.expand(&current, job, key, stack)?;
+            }
+            let parent = reference[..depth].join(":");
+            current = match current {
+                Value::Mapping(mut mapping) => mapping
+                    .swap_remove(step.as_str())
+                    .ok_or_else(|| bad(format!("points at `{step}`, but `{parent}` has no such key"), false))?,
+                other => {
+                    return Err(bad(
+                        format!("looks up `{step}` in `{parent}`, which is {} instead of a hash", kind(&other)),
+                        false,
+                    ))
+                }
+            };
+        }
+        Ok(current)
+    }
+
+    /// `key` of `mapping`, references expanded; `None` when absent or null.
+    fn field(&mut self, mapping: &Mapping, key: &str, job: &str, label: &str) -> Result<Option<Value>, PipelineError> {
+        match mapping.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => match self.expand(value, job, label, &mut Vec::new())? {
+                Value::Null => Ok(None),
+                value => Ok(Some(value)),
+            },
+        }
+    }
+
+    /// The top-level keyword `key`, references expanded; `None` when absent or null.
+    fn global(&mut self, key: &str, job: &str, label: &str) -> Result<Option<Value>, PipelineError> {
+        let mut holder = Mapping::new();
+        if let Some(value) = self.root.get(key) {
+            holder.insert(Value::from(key), value.clone());
+        }
+        self.field(&holder, key, job, label)
+    }
+
+    /// The value of `key` for the job: the job's own, else `default:`'s if
+    /// inherited, else the legacy global keyword if `legacy`. Returns the
+    /// value with the label naming where it came from.
+    fn inherited(
+        &mut self,
+        own: &Mapping,
+        default: &Mapping,
+        inherit: &Inherit,
+        key: &str,
+        legacy: bool,
+        job: &str,
+    ) -> Result<Option<(Value, String)>, PipelineError> {
+        if let Some(value) = self.field(own, key, job, key)? {
+            return Ok(Some((value, key.to_owned())));
+        }
+        if !inherit.allows(key) {
+            return Ok(None);
+        }
+        let label = format!("default:{key}");
+        if let Some(value) = self.field(default, key, job, &label)? {
+            return Ok(Some((value, label)));
+        }
+        if legacy {
+            let label = format!("{key} (top-level)");
+            if let Some(value) = self.global(key, job, &label)? {
+                return Ok(Some((value, label)));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn job(&mut self, name: &str) -> Result<PipelineJob, PipelineError> {
+        if !is_visible_job(name) || !self.root.contains_key(name) {
+            return Err(PipelineError::NoSuchJob {
+                path: self.path.to_owned(),
+                job: name.to_owned(),
+                available: self.job_names(),
+                includes: self.includes,
+            });
+        }
+        let own = match self.extend(name, &mut vec![name.to_owned()])? {
+            Value::Mapping(own) => own,
+            other => {
+                return Err(self.invalid(
+                    name,
+                    "",
+                    format!("the job is {}, but a job is a hash of keywords like `script:`", kind(&other)),
+                ))
+            }
+        };
+        if own.contains_key("trigger") {
+            return Err(self.invalid(
+                name,
+                "trigger",
+                "this is a trigger job, which starts a downstream pipeline instead of \
+                 running a script; `berth exec` can only run jobs with `script:`",
+            ));
+        }
+
+        let (inherit_default, inherit_variables) = match self.field(&own, "inherit", name, "inherit")? {
+            None => (Inherit::All, Inherit::All),
+            Some(Value::Mapping(inherit)) => {
+                if let Some(key) = inherit.keys().find(|key| !matches!(key.as_str(), Some("default" | "variables"))) {
+                    return Err(self.invalid(
+                        name,
+                        "inherit",
+                        format!(
+                            "unknown key `{}`; the known keys are default and variables",
+                            scalar_string(key).unwrap_or_else(|| kind(key).to_owned())
+                        ),
+                    ));
+                }
+                let parse = |key: &str| {
+                    Inherit::parse(inherit.get(key))
+                        .map_err(|message| self.invalid(name, &format!("inherit:{key}"), message))
+                };
+                (parse("default")?, parse("variables")?)
+            }
+            Some(other) => {
+                return Err(self.invalid(
+                    name,
+                    "inherit",
+                    format!("must be a hash with `default:` and/or `variables:`, not {}", kind(&other)),
+                ))
+            }
+        };
+
+        let default = match self.global("default", name, "default")? {
+            None => Mapping::new(),
+            Some(Value::Mapping(default)) => default,
+            Some(other) => {
+                return Err(self.invalid(name, "default", format!("must be a hash of keywords, not {}", kind(&other))))
+            }
+        };
+
+        let stage = match self.field(&own, "stage", name, "stage")? {
+            None => DEFAULT_STAGE.to_owned(),
+            Some(Value::String(stage)) if !stage.is_empty() => stage,
+            Some(other) => {
+                return Err(self.invalid(name, "stage", format!("must be a stage name, not {}", kind(&other))))
+            }
+        };
+
+        let image = match self.inherited(&own, &default, &inherit_default, "image", true, name)? {
+            None => None,
+            Some((value, label)) => Some(image_name(&value).map_err(|message| self.invalid(name, &label, message))?),
+        };
+
+        let mut scripts = Vec::new();
+        for key in ["before_script", "after_script"] {
+            scripts.push(match self.inherited(&own, &default, &inherit_default, key, true, name)? {
+                None => Vec::new(),
+                Some((value, label)) => commands(&value).map_err(|message| self.invalid(name, &label, message))?,
+            });
+        }
+        let after_script = scripts.pop().unwrap_or_default();
+        let before_script = scripts.pop().unwrap_or_default();
+
+        let script = match self.field(&own, "script", name, "script")? {
+            None => {
+                return Err(self.invalid(
+                    name,
+                    "script",
+                    "the job has no `script:`; add one (or `extends:` a template that has one)",
+                ))
+            }
+            Some(value) => commands(&value).map_err(|message| self.invalid(name, "script", message))?,
+        };
+        if script.is_empty() {
+            return Err(self.invalid(name, "script", "the job's `script:` is empty; add a command"));
+        }
+
+        let timeout_secs = match self.inherited(&own, &default, &inherit_default, "timeout", false, name)? {
+            None => None,
+            Some((value, label)) => Some(timeout(&value).map_err(|message| self.invalid(name, &label, message))?),
+        };
+
+        let (allow_failure, allow_failure_exit_codes) =
+            match self.field(&own, "allow_failure", name, "allow_failure")? {
+                Some(value) => allow_failure(&value).map_err(|message| self.invalid(name, "allow_failure", message))?,
+                None => {
+                    let manual = self.field(&own, "when", name, "when")? == Some(Value::String("manual".to_owned()));
+                    (manual && !own.contains_key("rules"), Vec::new())
+                }
+            };
+
+        let global_variables = self.global("variables", name, "variables (top-level)")?;
+        let mut all_variables: Vec<(String, String)> = match global_variables {
+            None => Vec::new(),
+            Some(value) => variables(&value)
+                .map_err(|message| self.invalid(name, "variables (top-level)", message))?
+                .into_iter()
+                .filter(|(variable, _)| inherit_variables.allows(variable))
+                .collect(),
+        };
+        if let Some(value) = self.field(&own, "variables", name, "variables")? {
+            let job_variables = variables(&value).map_err(|message| self.invalid(name, "variables", message))?;
+            for (variable, value) in job_variables {
+                match all_variables.iter_mut().find(|(existing, _)| *existing == variable) {
+                    Some(slot) => slot.1 = value,
+                    None => all_variables.push((variable, value)),
+                }
+            }
+        }
+
+        Ok(PipelineJob {
+            name: name.to_owned(),
+            stage,
+            image,
+            variables: all_variables,
+            before_script,
+            script,
+            after_script,
+            timeout_secs,
+            allow_failure,
+            allow_failure_exit_codes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
