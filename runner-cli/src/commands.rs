@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use berth_backend_api::{Capabilities, Description, Isolation, JobContext};
-use berth_conformance::runner::{Hook, HookExec};
+use berth_runner_imitation::runner::{Hook, HookExec};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs};

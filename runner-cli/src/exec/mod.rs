@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, ResponseVariable, Step};
-use berth_conformance::job::{Interrupts, JobSpec};
-use berth_conformance::runner::{Driver, Hook, Log, Stream};
+use berth_runner_imitation::job::{Interrupts, JobSpec};
+use berth_runner_imitation::runner::{Driver, Hook, Log, Stream};
 
 use crate::cli::{Cli, ExecArgs};
 use crate::config;
@@ -250,7 +250,14 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<ExitCode> {
         }
     }
     log.runner(&report.outcome.verdict());
-    Ok(ExitCode::from(report.outcome.exit_code() as u8))
+    let outcome = &report.outcome;
+    Ok(ExitCode::from(if outcome.passed() {
+        0
+    } else if outcome.is_system_failure() {
+        2
+    } else {
+        1
+    }))
 }
 
 fn toml_str(text: &str) -> String {
