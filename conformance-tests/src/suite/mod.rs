@@ -365,3 +365,55 @@ const CHECKS: &[&Check] = &[
     &containment::CONTAINMENT_CACHE_NOSUID,
     &containment::CONTAINMENT_CACHE_PER_PROJECT,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checks_keep_their_ids_and_order() {
+        let ids: Vec<&str> = checks().iter().map(|c| c.id).collect();
+        assert_eq!(
+            ids,
+            [
+                "config.json",
+                "cleanup.unprepared",
+                "cleanup.idempotent",
+                "stage.unknown-name",
+                "hook.releases-log",
+                "secrets.masked",
+                "job.success",
+                "exit.success",
+                "exit.codes",
+                "exit.codes-from-env",
+                "job.failure",
+                "stage.state-persists",
+                "stage.background-process",
+                "identity.trusted",
+                "variables.exact",
+                "cleanup.after-killed-prepare",
+                "isolation.concurrent",
+                "cancel.sigterm",
+                "containment.own-root",
+                "containment.chroot-escape",
+                "containment.open-by-handle",
+                "containment.root-unmapped",
+                "containment.no-devices",
+                "containment.sysctl-readonly",
+                "containment.env-private",
+                "containment.job-binaries",
+                "containment.cache-nosuid",
+                "containment.cache-per-project",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_finding_becomes_the_verdict_with_its_message() {
+        assert_eq!(Verdict::from(Ok(())), Verdict::Pass);
+        assert_eq!(Verdict::from(Err(Finding::from("broken"))), Verdict::Fail("broken".into()));
+        let skip = Verdict::from(Err(Finding::Skip("cannot".into())));
+        assert_eq!((skip.as_str(), skip.detail()), ("skip", "cannot"));
+        assert_eq!((Verdict::Pass.as_str(), Verdict::Pass.detail()), ("pass", ""));
+    }
+}
