@@ -1,7 +1,5 @@
-//! The conformance suite of berth backends, and the GitLab Runner imitation it
-//! (and `berth exec`) drives backends with.
+//! The conformance suite of berth backends, driven through the GitLab Runner
+//! imitation of `berth-runner-imitation`.
 #![deny(missing_docs)]
 
-pub mod job;
-pub mod runner;
 pub mod suite;

@@ -5,10 +5,11 @@
 //! standalone mode) per job and runs every stage in it as a unit of its own.
 //! The chroot backend mounts a disposable copy-on-write root of the same image
 //! per job (no init) and every stage enters it (`pivot_root`, the job's user
-//! namespace and cgroup, a PID namespace of its own). This bench drives berth's hooks by hand, each a new process with
-//! the runner's environment (its own `TMPDIR` with a `response.json`, the
-//! exit-code variables, `CUSTOM_ENV_*`), and times whole processes, spawn to
-//! exit. It prints one table per backend. The floor of a stage is the same
+//! namespace and cgroup, a PID namespace of its own). This bench drives berth's
+//! hooks through the GitLab Runner imitation (`berth_runner_imitation`), each
+//! a new process with the runner's environment (its own `TMPDIR` with a
+//! `response.json`, the exit-code variables, `CUSTOM_ENV_*`) and stage scripts
+//! in the runner's format, and times whole processes, spawn to exit. It prints one table per backend. The floor of a stage is the same
 //! `true` stage script run directly on the host with `bash SCRIPT` (spawn and
 //! wait); a stage's overhead is the median of `berth run` minus the median of
 //! that floor.
@@ -64,15 +65,23 @@
 //! (`cargo test --benches`) each figure is taken once, as a smoke test.
 
 mod common;
+#[path = "backends/host.rs"]
+mod host;
+#[path = "backends/table.rs"]
+mod table;
 
-use common::Stats;
-use std::ffi::{OsStr, OsString};
-use std::fs::File;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+
+use berth_backend_api::{JobInfo, JobResponse, ResponseVariable};
+use berth_runner_imitation::runner::{Driver, Hook, JobRun, Log, Quiet};
+use common::{timed, Stats};
+use host::{can_run, host_cpu, leftovers, mounts_under};
+use table::{Row, Target};
 
 /// The berth binary cargo built for this bench (same profile as the bench).
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
@@ -236,13 +245,18 @@ fn main() {
     let kinds = selected_backends();
 
     let images = std::env::var_os("BERTH_TEST_IMAGES").map_or_else(|| PathBuf::from(DEFAULT_IMAGES), PathBuf::from);
+    let binary = berth_binary();
+    // Hooks inherit this process's environment, as the runner's do: nothing of it may change berth's behaviour.
+    for key in common::scrubbed_vars() {
+        std::env::remove_var(key);
+    }
     let mut left_something = false;
     for (slot, kind) in kinds.into_iter().enumerate() {
         if let Err(reason) = can_run(kind, &images) {
             println!("berth {} benchmarks skipped: {reason}", kind.name());
             continue;
         }
-        let bench = Bench::new(kind, &images, slot as u64);
+        let bench = Bench::new(kind, &binary, &images, slot as u64);
         left_something |= !bench_backend(&bench, &images, plan);
     }
     if left_something {
@@ -284,7 +298,7 @@ fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
         exec.arg("exec").arg("--file").arg(&pipeline).arg("--sources").arg(&sources).arg("test");
         exec.env("TMPDIR", bench.dir.path()).current_dir(bench.dir.path());
         let log = bench.dir.path().join("exec.log");
-        let elapsed = timed(&mut exec, &log, true, &format!("{}: berth exec", kind.name()), &bench.scrub);
+        let elapsed = timed(&mut exec, &log, true, &format!("{}: berth exec", kind.name()), &[]);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let attempts = text.lines().filter(|line| line.trim() == "Preparing environment").count();
         if attempts > 1 && exec_retries == 0 {
@@ -415,33 +429,6 @@ fn bench_backend(bench: &Bench, images: &Path, plan: Plan) -> bool {
     }
 }
 
-/// CPU time spent on the whole host so far, every core and process (`/proc/stat`).
-fn host_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").expect("reads /proc/stat");
-    let line = stat.lines().next().expect("/proc/stat has a cpu line");
-    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
-    let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|t| t.parse().expect("a tick count")).collect();
-    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(busy * 1000 / hz)
-}
-
-/// Why the bench cannot run `kind` here, if it cannot.
-fn can_run(kind: Kind, images: &Path) -> Result<(), String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Err(format!("not root (the {} backend needs root)", kind.name()));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    if !std::env::split_paths(&path).any(|dir| dir.join(kind.tool()).is_file()) {
-        return Err(format!("{} is not installed (not on PATH)", kind.tool()));
-    }
-    if !images.join(IMAGE).is_dir() {
-        return Err(format!("no image {IMAGE:?} in {} (set BERTH_TEST_IMAGES)", images.display()));
-    }
-    Ok(())
-}
-
 /// The configuration, state directory and job ids shared by every job of one backend.
 struct Bench {
     kind: Kind,
@@ -451,10 +438,9 @@ struct Bench {
     /// is set or something is still mounted in it.
     dir: tempfile::TempDir,
     keep: AtomicBool,
-    config: PathBuf,
     state: PathBuf,
-    /// Variables of this process that would change berth's behaviour.
-    scrub: Vec<OsString>,
+    /// `berth --config CONFIG --runner RUNNER HOOK`, as gitlab-runner calls it.
+    driver: Driver,
     /// Job ids: distinct per bench process, per backend and per job.
     base_id: u64,
     next: AtomicU64,
@@ -471,9 +457,7 @@ struct FullJob {
 
 impl Bench {
     /// `slot`: the backend's place in this run (for distinct job ids).
-    fn new(kind: Kind, images: &Path, slot: u64) -> Self {
-        let root =
-            Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runner-cli is inside the workspace").to_owned();
+    fn new(kind: Kind, binary: &Path, images: &Path, slot: u64) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("berth-bench-{}", kind.name()))
             .tempdir()
@@ -491,47 +475,30 @@ impl Bench {
             kind.extra_settings(),
         );
         std::fs::write(&config, text).expect("failed to write the configuration");
-        let scrub = std::env::vars_os()
-            .map(|(key, _)| key)
-            .filter(|key| key.to_str().is_some_and(|k| k.starts_with("BERTH_") || k.starts_with("CUSTOM_ENV_")))
-            .collect();
+        let args: Vec<OsString> = vec!["--config".into(), config.into(), "--runner".into(), runner.into()];
+        let driver = Driver::new(binary, args);
         let base_id = 7_000_000_000_000 + u64::from(std::process::id()) * 100_000 + slot * IDS_PER_BACKEND;
-        Bench { kind, root, dir, keep: false.into(), config, state, scrub, base_id, next: AtomicU64::new(0) }
+        let root = common::workspace_root();
+        Bench { kind, root, dir, keep: false.into(), state, driver, base_id, next: AtomicU64::new(0) }
     }
 
     /// `berth --config CONFIG --runner RUNNER`.
     fn berth(&self) -> Command {
-        let mut command = Command::new(berth_binary());
-        command.arg("--config").arg(&self.config).arg("--runner").arg(self.kind.runner());
+        let mut command = Command::new(&self.driver.program);
+        command.args(&self.driver.args);
         command
     }
 
-    /// A new job: its own id and temp dir with the job payload.
+    /// A new job: its own id, and the runner's temp dir for it with the job payload.
     fn job(&self) -> Job<'_> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         assert!(n < IDS_PER_BACKEND, "too many jobs for the id scheme");
-        let id = self.base_id + n;
-        let tmp = self.dir.path().join(format!("job-{id}"));
-        std::fs::create_dir_all(&tmp).expect("failed to create the job temp dir");
-        let response = serde_json::json!({
-            "id": id,
-            "token": "t",
-            "variables": [{"key": "CI_JOB_ID", "value": id.to_string(), "public": true, "file": false, "masked": false}],
-            "job_info": {"name": "bench", "stage": "test", "project_full_path": "bench/project"},
-        });
-        let response_file = tmp.join("response.json");
-        std::fs::write(&response_file, response.to_string()).expect("failed to write response.json");
-        let path = |p: &Path| p.to_str().expect("temp path is UTF-8").to_owned();
-        let env = vec![
-            ("TMPDIR".to_owned(), path(&tmp)),
-            ("JOB_RESPONSE_FILE".to_owned(), path(&response_file)),
-            ("BUILD_EXIT_CODE_FILE".to_owned(), path(&tmp.join("build_exit_code"))),
-            ("BUILD_FAILURE_EXIT_CODE".to_owned(), "1".to_owned()),
-            ("SYSTEM_FAILURE_EXIT_CODE".to_owned(), "2".to_owned()),
-            ("CUSTOM_ENV_CI_JOB_ID".to_owned(), id.to_string()),
-            ("CUSTOM_ENV_CI_PROJECT_DIR".to_owned(), "/builds/bench/project".to_owned()),
-        ];
-        Job { bench: self, id, tmp, env, needs_cleanup: false }
+        let mut response = JobResponse::new(self.base_id + n);
+        response.token = "t".into();
+        response.variables = vec![ResponseVariable::new("CI_JOB_ID", response.id.to_string())];
+        response.job_info = JobInfo::new("bench", "test", "bench/project");
+        let run = JobRun::new(&response).expect("failed to create the job temp dir");
+        Job { bench: self, run, log: Arc::new(Quiet), needs_cleanup: false }
     }
 
     /// config, prepare, the 8 stages, cleanup; scripts are written before the clock starts.
@@ -580,7 +547,7 @@ impl Bench {
         // Every job's files first: nothing can fail between the threads' start and the barrier.
         let jobs: Vec<(Job, PathBuf)> = (0..count)
             .map(|_| {
-                let job = self.job();
+                let mut job = self.job();
                 let script = job.script("build_script");
                 (job, script)
             })
@@ -645,58 +612,63 @@ impl Drop for Bench {
     }
 }
 
-/// One job's temp dir and environment; cleaned up on drop if it was prepared
+/// One job of the runner imitation; cleaned up on drop if it was prepared
 /// and not cleaned up yet (a failed hook, a panic).
 struct Job<'a> {
     bench: &'a Bench,
-    id: u64,
-    tmp: PathBuf,
-    /// The runner's environment for every hook.
-    env: Vec<(String, String)>,
+    run: JobRun,
+    log: Arc<dyn Log>,
     needs_cleanup: bool,
 }
 
 impl Job<'_> {
     /// A `true` stage script in the runner's format.
-    fn script(&self, stage: &str) -> PathBuf {
-        let path = self.tmp.join(format!("script-{stage}"));
-        std::fs::write(&path, berth_backend_api::script::render("true\n")).expect("failed to write a stage script");
-        path
+    fn script(&mut self, stage: &str) -> PathBuf {
+        self.run.write_script(stage, "true\n").expect("failed to write a stage script")
     }
 
-    /// A hook as the runner calls it; its wall time, or a panic with its stderr.
-    fn hook(&self, args: &[&OsStr]) -> Duration {
-        let mut command = self.bench.berth();
-        command.args(args).envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(&self.tmp);
-        let label = format!("{} job {}: berth {}", self.bench.kind.name(), self.id, args[0].to_string_lossy());
-        let log = self.tmp.join(format!("{}.stderr", args[0].to_string_lossy()));
-        timed(&mut command, &log, false, &label, &self.bench.scrub)
+    /// A hook as the runner calls it; its wall time from spawn to exit, or a panic with its output.
+    fn hook(&mut self, hook: Hook, args: &[OsString]) -> Duration {
+        let driver = &self.bench.driver;
+        let result = match hook {
+            Hook::Config => {
+                let (result, parsed) = driver.config(&mut self.run, &self.log);
+                parsed.map(|_| result).map_err(|e| e.to_string())
+            }
+            _ => Ok(driver.call(&self.run, hook, args, None, None, &self.log)),
+        };
+        let label = format!("{} job {}: berth {}", self.bench.kind.name(), self.run.response().id, hook.name());
+        match result {
+            Ok(result) if result.ok() => result.elapsed,
+            Ok(result) => panic!("{label}: {:?}\n{}", result.exit, result.output()),
+            Err(e) => panic!("{label}: {e}"),
+        }
     }
 
     fn config(&mut self) -> Duration {
-        self.hook(&["config".as_ref()])
+        self.hook(Hook::Config, &[])
     }
 
     fn prepare(&mut self) -> Duration {
         // A prepare that fails half way still needs its cleanup, as with the runner.
         self.needs_cleanup = true;
-        self.hook(&["prepare".as_ref()])
+        self.hook(Hook::Prepare, &[])
     }
 
     fn run(&mut self, script: &Path, stage: &str) -> Duration {
-        self.hook(&["run".as_ref(), script.as_os_str(), stage.as_ref()])
+        self.hook(Hook::Run, &[script.into(), stage.into()])
     }
 
     /// The floor of a stage: `bash SCRIPT` on the host, spawn to exit.
     fn floor(&self, script: &Path) -> Duration {
         let mut command = Command::new("bash");
-        command.arg(script).current_dir(&self.tmp);
-        let log = self.tmp.join("floor.stderr");
-        timed(&mut command, &log, false, "bash SCRIPT (floor)", &self.bench.scrub)
+        command.arg(script).current_dir(self.run.tmpdir());
+        let log = self.run.tmpdir().join("floor.stderr");
+        timed(&mut command, &log, false, "bash SCRIPT (floor)", &[])
     }
 
     fn cleanup(&mut self) -> Duration {
-        let elapsed = self.hook(&["cleanup".as_ref()]);
+        let elapsed = self.hook(Hook::Cleanup, &[]);
         self.needs_cleanup = false;
         elapsed
     }
@@ -706,210 +678,7 @@ impl Drop for Job<'_> {
     fn drop(&mut self) {
         if self.needs_cleanup {
             // Best effort on a failure path: the panic that got us here is the report.
-            let mut command = self.bench.berth();
-            command.arg("cleanup").envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(&self.tmp);
-            for key in &self.bench.scrub {
-                command.env_remove(key);
-            }
-            let _ = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            let _ = self.bench.driver.call(&self.run, Hook::Cleanup, &[], None, None, &self.log);
         }
-    }
-}
-
-/// Wall time of `command` from spawn to exit; panics with its output unless it exits 0.
-/// stderr, and stdout too if `keep_stdout`, go to the file `log`.
-fn timed(command: &mut Command, log: &Path, keep_stdout: bool, label: &str, scrub: &[OsString]) -> Duration {
-    for key in scrub {
-        command.env_remove(key);
-    }
-    let file = File::create(log).expect("failed to create the log file");
-    let stdout =
-        if keep_stdout { file.try_clone().expect("failed to share the log file").into() } else { Stdio::null() };
-    command.stdin(Stdio::null()).stdout(stdout).stderr(file);
-    let start = Instant::now();
-    let status = command.status().unwrap_or_else(|e| panic!("{label}: failed to start: {e}"));
-    let elapsed = start.elapsed();
-    if !status.success() {
-        let output = std::fs::read_to_string(log).unwrap_or_default();
-        panic!("{label}: {status}\n{output}");
-    }
-    elapsed
-}
-
-/// Every process: pid and the arguments of its command line.
-fn processes() -> Vec<(u32, Vec<String>)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut found: Vec<(u32, Vec<String>)> = entries
-        .filter_map(|entry| {
-            let pid = entry.ok()?.file_name().to_str()?.parse::<u32>().ok()?;
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into())
-                .collect();
-            Some((pid, args))
-        })
-        .collect();
-    found.sort();
-    found
-}
-
-/// Processes whose command line has `--machine=berth-ns-...`: pid and command line.
-fn nspawn_processes() -> Vec<(u32, String)> {
-    processes()
-        .into_iter()
-        .filter(|(_, args)| {
-            args.first().is_some_and(|a| a.ends_with("systemd-nspawn"))
-                && args.iter().any(|a| a.starts_with(MACHINE_ARG))
-        })
-        .map(|(pid, args)| (pid, args.join(" ")))
-        .collect()
-}
-
-/// Processes whose root directory is at or below `dir`: pid, root and command line.
-fn processes_rooted_in(dir: &Path) -> Vec<(u32, PathBuf, String)> {
-    processes()
-        .into_iter()
-        .filter_map(|(pid, args)| {
-            let root = std::fs::read_link(format!("/proc/{pid}/root")).ok()?;
-            root.starts_with(dir).then(|| (pid, root, args.join(" ")))
-        })
-        .collect()
-}
-
-/// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.
-fn unescape_mount_path(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
-}
-
-/// Mount points at or below `dir` in this process's mount namespace (/proc/self/mountinfo).
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mount_path)
-        .filter(|point| point.starts_with(dir))
-        .collect()
-}
-
-/// What the bench left behind in its temp dir: nspawn processes of containers in its
-/// state directory (any `berth exec` job's too), processes whose root is in it, mounts
-/// in it and jobs in the state directory; and how many `berth-ns-` containers of
-/// others (another state directory) were seen.
-fn leftovers(bench: &Bench) -> (Vec<String>, usize) {
-    let ours = format!("{}/", bench.state.display());
-    let (mine, others): (Vec<_>, Vec<_>) =
-        nspawn_processes().into_iter().partition(|(_, cmdline)| cmdline.contains(&ours));
-    let mut found: Vec<String> = mine.into_iter().map(|(pid, cmdline)| format!("process {pid}: {cmdline}")).collect();
-    let dir = bench.dir.path();
-    found.extend(
-        processes_rooted_in(dir)
-            .into_iter()
-            .map(|(pid, root, cmdline)| format!("process {pid} (root {}): {cmdline}", root.display())),
-    );
-    found.extend(mounts_under(dir).into_iter().map(|point| format!("mount {}", point.display())));
-    let jobs = bench.state.join("jobs");
-    match std::fs::read_dir(&jobs) {
-        Ok(entries) => {
-            let mut names: Vec<String> =
-                entries.filter_map(|e| e.ok()).map(|e| format!("{}", jobs.join(e.file_name()).display())).collect();
-            names.sort();
-            found.extend(names);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => found.push(format!("{}: cannot list: {e}", jobs.display())),
-    }
-    let foreign = if bench.kind == Kind::Nspawn { others.len() } else { 0 };
-    (found, foreign)
-}
-
-/// What a figure is compared with.
-#[derive(Debug, Clone)]
-struct Target {
-    text: String,
-    /// The median (or the overhead, for a row with a floor) must be at most this (milliseconds), if set.
-    limit_ms: Option<f64>,
-}
-
-impl Target {
-    fn none() -> Self {
-        Target { text: "-".into(), limit_ms: None }
-    }
-
-    fn info(text: &str) -> Self {
-        Target { text: text.into(), limit_ms: None }
-    }
-
-    fn max(ms: f64) -> Self {
-        Target { text: format!("≤ {ms} ms"), limit_ms: Some(ms) }
-    }
-
-    fn overhead(ms: f64) -> Self {
-        Target { text: format!("≤ {ms} ms overhead"), limit_ms: Some(ms) }
-    }
-
-    fn relative(text: &str, ms: f64) -> Self {
-        Target { text: format!("{text} ({ms:.0} ms)"), limit_ms: Some(ms) }
-    }
-}
-
-/// One line of a table.
-#[derive(Debug)]
-struct Row {
-    label: String,
-    runs: usize,
-    min: f64,
-    median: f64,
-    p95: f64,
-    mean: f64,
-    /// The median minus the floor's median, for a row measured against a floor.
-    overhead: Option<f64>,
-    target: Target,
-}
-
-impl Row {
-    fn new(label: &str, target: Target, samples: Vec<Duration>) -> Self {
-        let Stats { runs, min, median, p95, mean } = Stats::of(label, samples);
-        Row { label: label.to_owned(), runs, min, median, p95, mean, overhead: None, target }
-    }
-
-    /// The overhead over a floor's median (milliseconds); the target then applies to it.
-    fn with_floor(mut self, floor_median: f64) -> Self {
-        self.overhead = Some(self.median - floor_median);
-        self
-    }
-}
-
-impl std::fmt::Display for Row {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let overhead = self.overhead.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}"));
-        write!(
-            f,
-            "{:<40}{:>6}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}   {}",
-            self.label, self.runs, self.min, self.median, self.p95, self.mean, overhead, self.target.text
-        )?;
-        if let Some(limit) = self.target.limit_ms {
-            let figure = self.overhead.unwrap_or(self.median);
-            write!(f, "  {}", if figure <= limit { "ok" } else { "OVER" })?;
-        }
-        Ok(())
     }
 }

@@ -33,10 +33,9 @@ mod common;
 
 use common::Stats;
 use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The berth binary cargo built for this bench (same profile as the bench).
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
@@ -178,8 +177,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let root =
-            Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runner-cli is inside the workspace").to_owned();
+        let root = common::workspace_root();
         let dir = tempfile::Builder::new().prefix("berth-bench").tempdir().expect("failed to create a temp dir");
         let state = dir.path().join("state");
         let job_tmp = dir.path().join("custom-executor");
@@ -215,10 +213,7 @@ impl Fixture {
             })
             .collect();
 
-        let scrub = std::env::vars_os()
-            .map(|(key, _)| key)
-            .filter(|key| key.to_str().is_some_and(|k| k.starts_with("BERTH_") || k.starts_with("CUSTOM_ENV_")))
-            .collect();
+        let scrub = common::scrubbed_vars();
         let stderr = dir.path().join("stderr.log");
         Fixture { root, dir, config, hook_env, scrub, stderr }
     }
@@ -242,19 +237,7 @@ impl Fixture {
 
     /// Wall time of `command` from spawn to exit; panics with its stderr unless it exits 0.
     fn time(&self, command: &mut Command, label: &str) -> Duration {
-        for key in &self.scrub {
-            command.env_remove(key);
-        }
-        let stderr = File::create(&self.stderr).expect("failed to create the stderr file");
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
-        let start = Instant::now();
-        let status = command.status().unwrap_or_else(|e| panic!("{label}: failed to start: {e}"));
-        let elapsed = start.elapsed();
-        if !status.success() {
-            let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-            panic!("{label}: {status}\n{stderr}");
-        }
-        elapsed
+        common::timed(command, &self.stderr, false, label, &self.scrub)
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use berth_backend_api::{Capabilities, Description, Failure, Isolation, JobContext};
-use berth_conformance::runner::{Hook, HookExec};
+use berth_runner_imitation::runner::{Hook, HookExec};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs};

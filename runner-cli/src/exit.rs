@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use berth_conformance::job::Outcome;
+use berth_runner_imitation::job::Outcome;
 
 use crate::error::{Class, Error};
 

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, ResponseVariable, Step};
-use berth_conformance::job::{Interrupts, JobSpec};
-use berth_conformance::runner::{Driver, Hook, Log, Stream};
+use berth_runner_imitation::job::{Interrupts, JobSpec};
+use berth_runner_imitation::runner::{Driver, Hook, Log, Stream};
 
 use crate::cli::{Cli, ExecArgs};
 use crate::config;

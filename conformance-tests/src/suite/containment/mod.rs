@@ -13,10 +13,14 @@
 
 use std::path::PathBuf;
 
-use berth_backend_api::{JobResponse, ResponseVariable};
+use berth_backend_api::JobResponse;
 
-use super::{expect_exit, tail, Case, Target};
-use crate::runner::{Exit, HookResult};
+use super::case::{expect_exit, tail, Case};
+use super::{Check, CheckOutcome, Finding, Level, Needs, Target};
+
+mod cache;
+use berth_runner_imitation::runner::{Exit, HookResult};
+pub(super) use cache::{CONTAINMENT_CACHE_NOSUID, CONTAINMENT_CACHE_PER_PROJECT};
 
 /// The variable the suite puts in every hook's environment; no process of a
 /// job may see its value.
@@ -43,7 +47,7 @@ struct HostMarker {
 }
 
 impl HostMarker {
-    fn new() -> Result<Self, String> {
+    fn new() -> Result<Self, Finding> {
         let name = format!("berth-conformance-{}", nonce());
         let run = PathBuf::from("/run").join(&name);
         let dir = match std::fs::create_dir(&run) {
@@ -98,7 +102,7 @@ impl Drop for HostMarker {
 fn case_with_sentinel<'a>(
     target: &'a Target,
     edit: impl FnOnce(&mut JobResponse),
-) -> Result<(Case<'a>, String), String> {
+) -> Result<(Case<'a>, String), Finding> {
     let mut case = Case::with(target, edit)?;
     let value = format!("berth-sentinel-{}", nonce());
     case.driver.env.push((SENTINEL_KEY.into(), value.clone().into()));
@@ -107,7 +111,7 @@ fn case_with_sentinel<'a>(
 
 /// Runs `probe` on a prepared `case`, then cleans up: with the leak check
 /// when the probe passed, and still cleaning up (ignoring how) when it failed.
-fn then_finish(mut case: Case<'_>, probe: impl FnOnce(&mut Case<'_>) -> Result<(), String>) -> Result<(), String> {
+fn then_finish(mut case: Case<'_>, probe: impl FnOnce(&mut Case<'_>) -> CheckOutcome) -> CheckOutcome {
     match probe(&mut case) {
         Ok(()) => case.finish(),
         Err(e) => {
@@ -124,15 +128,24 @@ fn tagged(result: &HookResult, prefix: &str) -> Vec<String> {
 
 /// The probe stage ended with `Exit::Success` or `Exit::Build { code: 3 }`
 /// (the marker guard); anything else is reported.
-fn probe_ran(result: &HookResult, host: &HostMarker, what: &str) -> Result<(), String> {
+fn probe_ran(result: &HookResult, host: &HostMarker, what: &str) -> CheckOutcome {
     match &result.exit {
         Exit::Success => Ok(()),
-        Exit::Build { code: 3, .. } => Err(host.seen_error()),
-        other => Err(format!("{what} failed: {other:?}\n{}", tail(&result.output()))),
+        Exit::Build { code: 3, .. } => Err(Finding::Fail(host.seen_error())),
+        other => Err(Finding::Fail(format!("{what} failed: {other:?}\n{}", tail(&result.output())))),
     }
 }
 
-pub(super) fn own_root(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_OWN_ROOT: Check = Check {
+    id: "containment.own-root",
+    level: Level::Must,
+    statement: "a job sees none of the host's files, and what it writes at / stays out of the host's /",
+    protocol: "security: a job's root filesystem must not be the host's",
+    needs: Needs::Containment,
+    run: own_root,
+};
+
+fn own_root(target: &Target) -> CheckOutcome {
     let host = HostMarker::new()?;
     let mut case = Case::new(target)?;
     case.prepare()?;
@@ -143,16 +156,25 @@ pub(super) fn own_root(target: &Target) -> Result<(), String> {
         probe_ran(&result, &host, "the probe stage")?;
         if written.exists() {
             let _ = std::fs::remove_file(&written);
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "a file the job wrote at {} appeared in the host's /: the job's root is the host's",
                 written.display()
-            ));
+            )));
         }
         Ok(())
     })
 }
 
-pub(super) fn root_unmapped(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_ROOT_UNMAPPED: Check = Check {
+    id: "containment.root-unmapped",
+    level: Level::Must,
+    statement: "the job's uid 0 is not the host's uid 0 (/proc/self/uid_map has no `0 0 N`)",
+    protocol: "security: a job's root must not be the host's root",
+    needs: Needs::Containment,
+    run: root_unmapped,
+};
+
+fn root_unmapped(target: &Target) -> CheckOutcome {
     let mut case = Case::new(target)?;
     case.prepare()?;
     then_finish(case, |case| {
@@ -161,19 +183,22 @@ pub(super) fn root_unmapped(target: &Target) -> Result<(), String> {
         let result = case.run_ok("build_script", body)?;
         let map = tagged(&result, "berth-uid-map: ");
         if map.is_empty() {
-            return Err(format!("the job could not read /proc/self/uid_map\n{}", tail(&result.output())));
+            return Err(Finding::Fail(format!(
+                "the job could not read /proc/self/uid_map\n{}",
+                tail(&result.output())
+            )));
         }
         let shown = map.join("; ");
         if map.iter().any(|line| line.split_whitespace().take(2).eq(["0", "0"])) {
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "the job's uid 0 is the host's uid 0 (uid_map: {shown}): a job's root is the host's root"
-            ));
+            )));
         }
         let host_ns = std::fs::read_link("/proc/self/ns/user").map(|l| l.display().to_string()).unwrap_or_default();
         if tagged(&result, "berth-userns: ").iter().any(|ns| !host_ns.is_empty() && *ns == host_ns) {
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "the job runs in the host's user namespace {host_ns} (uid_map: {shown}): a job's root is the host's root"
-            ));
+            )));
         }
         Ok(())
     })
@@ -188,7 +213,16 @@ fn root_device() -> Option<(u64, u64)> {
     (major != 0).then_some((major, minor))
 }
 
-pub(super) fn no_devices(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_NO_DEVICES: Check = Check {
+    id: "containment.no-devices",
+    level: Level::Must,
+    statement: "root in a job cannot create and open host devices (/dev/mem, /dev/kmsg, the disk of /)",
+    protocol: "security: host devices must be out of a job's reach",
+    needs: Needs::Containment,
+    run: no_devices,
+};
+
+fn no_devices(target: &Target) -> CheckOutcome {
     let mut devices = vec![("mem", 'c', 1, 1), ("kmsg", 'c', 1, 11)];
     if let Some((major, minor)) = root_device() {
         devices.push(("root-disk", 'b', major, minor));
@@ -223,23 +257,32 @@ pub(super) fn no_devices(target: &Target) -> Result<(), String> {
             let mine: Vec<&String> = lines.iter().filter(|l| l.split(' ').next() == Some(name)).collect();
             if let Some(line) = mine.iter().find(|l| l.ends_with(" opened")) {
                 let base = line.split(' ').nth(1).unwrap_or("?");
-                return Err(format!(
+                return Err(Finding::Fail(format!(
                     "as root, the job created a device node for the host's {name} ({kind} {major}:{minor}) in {base} \
                      and opened it: a job can read host devices (memory, kernel log, disks)"
-                ));
+                )));
             }
             if mine.is_empty() {
-                return Err(format!(
+                return Err(Finding::Fail(format!(
                     "the device probe could not make a directory to try {name} in\n{}",
                     tail(&result.output())
-                ));
+                )));
             }
         }
         Ok(())
     })
 }
 
-pub(super) fn sysctl_readonly(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_SYSCTL_READONLY: Check = Check {
+    id: "containment.sysctl-readonly",
+    level: Level::Must,
+    statement: "root in a job cannot open kernel settings for writing, even after remounting /proc",
+    protocol: "security: a job must not change the host's kernel settings",
+    needs: Needs::Containment,
+    run: sysctl_readonly,
+};
+
+fn sysctl_readonly(target: &Target) -> CheckOutcome {
     let host = HostMarker::new()?;
     let mut case = Case::new(target)?;
     case.prepare()?;
@@ -265,16 +308,25 @@ pub(super) fn sysctl_readonly(target: &Target) -> Result<(), String> {
         let result = case.run_ok("build_script", &body)?;
         if let Some(line) = tagged(&result, "berth-writable: ").first() {
             let (file, when) = line.split_once(' ').unwrap_or((line, ""));
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "as root, the job could open {file} for writing{}: a job can change the host's kernel settings",
                 if when.is_empty() { String::new() } else { format!(" {when}") }
-            ));
+            )));
         }
         Ok(())
     })
 }
 
-pub(super) fn env_private(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_ENV_PRIVATE: Check = Check {
+    id: "containment.env-private",
+    level: Level::Must,
+    statement: "no process a job can see holds the hooks' environment",
+    protocol: "security: the runner's environment, with its tokens and credentials, must not reach a job",
+    needs: Needs::Containment,
+    run: env_private,
+};
+
+fn env_private(target: &Target) -> CheckOutcome {
     let (mut case, sentinel) = case_with_sentinel(target, |_| {})?;
     case.prepare()?;
     then_finish(case, |case| {
@@ -289,11 +341,11 @@ pub(super) fn env_private(target: &Target) -> Result<(), String> {
         let result = case.run_ok("build_script", &body)?;
         let seen = tagged(&result, "berth-env: ");
         if !seen.is_empty() {
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "the job saw {SENTINEL_KEY}, set only in the hook's environment, {}: a job can read the runner's \
                  environment (its tokens and credentials)",
                 seen.join(", ")
-            ));
+            )));
         }
         Ok(())
     })
@@ -387,7 +439,16 @@ done
 rm -rf "$orig"
 "#;
 
-pub(super) fn job_binaries(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_JOB_BINARIES: Check = Check {
+    id: "containment.job-binaries",
+    level: Level::Must,
+    statement: "binaries a job replaces never run with the host's privileges or environment",
+    protocol: "security: the host must not run code a job planted",
+    needs: Needs::Containment,
+    run: job_binaries,
+};
+
+fn job_binaries(target: &Target) -> CheckOutcome {
     let host = HostMarker::new()?;
     let (mut case, sentinel) = case_with_sentinel(target, |_| {})?;
     case.prepare()?;
@@ -395,7 +456,7 @@ pub(super) fn job_binaries(target: &Target) -> Result<(), String> {
         let wrapped = case.run("prepare_script", &wrap_binaries(&host, &sentinel));
         probe_ran(&wrapped, &host, "wrapping the job's binaries")?;
         if tagged(&wrapped, "berth-wrapped: ").first().is_none_or(|n| n == "0") {
-            return Err(format!("the probe found no executable to wrap\n{}", tail(&wrapped.output())));
+            return Err(Finding::Fail(format!("the probe found no executable to wrap\n{}", tail(&wrapped.output()))));
         }
         let stages = [
             ("get_sources", "ls / > /dev/null\nid -u\nsh -c 'exit 0'\nenv > /dev/null\n"),
@@ -410,113 +471,25 @@ pub(super) fn job_binaries(target: &Target) -> Result<(), String> {
             return Err("no wrapped binary ran in the stages after wrapping: the probe did not work".into());
         }
         if let Some(line) = ran.iter().find(|l| l.contains(" sentinel=yes ")) {
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "a binary the job replaced ran with the hook's environment ({line}): the host runs job binaries"
-            ));
+            )));
         }
         if let Some(line) = ran.iter().find(|l| l.contains("uid_map=[0 0 ")) {
-            return Err(format!(
+            return Err(Finding::Fail(format!(
                 "a binary the job replaced ran as the host's root ({line}): the host runs job binaries with its \
                  privileges"
-            ));
+            )));
         }
         Ok(())
     });
     if let Ok(line) = std::fs::read_to_string(host.ran()) {
-        return Err(format!(
+        return Err(Finding::Fail(format!(
             "a binary the job replaced was run on the host, during the job or its cleanup: {}",
             line.lines().next().unwrap_or("")
-        ));
+        )));
     }
     result
-}
-
-/// The job's cache dir, from config's answer.
-fn cache_dir(case: &Case<'_>) -> String {
-    case.job.config.cache_dir.clone().unwrap_or_else(|| "/cache".into())
-}
-
-/// `\040`-style escapes of /proc/self/mountinfo decoded.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| {
-            (d.len() == 3 && d.bytes().all(|b| (b'0'..=b'7').contains(&b))).then(|| u8::from_str_radix(d, 8).ok())?
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The mount of `mountinfo` (lines of /proc/self/mountinfo) that holds `path`:
-/// its mount point and per-mount options.
-fn mount_holding(mountinfo: &[String], path: &str) -> Option<(String, String)> {
-    let under = |point: &str| point == "/" || path == point || path.starts_with(&format!("{point}/"));
-    mountinfo
-        .iter()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            Some((unescape(fields.get(4)?), fields.get(5)?.to_string()))
-        })
-        .filter(|(point, _)| under(point))
-        // The deepest mount point; among equal ones, the last mounted.
-        .fold(None, |best: Option<(String, String)>, (point, options)| match &best {
-            Some((b, _)) if b.len() > point.len() => best,
-            _ => Some((point, options)),
-        })
-}
-
-pub(super) fn cache_nosuid(target: &Target) -> Result<(), String> {
-    let mut case = Case::new(target)?;
-    case.prepare()?;
-    let cache = cache_dir(&case);
-    then_finish(case, |case| {
-        // The runner's own scripts create the cache dir when it is missing.
-        let body = format!(
-            "mkdir -p '{cache}' 2>/dev/null || true\n\
-             if test -d '{cache}'; then echo \"berth-cache: $(cd -P '{cache}' && pwd -P)\"; fi\n\
-             while IFS= read -r line; do echo \"berth-mount: $line\"; done < /proc/self/mountinfo\n"
-        );
-        let result = case.run_ok("build_script", &body)?;
-        let Some(real) = tagged(&result, "berth-cache: ").pop() else {
-            return Err(format!(
-                "the cache dir {cache} does not exist in the job and cannot be created, so it is not a mount point \
-                 of its own (it must be a mount with nosuid,nodev)"
-            ));
-        };
-        let mounts = tagged(&result, "berth-mount: ");
-        let Some((point, options)) = mount_holding(&mounts, &real) else {
-            return Err(format!("no mount in the job's /proc/self/mountinfo holds the cache dir {real}"));
-        };
-        if point != real {
-            return Err(format!(
-                "the cache dir {cache} is not a mount point of its own (it lies on {point}, mounted {options}): \
-                 it must be a mount with nosuid,nodev, or a job could leave a setuid binary or a device node \
-                 there for the next job"
-            ));
-        }
-        let missing: Vec<&str> =
-            ["nosuid", "nodev"].into_iter().filter(|o| !options.split(',').any(|have| have == *o)).collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "the cache dir {cache} is mounted without {} ({options}): a setuid binary or a device node a job \
-                 leaves in the cache works in the next job",
-                missing.join(",")
-            ));
-        }
-        Ok(())
-    })
 }
 
 /// Runs `perl` (else `python3`) code in a fresh temporary directory of the
@@ -534,7 +507,16 @@ fn with_interpreter(perl: &str, python: &str) -> String {
 const NO_INTERPRETER: &str =
     "the job's image has neither perl nor python3, which this probe needs to make the system calls";
 
-pub(super) fn chroot_escape(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_CHROOT_ESCAPE: Check = Check {
+    id: "containment.chroot-escape",
+    level: Level::Should,
+    statement: "the classic chroot escape (chroot into a subdirectory, \"..\" up, chroot \".\") stays in the job's root (probed with perl or python3)",
+    protocol: "security: a job's root must be the root of its own mount namespace, not a chroot in the host's",
+    needs: Needs::Containment,
+    run: chroot_escape,
+};
+
+fn chroot_escape(target: &Target) -> CheckOutcome {
     let host = HostMarker::new()?;
     let mut case = Case::new(target)?;
     case.prepare()?;
@@ -560,24 +542,33 @@ pub(super) fn chroot_escape(target: &Target) -> Result<(), String> {
         let _ = std::fs::remove_file(&written);
         let seen = tagged(&result, "berth-escape: ");
         if landed || seen.iter().any(|s| s == "host") {
-            return Err(
+            return Err(Finding::Fail(
                 "the classic chroot escape (chroot into a subdirectory, then \"..\" up and chroot \".\") reached \
                         the host's /: the job's root must be the root of its own mount namespace (pivot_root), not a \
                         chroot in the host's"
                     .to_owned(),
-            );
+            ));
         }
         if !tagged(&result, "berth-interpreter: ").is_empty() {
-            return Err(NO_INTERPRETER.to_owned());
+            return Err(Finding::Fail(NO_INTERPRETER.to_owned()));
         }
         if seen.is_empty() {
-            return Err(format!("the escape probe printed nothing\n{}", tail(&result.output())));
+            return Err(Finding::Fail(format!("the escape probe printed nothing\n{}", tail(&result.output()))));
         }
         Ok(())
     })
 }
 
-pub(super) fn open_by_handle(target: &Target) -> Result<(), String> {
+pub(super) const CONTAINMENT_OPEN_BY_HANDLE: Check = Check {
+    id: "containment.open-by-handle",
+    level: Level::Should,
+    statement: "open_by_handle_at is refused in a job (probed with perl or python3)",
+    protocol: "security: a file handle of a bound filesystem must not open the host's files",
+    needs: Needs::Containment,
+    run: open_by_handle,
+};
+
+fn open_by_handle(target: &Target) -> CheckOutcome {
     let host = HostMarker::new()?;
     let mut case = Case::new(target)?;
     case.prepare()?;
@@ -595,86 +586,24 @@ pub(super) fn open_by_handle(target: &Target) -> Result<(), String> {
         let result = case.run("build_script", &body);
         probe_ran(&result, &host, "the open_by_handle_at probe")?;
         if !tagged(&result, "berth-interpreter: ").is_empty() {
-            return Err(NO_INTERPRETER.to_owned());
+            return Err(Finding::Fail(NO_INTERPRETER.to_owned()));
         }
         match tagged(&result, "berth-handle: ").first().map(String::as_str) {
             Some("1") | Some("38") => Ok(()),
-            Some("unknown-arch") => Err("the probe knows the system call number of x86_64 and aarch64 only".to_owned()),
-            Some(errno) => Err(format!(
+            Some("unknown-arch") => Err(Finding::Fail("the probe knows the system call number of x86_64 and aarch64 only".to_owned())),
+            Some(errno) => Err(Finding::Fail(format!(
                 "open_by_handle_at is open to the job (errno {errno}, not EPERM): with a handle of a file on a filesystem \
                  bound into the job (the cache), a job opens any file of that filesystem on the host; refuse it \
                  (no CAP_DAC_READ_SEARCH of the host, or a system call filter)"
-            )),
-            None => Err(format!("the open_by_handle_at probe printed nothing\n{}", tail(&result.output()))),
+            ))),
+            None => Err(Finding::Fail(format!("the open_by_handle_at probe printed nothing\n{}", tail(&result.output())))),
         }
     })
-}
-
-/// A payload edit: the job belongs to project `id`.
-fn project(id: u64) -> impl FnOnce(&mut JobResponse) {
-    move |r: &mut JobResponse| {
-        r.job_info.project_id = id;
-        r.variables.push(ResponseVariable::new("CI_PROJECT_ID", id.to_string()));
-    }
-}
-
-/// Runs `body` in one stage of a new job of `project_id` and returns the
-/// stage's result and the job's cache dir.
-fn cache_job(target: &Target, project_id: u64, body: impl Fn(&str) -> String) -> Result<HookResult, String> {
-    let mut case = Case::with(target, project(project_id))?;
-    case.prepare()?;
-    let cache = cache_dir(&case);
-    let mut result = None;
-    then_finish(case, |case| {
-        result = Some(case.run("build_script", &body(&cache)));
-        Ok(())
-    })?;
-    result.ok_or_else(|| "the stage did not run".to_owned())
-}
-
-pub(super) fn cache_per_project(target: &Target) -> Result<(), String> {
-    let file = format!("berth-cache-probe-{}", nonce());
-    let a = cache_job(target, 1, |cache| format!("mkdir -p '{cache}'\necho project-1 > '{cache}/{file}'\n"))?;
-    expect_exit(&a, &Exit::Success, "job A (project 1) writing a file into its cache dir")?;
-    let b = cache_job(target, 2, |cache| {
-        format!("if test -e '{cache}/{file}'; then rm -f '{cache}/{file}'; exit 3; fi\n")
-    })?;
-    if matches!(b.exit, Exit::Build { code: 3, .. }) {
-        return Err(format!(
-            "job B, of project 2, saw the file {file} job A of project 1 left in its cache: projects share a cache, \
-             so a job can poison another project's builds and read what it cached"
-        ));
-    }
-    expect_exit(&b, &Exit::Success, "job B (project 2) looking into its cache dir")?;
-    let c = cache_job(target, 1, |cache| format!("test -e '{cache}/{file}' || exit 4\nrm -f '{cache}/{file}'\n"))?;
-    if matches!(c.exit, Exit::Build { code: 4, .. }) {
-        return Err(format!(
-            "job C, of project 1 again, did not see the file {file} job A of project 1 left in its cache: \
-             caches must survive jobs"
-        ));
-    }
-    expect_exit(&c, &Exit::Success, "job C (project 1) finding job A's file in its cache dir")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_mount_holding_a_path_is_the_deepest_and_last() {
-        let info: Vec<String> = [
-            "20 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw",
-            "30 20 0:40 / /cache rw,relatime - tmpfs tmpfs rw",
-            "31 20 0:41 / /cache rw,nosuid,nodev - tmpfs tmpfs rw",
-            "32 20 0:42 / /cache\\040dir rw - tmpfs tmpfs rw",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        assert_eq!(mount_holding(&info, "/cache"), Some(("/cache".into(), "rw,nosuid,nodev".into())));
-        assert_eq!(mount_holding(&info, "/cache/x"), Some(("/cache".into(), "rw,nosuid,nodev".into())));
-        assert_eq!(mount_holding(&info, "/cachex"), Some(("/".into(), "rw,relatime".into())));
-        assert_eq!(mount_holding(&info, "/cache dir"), Some(("/cache dir".into(), "rw".into())));
-    }
 
     #[test]
     fn a_pattern_matches_the_value_but_not_itself() {

@@ -46,13 +46,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The exit code `berth exec` ends with: 0, 1 for a job failure, 2 for a system failure.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Outcome::Succeeded | Outcome::Failed { allowed: true, .. } => 0,
-            Outcome::Failed { .. } | Outcome::Cancelled | Outcome::TimedOut(_) => 1,
-            Outcome::SystemFailure(_) => 2,
-        }
+    /// The job passed: it succeeded, or failed only as allowed to fail.
+    pub fn passed(&self) -> bool {
+        matches!(self, Outcome::Succeeded | Outcome::Failed { allowed: true, .. })
+    }
+
+    /// The job failed for the environment's sake rather than its script's.
+    pub fn is_system_failure(&self) -> bool {
+        matches!(self, Outcome::SystemFailure(_))
     }
 
     /// The runner's last line for this outcome.
@@ -454,8 +455,9 @@ mod tests {
         assert_eq!(Outcome::Succeeded.verdict(), "Job succeeded");
         assert_eq!(Outcome::Failed { code: 42, allowed: false }.verdict(), "ERROR: Job failed: exit code 42");
         assert_eq!(Outcome::SystemFailure("x".into()).verdict(), "ERROR: Job failed (system failure): x");
-        assert_eq!(Outcome::Failed { code: 42, allowed: false }.exit_code(), 1);
-        assert_eq!(Outcome::Failed { code: 42, allowed: true }.exit_code(), 0);
-        assert_eq!(Outcome::SystemFailure("x".into()).exit_code(), 2);
+        assert!(!Outcome::Failed { code: 42, allowed: false }.passed());
+        assert!(Outcome::Failed { code: 42, allowed: true }.passed());
+        assert!(!Outcome::Cancelled.passed() && !Outcome::Cancelled.is_system_failure());
+        assert!(Outcome::SystemFailure("x".into()).is_system_failure());
     }
 }

@@ -1,0 +1,206 @@
+//! One job driven hook by hook, as the checks use it, and what every case
+//! ends with: the leak check.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_backend_api::{JobInfo, JobResponse, ResponseVariable};
+use berth_runner_imitation::runner::{Driver, Exit, Hook, HookResult, JobRun, Log, Quiet};
+
+use super::{CheckOutcome, Finding, Target};
+
+static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
+
+/// A job id no real GitLab job on this host has: far above GitLab's ids, and
+/// unique per process and case.
+fn job_id() -> u64 {
+    9_000_000_000_000 + (u64::from(std::process::id()) << 16) + NEXT_JOB.fetch_add(1, Ordering::Relaxed)
+}
+
+pub(super) fn response() -> JobResponse {
+    let mut response = JobResponse::new(job_id());
+    response.token = format!("conformance-token-{}", response.id);
+    response.job_info = JobInfo::new("conformance", "test", "berth/probe");
+    let id = response.id.to_string();
+    response.variables = vec![
+        ResponseVariable::new("CI_JOB_ID", &id),
+        ResponseVariable::new("CI_PROJECT_PATH", "berth/probe"),
+        ResponseVariable::new("CI_RUNNER_SHORT_TOKEN", "conform1"),
+        ResponseVariable::new("CI_CONCURRENT_ID", "0"),
+        ResponseVariable::new("CI_CONCURRENT_PROJECT_ID", "0"),
+        ResponseVariable::new("CI", "true"),
+    ];
+    response
+}
+
+/// One job driven hook by hook.
+pub(super) struct Case<'a> {
+    pub(super) target: &'a Target,
+    pub(super) driver: Driver,
+    pub(super) job: JobRun,
+    pub(super) log: Arc<dyn Log>,
+}
+
+impl<'a> Case<'a> {
+    pub(super) fn new(target: &'a Target) -> Result<Self, Finding> {
+        Self::with(target, |_| {})
+    }
+
+    pub(super) fn with(target: &'a Target, edit: impl FnOnce(&mut JobResponse)) -> Result<Self, Finding> {
+        let mut response = response();
+        edit(&mut response);
+        let job = JobRun::new(&response).map_err(|e| format!("failed to create the job's temp dir: {e}"))?;
+        Ok(Case { target, driver: target.driver.clone(), job, log: Arc::new(Quiet) })
+    }
+
+    pub(super) fn id(&self) -> u64 {
+        self.job.response().id
+    }
+
+    pub(super) fn config(&mut self) -> Result<HookResult, Finding> {
+        let (result, parsed) = self.driver.config(&mut self.job, &self.log);
+        parsed.map_err(|e| format!("{e}\n{}", result.output()))?;
+        Ok(result)
+    }
+
+    pub(super) fn prepare(&mut self) -> Result<HookResult, Finding> {
+        self.config()?;
+        let result =
+            self.driver.call(&self.job, Hook::Prepare, &[], Some(self.driver.timeouts.prepare), None, &self.log);
+        if !result.ok() {
+            return Err(Finding::Fail(format!("prepare failed: {:?}\n{}", result.exit, tail(&result.output()))));
+        }
+        Ok(result)
+    }
+
+    pub(super) fn run(&mut self, stage: &str, body: &str) -> HookResult {
+        self.driver.run_stage(&mut self.job, stage, body, None, &self.log)
+    }
+
+    pub(super) fn run_ok(&mut self, stage: &str, body: &str) -> Result<HookResult, Finding> {
+        let result = self.run(stage, body);
+        if !result.ok() {
+            return Err(Finding::Fail(format!("run {stage} failed: {:?}\n{}", result.exit, tail(&result.output()))));
+        }
+        Ok(result)
+    }
+
+    pub(super) fn cleanup(&mut self) -> HookResult {
+        self.driver.call(&self.job, Hook::Cleanup, &[], Some(self.driver.timeouts.cleanup), None, &self.log)
+    }
+
+    /// Cleans up (twice, when `twice`) and checks that nothing of the job is left.
+    pub(super) fn finish(mut self) -> CheckOutcome {
+        let result = self.cleanup();
+        if !result.ok() {
+            return Err(Finding::Fail(format!("cleanup failed: {:?}\n{}", result.exit, tail(&result.output()))));
+        }
+        leak_check(self.target, self.id())
+    }
+}
+
+pub(super) fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+/// Fails if anything of job `id` is left: a file or directory under the
+/// state directory named after it (except in `logs`, for records meant to
+/// outlive the job), a process whose command line names it (a container, a
+/// helper), or a mount whose path names it.
+pub(super) fn leak_check(target: &Target, id: u64) -> CheckOutcome {
+    let needle = format!("-{id}");
+    let mut leaks = Vec::new();
+    if let Some(root) = &target.state_dir {
+        let logs = root.join(berth_backend_api::LOGS_DIR);
+        walk(root, &mut |path| {
+            if !path.starts_with(&logs)
+                && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&needle))
+            {
+                leaks.push(format!("file {}", path.display()));
+            }
+        });
+    }
+    // Processes and mounts may take a moment to go after cleanup returned.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let live = live_leaks(&needle);
+        if live.is_empty() || Instant::now() >= deadline {
+            leaks.extend(live);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if leaks.is_empty() {
+        Ok(())
+    } else {
+        Err(Finding::Fail(format!("cleanup left job {id} behind: {}", leaks.join(", "))))
+    }
+}
+
+fn live_leaks(needle: &str) -> Vec<String> {
+    let mut leaks = Vec::new();
+    let me = std::process::id().to_string();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            if pid == me {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                leaks.push(format!("process {pid} ({})", cmdline.trim()));
+            }
+        }
+    }
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in mounts.lines().filter(|l| l.contains(needle)) {
+            let point = line.split(' ').nth(4).unwrap_or(line);
+            leaks.push(format!("mount {point}"));
+        }
+    }
+    leaks
+}
+
+/// Visits everything below `dir` on `dir`'s own filesystem (a job's mounted
+/// root, /proc or /dev inside the state directory are not entered).
+pub(super) fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else { return };
+    walk_dev(dir, meta.dev(), visit);
+}
+
+fn walk_dev(dir: &Path, dev: u64, visit: &mut dyn FnMut(&Path)) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        visit(&path);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.is_dir() && meta.dev() == dev {
+            walk_dev(&path, dev, visit);
+        }
+    }
+}
+
+/// The contents of `path` if it is a regular file of at most 4 MiB.
+pub(super) fn read_small_file(path: &Path) -> Option<Vec<u8>> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    (meta.is_file() && meta.len() <= 4 << 20).then(|| std::fs::read(path).ok()).flatten()
+}
+
+pub(super) fn expect_exit(result: &HookResult, want: &Exit, what: &str) -> CheckOutcome {
+    if &result.exit != want {
+        return Err(Finding::Fail(format!(
+            "{what}: expected {want:?}, got {:?} (exit status {:?})\n{}",
+            result.exit,
+            result.status,
+            tail(&result.output())
+        )));
+    }
+    Ok(())
+}

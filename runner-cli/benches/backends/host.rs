@@ -1,0 +1,140 @@
+//! The host: whether it can run a backend, its CPU time, and what a
+//! backend's jobs may leave on it (processes and mounts, read from /proc).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Bench, Kind, IMAGE, MACHINE_ARG};
+
+/// Every process: pid and the arguments of its command line.
+fn processes() -> Vec<(u32, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut found: Vec<(u32, Vec<String>)> = entries
+        .filter_map(|entry| {
+            let pid = entry.ok()?.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into())
+                .collect();
+            Some((pid, args))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Processes whose command line has `--machine=berth-ns-...`: pid and command line.
+fn nspawn_processes() -> Vec<(u32, String)> {
+    processes()
+        .into_iter()
+        .filter(|(_, args)| {
+            args.first().is_some_and(|a| a.ends_with("systemd-nspawn"))
+                && args.iter().any(|a| a.starts_with(MACHINE_ARG))
+        })
+        .map(|(pid, args)| (pid, args.join(" ")))
+        .collect()
+}
+
+/// Processes whose root directory is at or below `dir`: pid, root and command line.
+fn processes_rooted_in(dir: &Path) -> Vec<(u32, PathBuf, String)> {
+    processes()
+        .into_iter()
+        .filter_map(|(pid, args)| {
+            let root = std::fs::read_link(format!("/proc/{pid}/root")).ok()?;
+            root.starts_with(dir).then(|| (pid, root, args.join(" ")))
+        })
+        .collect()
+}
+
+/// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+/// Mount points at or below `dir` in this process's mount namespace (/proc/self/mountinfo).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|point| point.starts_with(dir))
+        .collect()
+}
+
+/// What the bench left behind in its temp dir: nspawn processes of containers in its
+/// state directory (any `berth exec` job's too), processes whose root is in it, mounts
+/// in it and jobs in the state directory; and how many `berth-ns-` containers of
+/// others (another state directory) were seen.
+pub fn leftovers(bench: &Bench) -> (Vec<String>, usize) {
+    let ours = format!("{}/", bench.state.display());
+    let (mine, others): (Vec<_>, Vec<_>) =
+        nspawn_processes().into_iter().partition(|(_, cmdline)| cmdline.contains(&ours));
+    let mut found: Vec<String> = mine.into_iter().map(|(pid, cmdline)| format!("process {pid}: {cmdline}")).collect();
+    let dir = bench.dir.path();
+    found.extend(
+        processes_rooted_in(dir)
+            .into_iter()
+            .map(|(pid, root, cmdline)| format!("process {pid} (root {}): {cmdline}", root.display())),
+    );
+    found.extend(mounts_under(dir).into_iter().map(|point| format!("mount {}", point.display())));
+    let jobs = bench.state.join("jobs");
+    match std::fs::read_dir(&jobs) {
+        Ok(entries) => {
+            let mut names: Vec<String> =
+                entries.filter_map(|e| e.ok()).map(|e| format!("{}", jobs.join(e.file_name()).display())).collect();
+            names.sort();
+            found.extend(names);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => found.push(format!("{}: cannot list: {e}", jobs.display())),
+    }
+    let foreign = if bench.kind == Kind::Nspawn { others.len() } else { 0 };
+    (found, foreign)
+}
+
+/// CPU time spent on the whole host so far, every core and process (`/proc/stat`).
+pub fn host_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reads /proc/stat");
+    let line = stat.lines().next().expect("/proc/stat has a cpu line");
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|t| t.parse().expect("a tick count")).collect();
+    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(busy * 1000 / hz)
+}
+
+/// Why the bench cannot run `kind` here, if it cannot.
+pub fn can_run(kind: Kind, images: &Path) -> Result<(), String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(format!("not root (the {} backend needs root)", kind.name()));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    if !std::env::split_paths(&path).any(|dir| dir.join(kind.tool()).is_file()) {
+        return Err(format!("{} is not installed (not on PATH)", kind.tool()));
+    }
+    if !images.join(IMAGE).is_dir() {
+        return Err(format!("no image {IMAGE:?} in {} (set BERTH_TEST_IMAGES)", images.display()));
+    }
+    Ok(())
+}
