@@ -20,10 +20,12 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
 use berth_backend_api::{
     Backend, Cancel, ConfigOutput, Description, Failure, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
 };
+use berth_backend_support::host::Host;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs::real_dir;
 use berth_backend_support::sandbox::{self, enter, Record, Sandbox, CACHE_DIR, GITLAB_RUNNER};
@@ -42,6 +44,14 @@ impl NewBackend for Chroot {
 
     fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
         Ok(Chroot { sandbox: Sandbox::new("chroot", settings, runner)? })
+    }
+}
+
+impl Chroot {
+    /// The same backend, its host operations done by `host` (a
+    /// [`berth_backend_support::host::Recorder`] in tests).
+    pub fn with_host(self, host: Arc<dyn Host>) -> Chroot {
+        Chroot { sandbox: self.sandbox.with_host(host) }
     }
 }
 
@@ -67,16 +77,18 @@ impl Chroot {
     fn furnish(&self, state: &JobState, record: &Record) -> Result<(), Failure> {
         let paths = sandbox::Paths::of(state);
         let root = &paths.root;
-        sandbox::mount_system_dirs(root, self.sandbox.shm_size(), record.users)
+        let host = &**self.sandbox.host();
+        sandbox::mount_system_dirs(host, root, self.sandbox.shm_size(), record.users)
             .map_err(sys("failed to mount /sys and /dev in the job's root"))?;
-        mounts::bind_guarded(&paths.cache, &dir_in(root, CACHE_DIR)?, true).map_err(sys("the cache directory"))?;
+        mounts::bind_guarded(host, &paths.cache, &dir_in(root, CACHE_DIR)?, true)
+            .map_err(sys("the cache directory"))?;
         if let Some(gitlab_runner) = self.sandbox.gitlab_runner() {
-            mounts::bind(gitlab_runner, &file_in(root, GITLAB_RUNNER)?, false).map_err(sys("gitlab-runner"))?;
+            mounts::bind(host, gitlab_runner, &file_in(root, GITLAB_RUNNER)?, false).map_err(sys("gitlab-runner"))?;
         }
         for bind in &self.sandbox.settings().bind {
             let target = bind.target().to_string_lossy();
             let target = if bind.source.is_dir() { dir_in(root, &target)? } else { file_in(root, &target)? };
-            mounts::bind(&bind.source, &target, bind.writable)
+            mounts::bind(host, &bind.source, &target, bind.writable)
                 .map_err(sys(format!("bind {}", bind.source.display())))?;
         }
         Ok(())

@@ -434,6 +434,6 @@ mod tests {
         assert_eq!((meta.uid(), meta.gid()), (range.base, range.base), "root's file shows as the range's root");
         assert!(std::fs::write(target.join("g"), "y").is_err(), "read-only");
         assert_eq!(std::fs::metadata(image.join("f")).unwrap().uid(), 0, "the source is unchanged");
-        crate::mounts::unmount_all(&target).unwrap();
+        crate::mounts::unmount_all(&crate::host::System, &target).unwrap();
     }
 }
