@@ -137,3 +137,65 @@ impl Backend for Chroot {
         Ok(self.sandbox.reap_orphans())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use berth_backend_api::{JobRecord, StateDir};
+    use berth_backend_support::host::Recorder;
+    use berth_backend_support::settings::Bind;
+
+    use super::*;
+
+    #[test]
+    fn furnish_mounts_the_system_dirs_the_cache_gitlab_runner_and_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["images", "cache", "state", "data"] {
+            fs::create_dir(d.join(sub)).unwrap();
+        }
+        let mut settings = Settings::default();
+        settings.images_dir = Some(d.join("images"));
+        settings.cache_host_dir = Some(d.join("cache"));
+        settings.gitlab_runner = Some("/opt/gitlab-runner".into());
+        settings.bind = vec![Bind { source: d.join("data"), target: Some("/data".into()), writable: false }];
+        let host = Arc::new(Recorder::new());
+        let chroot =
+            Chroot::new(settings, &RunnerInfo::new("hostops-unit", d.join("state"))).unwrap().with_host(host.clone());
+        let key = JobKey::new("hostops-unit", 4).unwrap();
+        let state = StateDir::new(d.join("state/jobs")).create(JobRecord::new(key, "chroot")).unwrap();
+        let root = state.dir().join("root");
+        fs::create_dir(&root).unwrap();
+        let record = Record {
+            image: "bookworm".into(),
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+            cache: d.join("cache"),
+            users: None,
+            cgroup: None,
+            layer: Layer::Overlay,
+        };
+        chroot.furnish(&state, &record).unwrap();
+        let (r, s) = (root.display(), state.dir().display());
+        let lines = host.lines();
+        // First /sys and /dev (their exact sequence: support's sandbox tests).
+        assert!(lines[0].starts_with(&format!("mount sysfs {r}/sys sysfs")), "{lines:#?}");
+        let shm = lines.iter().position(|l| l.starts_with(&format!("mount tmpfs {r}/dev/shm"))).unwrap();
+        let ro = "MS_RDONLY | MS_NOSUID | MS_NODEV | MS_REMOUNT | MS_BIND";
+        assert_eq!(
+            lines[shm + 1..],
+            [
+                format!("mount {s}/cache {r}/cache - MS_BIND -"),
+                format!("mount - {r}/cache - MS_PRIVATE -"),
+                format!("mount - {r}/cache - MS_NOSUID | MS_NODEV | MS_REMOUNT | MS_BIND -"),
+                format!("mount /opt/gitlab-runner {r}/usr/local/bin/gitlab-runner - MS_BIND | MS_REC -"),
+                format!("mount - {r}/usr/local/bin/gitlab-runner - MS_REC | MS_PRIVATE -"),
+                format!("mount - {r}/usr/local/bin/gitlab-runner - {ro} -"),
+                format!("mount {} {r}/data - MS_BIND | MS_REC -", d.join("data").display()),
+                format!("mount - {r}/data - MS_REC | MS_PRIVATE -"),
+                format!("mount - {r}/data - {ro} -"),
+            ]
+        );
+        assert!(root.join("usr/local/bin/gitlab-runner").is_file() && root.join("data").is_dir());
+    }
+}

@@ -58,6 +58,40 @@ pub enum Call {
     Rmdir(PathBuf),
 }
 
+impl std::fmt::Display for Call {
+    /// One line, for readable expectations: `mount SOURCE TARGET TYPE FLAGS DATA`
+    /// (`-` for what is not given), `run ARGV`, `write PATH VALUE`, ...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = |p: &Option<PathBuf>| p.as_ref().map_or("-".to_owned(), |p| p.display().to_string());
+        match self {
+            Call::Output(cmd) => write!(f, "output {cmd}"),
+            Call::Run { cmd, .. } => write!(f, "run {cmd}"),
+            Call::Spawn(cmd) => write!(f, "spawn {cmd}"),
+            Call::Signal { pid, signal } => write!(f, "signal {pid} {}", signal.map_or("0", Signal::as_str)),
+            Call::Mount(m) => write!(
+                f,
+                "mount {} {} {} {} {}",
+                path(&m.source),
+                m.target.display(),
+                m.fstype.as_deref().unwrap_or("-"),
+                flags(&m.flags),
+                m.data.as_deref().unwrap_or("-")
+            ),
+            Call::Unmount { target, flags } => write!(f, "unmount {} {}", target.display(), self::flags(flags)),
+            Call::Write { path, value } => write!(f, "write {} {value}", path.display()),
+            Call::Mkdir(path) => write!(f, "mkdir {}", path.display()),
+            Call::Rmdir(path) => write!(f, "rmdir {}", path.display()),
+        }
+    }
+}
+
+/// `MS_BIND | MS_REC`: the names of a flag set, from its `Debug` (`MsFlags(...)`).
+fn flags(flags: &dyn std::fmt::Debug) -> String {
+    let debug = format!("{flags:?}");
+    let inner = debug.split_once('(').map_or(debug.as_str(), |(_, rest)| rest);
+    inner.strip_suffix(')').unwrap_or(inner).to_owned()
+}
+
 #[derive(Debug, Default)]
 struct Script {
     calls: Vec<Call>,
@@ -150,6 +184,11 @@ impl Recorder {
     /// Every call so far, forgotten.
     pub fn take(&self) -> Vec<Call> {
         std::mem::take(&mut self.script().calls)
+    }
+
+    /// Every call so far, one line each ([`Call`]'s `Display`).
+    pub fn lines(&self) -> Vec<String> {
+        self.calls().iter().map(Call::to_string).collect()
     }
 
     /// The argv of every command run, output or spawned so far, in order.

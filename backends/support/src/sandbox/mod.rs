@@ -361,3 +361,6 @@ impl Sandbox {
         output
     }
 }
+
+#[cfg(test)]
+mod tests;

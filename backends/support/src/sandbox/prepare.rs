@@ -136,7 +136,7 @@ impl Sandbox {
         Ok(record)
     }
 
-    fn build_root(&self, state: &JobState, image: &Image, record: &Record) -> Result<(), Failure> {
+    pub(super) fn build_root(&self, state: &JobState, image: &Image, record: &Record) -> Result<(), Failure> {
         let paths = Paths::of(state);
         let users = record.users;
         let job_root = users.map(|r| (r.base, r.base));
