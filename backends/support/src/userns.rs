@@ -257,12 +257,10 @@ impl UserNs {
             // SAFETY: `fd` was just opened and is owned by nothing else.
             Ok(UserNs { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
         })();
-        let mut status = 0;
-        // SAFETY: kills and reaps the child forked above.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, &mut status, 0);
-        }
+        // The child forked above: killed and reaped.
+        let child = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
         result
     }
 }
