@@ -289,7 +289,7 @@ impl Sandbox {
     }
 }
 
-/// Mounts, on the host, what a root entered with [`enter`] needs besides
+/// Mounts, on the host, what a root entered with [`super::enter`] needs besides
 /// its own `/proc` (whose mount point is made): a read-only `/sys` and a
 /// minimal `/dev` (null, zero, full, random, urandom and tty of the host, a
 /// new devpts instance, a `shm`-byte `/dev/shm` given to `owner`), at real
