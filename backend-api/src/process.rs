@@ -1,13 +1,14 @@
 //! Running a host process to its end, or until the runner cancels.
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::Cancel;
@@ -78,6 +79,33 @@ fn run_inner(cmd: &mut Command, cancel: &Cancel, stop: Option<&mut dyn FnMut()>,
     Ok(if exited { Ended::Exited(exit_code(status)) } else { Ended::Cancelled })
 }
 
+/// Waits until one of `fds` is readable (a pidfd whose process exited, a
+/// [`Cancel`] that fired, a socket with a message) or `deadline` passes
+/// (never, when `None`): the index in `fds` of the first readable one, in
+/// their order, or `None` when the time ran out. A signal interrupting the
+/// wait does not end it.
+pub fn wait_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::Result<Option<usize>> {
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            return Ok(None);
+        }
+        let timeout = left.map_or(PollTimeout::NONE, |l| {
+            PollTimeout::try_from(l.as_millis().clamp(1, i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+        });
+        let mut polled: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+        match poll(&mut polled, timeout) {
+            Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => {
+                if let Some(ready) = polled.iter().position(|p| p.any().unwrap_or(false)) {
+                    return Ok(Some(ready));
+                }
+            }
+        }
+    }
+}
+
 /// Waits, without reaping, until `child` exits (true), `cancel` fires or
 /// `timeout` passes (false).
 fn wait_exit(child: &mut Child, cancel: Option<&Cancel>, timeout: Option<Duration>) -> io::Result<bool> {
@@ -85,48 +113,17 @@ fn wait_exit(child: &mut Child, cancel: Option<&Cancel>, timeout: Option<Duratio
     let Some(pidfd) = pidfd(child.id()) else {
         return poll_exit(child, cancel, deadline);
     };
-    loop {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if left == Some(Duration::ZERO) {
-            return Ok(false);
-        }
-        let timeout = left.map_or(PollTimeout::NONE, |l| {
-            PollTimeout::try_from(l.as_millis().clamp(1, i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-        });
-        let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(cancel) = cancel {
-            fds.push(PollFd::new(cancel.as_fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, timeout) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(0) => continue,
-            Ok(_) => {
-                if fds[0].any().unwrap_or(false) {
-                    return Ok(true);
-                }
-                if fds.get(1).and_then(|f| f.any()).unwrap_or(false) {
-                    return Ok(false);
-                }
-            }
-        }
-    }
+    let mut fds = vec![pidfd.as_fd()];
+    fds.extend(cancel.map(AsFd::as_fd));
+    Ok(wait_readable(&fds, deadline)? == Some(0))
 }
 
 /// Fallback for kernels without pidfd: polls every 5 ms.
 fn poll_exit(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instant>) -> io::Result<bool> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
     loop {
-        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
-        // SAFETY: waitid with WNOWAIT only inspects the child's state; `info` is a
-        // valid, zeroed siginfo_t that the kernel fills in.
-        let rc = unsafe {
-            libc::waitid(libc::P_PID, child.id(), info.as_mut_ptr(), libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel initialised `info` (zeroed when nothing changed).
-        if unsafe { info.assume_init().si_pid() } != 0 {
+        // WNOWAIT only inspects the child's state: it stays to be reaped.
+        if waitid(Id::Pid(Pid::from_raw(child.id() as i32)), flags)? != WaitStatus::StillAlive {
             return Ok(true);
         }
         if cancel.is_some_and(Cancel::is_cancelled) || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -162,6 +159,21 @@ mod tests {
         }
         let ended = run(Command::new("sh").args(["-c", "kill -9 $$"]), &cancel, Duration::from_secs(1)).unwrap();
         assert_eq!(ended, Ended::Exited(137));
+    }
+
+    #[test]
+    fn wait_readable_says_which_came_first() {
+        let (cancel, trigger) = Cancel::pair().unwrap();
+        let mut child = Command::new("sleep").arg("0.05").spawn().unwrap();
+        let fd = pidfd(child.id()).unwrap();
+        let soon = Some(Instant::now() + Duration::from_millis(20));
+        assert_eq!(wait_readable(&[fd.as_fd(), cancel.as_fd()], soon).unwrap(), None, "the time ran out");
+        assert_eq!(wait_readable(&[fd.as_fd(), cancel.as_fd()], None).unwrap(), Some(0), "the process exited");
+        trigger.fire();
+        assert_eq!(wait_readable(&[cancel.as_fd(), fd.as_fd()], None).unwrap(), Some(0), "in the order given");
+        assert_eq!(wait_readable(&[fd.as_fd(), cancel.as_fd()], None).unwrap(), Some(0));
+        child.wait().unwrap();
+        assert_eq!(wait_readable(&[], Some(Instant::now())).unwrap(), None);
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl NewBackend for Bwrap {
 
 /// The `bwrap` executable on [`sandbox::PATH`].
 fn find_bwrap() -> Option<PathBuf> {
-    std::env::split_paths(sandbox::PATH).map(|dir| dir.join("bwrap")).find(|p| p.is_file())
+    berth_backend_support::settings::which_in(sandbox::PATH.as_ref(), "bwrap")
 }
 
 /// What bwrap gets besides its arguments: the descriptors it reads, which

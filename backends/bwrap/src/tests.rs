@@ -140,7 +140,11 @@ fn cleanup_works_for_a_job_never_prepared_and_twice() {
         fs::create_dir_all(state.dir().join(sub)).unwrap();
     }
     b.cleanup(&state).unwrap();
-    assert!(berth_backend_support::rootfs::processes_in(&state.dir().join("root")).is_empty());
+    assert!(berth_backend_support::rootfs::processes_in(
+        &berth_backend_support::host::System,
+        &state.dir().join("root")
+    )
+    .is_empty());
 }
 
 #[test]

@@ -20,10 +20,12 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
 use berth_backend_api::{
     Backend, Cancel, ConfigOutput, Description, Failure, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
 };
+use berth_backend_support::host::Host;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs::real_dir;
 use berth_backend_support::sandbox::{self, enter, Record, Sandbox, CACHE_DIR, GITLAB_RUNNER};
@@ -42,6 +44,14 @@ impl NewBackend for Chroot {
 
     fn new(settings: Settings, runner: &RunnerInfo) -> Result<Self, Failure> {
         Ok(Chroot { sandbox: Sandbox::new("chroot", settings, runner)? })
+    }
+}
+
+impl Chroot {
+    /// The same backend, its host operations done by `host` (a
+    /// [`berth_backend_support::host::Recorder`] in tests).
+    pub fn with_host(self, host: Arc<dyn Host>) -> Chroot {
+        Chroot { sandbox: self.sandbox.with_host(host) }
     }
 }
 
@@ -67,16 +77,18 @@ impl Chroot {
     fn furnish(&self, state: &JobState, record: &Record) -> Result<(), Failure> {
         let paths = sandbox::Paths::of(state);
         let root = &paths.root;
-        sandbox::mount_system_dirs(root, self.sandbox.shm_size(), record.users)
+        let host = &**self.sandbox.host();
+        sandbox::mount_system_dirs(host, root, self.sandbox.shm_size(), record.users)
             .map_err(sys("failed to mount /sys and /dev in the job's root"))?;
-        mounts::bind_guarded(&paths.cache, &dir_in(root, CACHE_DIR)?, true).map_err(sys("the cache directory"))?;
+        mounts::bind_guarded(host, &paths.cache, &dir_in(root, CACHE_DIR)?, true)
+            .map_err(sys("the cache directory"))?;
         if let Some(gitlab_runner) = self.sandbox.gitlab_runner() {
-            mounts::bind(gitlab_runner, &file_in(root, GITLAB_RUNNER)?, false).map_err(sys("gitlab-runner"))?;
+            mounts::bind(host, gitlab_runner, &file_in(root, GITLAB_RUNNER)?, false).map_err(sys("gitlab-runner"))?;
         }
         for bind in &self.sandbox.settings().bind {
             let target = bind.target().to_string_lossy();
             let target = if bind.source.is_dir() { dir_in(root, &target)? } else { file_in(root, &target)? };
-            mounts::bind(&bind.source, &target, bind.writable)
+            mounts::bind(host, &bind.source, &target, bind.writable)
                 .map_err(sys(format!("bind {}", bind.source.display())))?;
         }
         Ok(())
@@ -123,5 +135,67 @@ impl Backend for Chroot {
 
     fn reap_orphans(&self, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
         Ok(self.sandbox.reap_orphans())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_backend_api::{JobRecord, StateDir};
+    use berth_backend_support::host::Recorder;
+    use berth_backend_support::settings::Bind;
+
+    use super::*;
+
+    #[test]
+    fn furnish_mounts_the_system_dirs_the_cache_gitlab_runner_and_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["images", "cache", "state", "data"] {
+            fs::create_dir(d.join(sub)).unwrap();
+        }
+        let mut settings = Settings::default();
+        settings.images_dir = Some(d.join("images"));
+        settings.cache_host_dir = Some(d.join("cache"));
+        settings.gitlab_runner = Some("/opt/gitlab-runner".into());
+        settings.bind = vec![Bind { source: d.join("data"), target: Some("/data".into()), writable: false }];
+        let host = Arc::new(Recorder::new());
+        let chroot =
+            Chroot::new(settings, &RunnerInfo::new("hostops-unit", d.join("state"))).unwrap().with_host(host.clone());
+        let key = JobKey::new("hostops-unit", 4).unwrap();
+        let state = StateDir::new(d.join("state/jobs")).create(JobRecord::new(key, "chroot")).unwrap();
+        let root = state.dir().join("root");
+        fs::create_dir(&root).unwrap();
+        let record = Record {
+            image: "bookworm".into(),
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+            cache: d.join("cache"),
+            users: None,
+            cgroup: None,
+            layer: Layer::Overlay,
+        };
+        chroot.furnish(&state, &record).unwrap();
+        let (r, s) = (root.display(), state.dir().display());
+        let lines = host.lines();
+        // First /sys and /dev (their exact sequence: support's sandbox tests).
+        assert!(lines[0].starts_with(&format!("mount sysfs {r}/sys sysfs")), "{lines:#?}");
+        let shm = lines.iter().position(|l| l.starts_with(&format!("mount tmpfs {r}/dev/shm"))).unwrap();
+        let ro = "MS_RDONLY | MS_NOSUID | MS_NODEV | MS_REMOUNT | MS_BIND";
+        assert_eq!(
+            lines[shm + 1..],
+            [
+                format!("mount {s}/cache {r}/cache - MS_BIND -"),
+                format!("mount - {r}/cache - MS_PRIVATE -"),
+                format!("mount - {r}/cache - MS_NOSUID | MS_NODEV | MS_REMOUNT | MS_BIND -"),
+                format!("mount /opt/gitlab-runner {r}/usr/local/bin/gitlab-runner - MS_BIND | MS_REC -"),
+                format!("mount - {r}/usr/local/bin/gitlab-runner - MS_REC | MS_PRIVATE -"),
+                format!("mount - {r}/usr/local/bin/gitlab-runner - {ro} -"),
+                format!("mount {} {r}/data - MS_BIND | MS_REC -", d.join("data").display()),
+                format!("mount - {r}/data - MS_REC | MS_PRIVATE -"),
+                format!("mount - {r}/data - {ro} -"),
+            ]
+        );
+        assert!(root.join("usr/local/bin/gitlab-runner").is_file() && root.join("data").is_dir());
     }
 }

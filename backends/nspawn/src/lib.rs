@@ -24,6 +24,7 @@ mod notify;
 pub mod settings;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use berth_backend_api::{
     Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobKey, JobState,
@@ -32,6 +33,7 @@ use berth_backend_api::{
 
 use crate::settings::{Mode, Settings};
 use berth_backend_support::cgroup;
+use berth_backend_support::host::{Host, System};
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::limits::Limits;
 use berth_backend_support::settings::{ImageSettings, ImageSetup};
@@ -58,6 +60,8 @@ pub struct Nspawn {
     masked_units: Vec<String>,
     masked_generators: Vec<String>,
     limits: Limits,
+    /// What performs the host operations ([`System`] but in tests).
+    host: Arc<dyn Host>,
 }
 
 /// Whether PID 1 is systemd (`sd_booted()`).
@@ -97,6 +101,7 @@ impl NewBackend for Nspawn {
             masked_units,
             masked_generators,
             limits,
+            host: Arc::new(System),
         })
     }
 }
@@ -107,6 +112,13 @@ pub fn machine_name(key: &JobKey) -> String {
 }
 
 impl Nspawn {
+    /// The same backend, its host operations done by `host` (a
+    /// [`berth_backend_support::host::Recorder`] in tests).
+    pub fn with_host(mut self, host: Arc<dyn Host>) -> Nspawn {
+        self.host = host;
+        self
+    }
+
     /// Whether jobs get a uid range of their own (`private_users`, default true).
     pub fn private_users(&self) -> bool {
         self.settings.private_users.unwrap_or(true)

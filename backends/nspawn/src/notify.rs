@@ -6,8 +6,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth_backend_api::process::wait_readable;
 use berth_backend_api::Cancel;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// A socket receiving sd_notify messages: a socket file in the job's own
 /// state directory (mode 0700), so that only root on the host can send to
@@ -57,36 +57,21 @@ impl Notify {
     pub fn wait(&self, process: Option<&OwnedFd>, cancel: &Cancel, timeout: Duration) -> Wait {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
+        let mut fds = vec![self.socket.as_fd(), cancel.as_fd()];
+        fds.extend(process.map(AsFd::as_fd));
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Wait::Timeout;
-            }
-            let mut fds = vec![
-                PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
-                PollFd::new(cancel.as_fd(), PollFlags::POLLIN),
-            ];
-            if let Some(process) = process {
-                fds.push(PollFd::new(process.as_fd(), PollFlags::POLLIN));
-            }
-            let millis = left.as_millis().clamp(1, 60_000) as i32;
-            match poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)) {
-                Ok(n) if n > 0 => {}
-                _ => continue,
-            }
-            if fds[0].any().unwrap_or(false) {
-                if let Ok(n) = self.socket.recv(&mut buf) {
-                    if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") {
-                        return Wait::Ready;
+            match wait_readable(&fds, Some(deadline)) {
+                Ok(None) => return Wait::Timeout,
+                Ok(Some(0)) => {
+                    if let Ok(n) = self.socket.recv(&mut buf) {
+                        if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") {
+                            return Wait::Ready;
+                        }
                     }
                 }
-                continue;
-            }
-            if fds[1].any().unwrap_or(false) {
-                return Wait::Cancelled;
-            }
-            if fds.get(2).and_then(|f| f.any()).unwrap_or(false) {
-                return Wait::Exited;
+                Ok(Some(1)) => return Wait::Cancelled,
+                Ok(Some(_)) => return Wait::Exited,
+                Err(_) => continue,
             }
         }
     }

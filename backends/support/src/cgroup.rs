@@ -22,13 +22,15 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use nix::unistd::AccessFlags;
+
+use crate::host::{Host, System};
 use crate::userns::{self, Range};
 
 use crate::limits::{quota_us, weight_to_shares, Amount, LimitSettings, Limits, CPU_PERIOD_US};
-
-const ROOT: &str = "/sys/fs/cgroup";
 
 /// A cgroup controller berth can set a limit with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,17 +62,23 @@ impl Controller {
 
     /// Why berth cannot set limits with this controller here, with what to do.
     pub fn unavailable_because(self) -> Option<String> {
+        self.unavailable_in(&System.cgroup_root())
+    }
+
+    /// Why berth cannot set limits with this controller in the cgroup
+    /// hierarchies under `root`, with what to do.
+    pub fn unavailable_in(self, root: &Path) -> Option<String> {
         let name = self.name();
-        let root = Path::new(ROOT);
-        if !unified() {
+        let shown = root.display();
+        if !unified(root) {
             return (!writable(&root.join(name)))
-                .then(|| format!("this host has no writable cgroup v1 {name} hierarchy at {ROOT}/{name}"));
+                .then(|| format!("this host has no writable cgroup v1 {name} hierarchy at {shown}/{name}"));
         }
         let listed = |file: &str| {
             std::fs::read_to_string(root.join(file)).is_ok_and(|c| c.split_whitespace().any(|n| n == name))
         };
         if !listed("cgroup.controllers") {
-            return Some(format!("the {name} controller is not in {ROOT}/cgroup.controllers"));
+            return Some(format!("the {name} controller is not in {shown}/cgroup.controllers"));
         }
         // berth enables it for its `berth` subtree. The kernel allows that at
         // the true root, and below it (a cgroup namespace, as in a container)
@@ -79,8 +87,8 @@ impl Controller {
             && std::fs::read_to_string(root.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
         if namespace_root_busy && !listed("cgroup.subtree_control") {
             return Some(format!(
-                "{ROOT} is a cgroup namespace (berth runs in a container) where the {name} controller is not enabled for child cgroups; \
-                 move the processes of {ROOT} into a child cgroup and run `echo +{name} > {ROOT}/cgroup.subtree_control`"
+                "{shown} is a cgroup namespace (berth runs in a container) where the {name} controller is not enabled for child cgroups; \
+                 move the processes of {shown} into a child cgroup and run `echo +{name} > {shown}/cgroup.subtree_control`"
             ));
         }
         None
@@ -88,20 +96,17 @@ impl Controller {
 }
 
 fn writable(dir: &Path) -> bool {
-    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else { return false };
-    // SAFETY: `path` is a valid NUL-terminated string.
-    dir.join("cgroup.procs").exists() && unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0
+    dir.join("cgroup.procs").exists() && nix::unistd::access(dir, AccessFlags::W_OK).is_ok()
 }
 
 /// Whether the host has only the cgroup2 hierarchy.
-fn unified() -> bool {
-    Path::new(ROOT).join("cgroup.controllers").exists()
+fn unified(root: &Path) -> bool {
+    root.join("cgroup.controllers").exists()
 }
 
 /// The hierarchies a container's processes join, whatever its limits.
-fn hierarchies() -> Vec<PathBuf> {
-    let root = Path::new(ROOT);
-    if unified() {
+fn hierarchies(root: &Path) -> Vec<PathBuf> {
+    if unified(root) {
         return vec![root.to_owned()];
     }
     ["systemd", "unified"].iter().map(|h| root.join(h)).filter(|h| h.join("cgroup.procs").exists()).collect()
@@ -109,12 +114,10 @@ fn hierarchies() -> Vec<PathBuf> {
 
 /// Every hierarchy a container may have a cgroup in: those above, and on a
 /// v1 or hybrid host the mounted hierarchies of the limits' controllers.
-fn all_hierarchies() -> Vec<PathBuf> {
-    let mut all = hierarchies();
-    if !unified() {
-        all.extend(
-            CONTROLLERS.iter().map(|c| Path::new(ROOT).join(c.name())).filter(|h| h.join("cgroup.procs").exists()),
-        );
+fn all_hierarchies(root: &Path) -> Vec<PathBuf> {
+    let mut all = hierarchies(root);
+    if !unified(root) {
+        all.extend(CONTROLLERS.iter().map(|c| root.join(c.name())).filter(|h| h.join("cgroup.procs").exists()));
     }
     all
 }
@@ -122,6 +125,7 @@ fn all_hierarchies() -> Vec<PathBuf> {
 /// The per-job cgroup directories of one container.
 #[derive(Debug, Clone)]
 pub struct JobCgroup {
+    host: Arc<dyn Host>,
     machine: String,
     /// Every directory the container may have, in every hierarchy (what teardown looks at).
     dirs: Vec<PathBuf>,
@@ -141,21 +145,26 @@ fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-fn write(path: &Path, value: &str) -> io::Result<()> {
-    std::fs::write(path, value).map_err(|e| with_path(e, path))
-}
-
 impl JobCgroup {
-    /// The cgroup of `machine` (nothing is created yet).
+    /// The cgroup of `machine` on this host (nothing is created yet).
     pub fn of(machine: &str) -> JobCgroup {
-        let dirs = all_hierarchies().into_iter().map(|h| h.join("berth").join(machine)).collect();
-        JobCgroup { machine: machine.to_owned(), dirs, joined: Vec::new() }
+        JobCgroup::on(Arc::new(System), machine)
+    }
+
+    /// The cgroup of `machine` on `host` (nothing is created yet).
+    pub fn on(host: Arc<dyn Host>, machine: &str) -> JobCgroup {
+        let dirs = all_hierarchies(&host.cgroup_root()).into_iter().map(|h| h.join("berth").join(machine)).collect();
+        JobCgroup { host, machine: machine.to_owned(), dirs, joined: Vec::new() }
+    }
+
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        self.host.write(path, value)
     }
 
     /// Machines with a cgroup under `berth/` in any hierarchy, named with
     /// `prefix` and at least `age` old.
     pub fn machines(prefix: &str, age: Duration) -> Vec<String> {
-        let mut machines: Vec<String> = all_hierarchies()
+        let mut machines: Vec<String> = all_hierarchies(&System.cgroup_root())
             .iter()
             .filter_map(|top| std::fs::read_dir(top.join("berth")).ok())
             .flat_map(|dir| dir.flatten())
@@ -172,11 +181,15 @@ impl JobCgroup {
     /// Creates the directories and sets `limits` in them; a limit whose
     /// controller the host lacks is skipped (`berth config` says so).
     pub fn create(&mut self, limits: &Limits) -> io::Result<()> {
-        let root = Path::new(ROOT);
-        let unified = unified();
-        let mut joined: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.join("berth").join(&self.machine)).collect();
+        let root = &self.host.cgroup_root();
+        let unified = unified(root);
+        let mut joined: Vec<PathBuf> =
+            hierarchies(root).into_iter().map(|h| h.join("berth").join(&self.machine)).collect();
         if joined.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no writable cgroup hierarchy under {ROOT}")));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no writable cgroup hierarchy under {}", root.display()),
+            ));
         }
         let wanted: Vec<Controller> = [
             (Controller::Memory, limits.memory.is_some()),
@@ -184,7 +197,7 @@ impl JobCgroup {
             (Controller::Cpu, limits.cpu_quota.is_some() || limits.cpu_weight.is_some()),
         ]
         .into_iter()
-        .filter(|(c, wanted)| *wanted && c.available())
+        .filter(|(c, wanted)| *wanted && c.unavailable_in(root).is_none())
         .map(|(c, _)| c)
         .collect();
         // What a cleanup that failed left of this container's cgroup would
@@ -201,7 +214,7 @@ impl JobCgroup {
         if unified && !wanted.is_empty() {
             // Controllers must be enabled on every level above the job's cgroup.
             let berth = root.join("berth");
-            std::fs::create_dir_all(&berth).map_err(|e| with_path(e, &berth))?;
+            self.host.mkdir(&berth)?;
             for parent in [root, berth.as_path()] {
                 let enabled = std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
                 let enable: Vec<String> = wanted
@@ -210,14 +223,14 @@ impl JobCgroup {
                     .map(|c| format!("+{}", c.name()))
                     .collect();
                 if !enable.is_empty() {
-                    write(&parent.join("cgroup.subtree_control"), &enable.join(" "))?;
+                    self.write(&parent.join("cgroup.subtree_control"), &enable.join(" "))?;
                 }
             }
         } else {
             joined.extend(wanted.iter().map(|c| dir_of(*c)));
         }
         for dir in &joined {
-            std::fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
+            self.host.mkdir(dir)?;
         }
         self.joined = joined;
         for controller in wanted {
@@ -225,24 +238,24 @@ impl JobCgroup {
             match controller {
                 Controller::Memory => {
                     let (file, max) = if unified { ("memory.max", "max") } else { ("memory.limit_in_bytes", "-1") };
-                    write(&dir.join(file), &amount(limits.memory, max))?;
+                    self.write(&dir.join(file), &amount(limits.memory, max))?;
                 }
-                Controller::Pids => write(&dir.join("pids.max"), &amount(limits.tasks, "max"))?,
+                Controller::Pids => self.write(&dir.join("pids.max"), &amount(limits.tasks, "max"))?,
                 Controller::Cpu if unified => {
                     if let Some(quota) = limits.cpu_quota {
-                        write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", quota_us(quota)))?;
+                        self.write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", quota_us(quota)))?;
                     }
                     if let Some(weight) = limits.cpu_weight {
-                        write(&dir.join("cpu.weight"), &weight.to_string())?;
+                        self.write(&dir.join("cpu.weight"), &weight.to_string())?;
                     }
                 }
                 Controller::Cpu => {
                     if let Some(quota) = limits.cpu_quota {
-                        write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                        write(&dir.join("cpu.cfs_quota_us"), &quota_us(quota).to_string())?;
+                        self.write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                        self.write(&dir.join("cpu.cfs_quota_us"), &quota_us(quota).to_string())?;
                     }
                     if let Some(weight) = limits.cpu_weight {
-                        write(&dir.join("cpu.shares"), &weight_to_shares(weight).to_string())?;
+                        self.write(&dir.join("cpu.shares"), &weight_to_shares(weight).to_string())?;
                     }
                 }
             }
@@ -255,7 +268,7 @@ impl JobCgroup {
     /// `cgroup.subtree_control` and `cgroup.threads`, in the hierarchies the
     /// container's systemd manages. Its limits stay root's.
     pub fn give(&self, range: Range) -> io::Result<()> {
-        for dir in hierarchies().into_iter().map(|h| h.join("berth").join(&self.machine)) {
+        for dir in hierarchies(&self.host.cgroup_root()).into_iter().map(|h| h.join("berth").join(&self.machine)) {
             if !dir.is_dir() {
                 continue;
             }
@@ -280,7 +293,7 @@ impl JobCgroup {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("container {} has no cgroup", self.machine)));
         }
         for dir in &dirs {
-            std::fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
+            self.host.mkdir(dir)?;
         }
         joiner_of(&dirs)
     }
@@ -291,14 +304,14 @@ impl JobCgroup {
     /// grace period). `None` on a v1 or hybrid host, where
     /// [`JobCgroup::stage_joiner`] does it.
     pub fn stage_dir(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
-        if !unified() {
+        if !unified(&self.host.cgroup_root()) {
             return Ok(None);
         }
         let Some(top) = self.dirs.first().filter(|d| d.is_dir()) else {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("container {} has no cgroup", self.machine)));
         };
         let dir = top.join("berth-stage");
-        std::fs::create_dir_all(&dir).map_err(|e| with_path(e, &dir))?;
+        self.host.mkdir(&dir)?;
         let file = std::fs::File::open(&dir).map_err(|e| with_path(e, &dir))?;
         Ok(Some(file.into()))
     }
@@ -358,7 +371,7 @@ impl JobCgroup {
 
     /// Kills everything in the cgroup at once (`cgroup.kill`), where the kernel has it.
     pub fn kill(&self) -> bool {
-        self.dirs.iter().any(|dir| std::fs::write(dir.join("cgroup.kill"), "1").is_ok())
+        self.dirs.iter().any(|dir| self.host.write(&dir.join("cgroup.kill"), "1").is_ok())
     }
 
     /// Removes the directories, deepest first; those already gone are fine.
@@ -367,7 +380,7 @@ impl JobCgroup {
             let mut all = Vec::new();
             walk_dirs(dir, &mut |d| all.push(d.to_owned()));
             for d in all.iter().rev() {
-                match std::fs::remove_dir(d) {
+                match self.host.rmdir(d) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", d.display()))),
@@ -427,5 +440,96 @@ fn amount(amount: Option<Amount>, max: &str) -> String {
     match amount {
         Some(Amount::Value(n)) => n.to_string(),
         Some(Amount::Max) | None => max.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{Call, Recorder};
+
+    fn limits() -> Limits {
+        Limits {
+            memory: Some(Amount::Value(1 << 30)),
+            tasks: Some(Amount::Value(512)),
+            cpu_quota: Some(15_000),
+            cpu_weight: Some(200),
+            disk: None,
+        }
+    }
+
+    fn touch(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn write(path: &Path, value: &str) -> Call {
+        Call::Write { path: path.to_owned(), value: value.to_owned() }
+    }
+
+    #[test]
+    fn cgroup2_limits_are_written_before_anything_joins() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        touch(&root.join("cgroup.controllers"), "cpuset cpu io memory pids\n");
+        touch(&root.join("cgroup.procs"), "");
+        touch(&root.join("cgroup.subtree_control"), "memory\n");
+        let host = Arc::new(Recorder::new().with_cgroup_root(root));
+        let mut group = JobCgroup::on(host.clone(), "berth-r-7");
+        group.create(&limits()).unwrap();
+        let job = root.join("berth/berth-r-7");
+        assert_eq!(
+            host.calls(),
+            vec![
+                Call::Mkdir(root.join("berth")),
+                write(&root.join("cgroup.subtree_control"), "+pids +cpu"),
+                write(&root.join("berth/cgroup.subtree_control"), "+memory +pids +cpu"),
+                Call::Mkdir(job.clone()),
+                write(&job.join("memory.max"), "1073741824"),
+                write(&job.join("pids.max"), "512"),
+                write(&job.join("cpu.max"), "150000 100000"),
+                write(&job.join("cpu.weight"), "200"),
+            ]
+        );
+        assert_eq!(group.to_string(), job.display().to_string());
+        host.take();
+        assert!(group.kill());
+        group.remove().unwrap();
+        assert_eq!(host.calls(), vec![write(&job.join("cgroup.kill"), "1")], "nothing to remove: nothing was made");
+    }
+
+    #[test]
+    fn cgroup_v1_limits_go_to_each_controllers_hierarchy() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        for hierarchy in ["systemd", "memory", "pids", "cpu"] {
+            touch(&root.join(hierarchy).join("cgroup.procs"), "");
+        }
+        let host = Arc::new(Recorder::new().with_cgroup_root(root));
+        let mut group = JobCgroup::on(host.clone(), "berth-r-8");
+        group.create(&Limits { memory: Some(Amount::Max), ..limits() }).unwrap();
+        let dir = |h: &str| root.join(h).join("berth/berth-r-8");
+        assert_eq!(
+            host.calls(),
+            vec![
+                Call::Mkdir(dir("systemd")),
+                Call::Mkdir(dir("memory")),
+                Call::Mkdir(dir("pids")),
+                Call::Mkdir(dir("cpu")),
+                write(&dir("memory").join("memory.limit_in_bytes"), "-1"),
+                write(&dir("pids").join("pids.max"), "512"),
+                write(&dir("cpu").join("cpu.cfs_period_us"), "100000"),
+                write(&dir("cpu").join("cpu.cfs_quota_us"), "150000"),
+                write(&dir("cpu").join("cpu.shares"), "2048"),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_hierarchy_no_cgroup() {
+        let host = Arc::new(Recorder::new());
+        let error = JobCgroup::on(host.clone(), "berth-r-9").create(&limits()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        assert!(host.calls().is_empty());
     }
 }

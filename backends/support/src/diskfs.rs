@@ -12,10 +12,10 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use nix::mount::MsFlags;
 
+use crate::host::{Cmd, Host};
 use crate::userns::Range;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
@@ -107,7 +107,15 @@ fn attach(file: &File) -> io::Result<(PathBuf, OwnedFd)> {
 /// Makes an ext4 filesystem of `size` bytes whose root belongs to `owner`'s
 /// root, in a sparse file `scratch` (removed again), and mounts it at
 /// `mountpoint` (`nodev,nosuid`). `mountpoint` must exist.
-pub fn mount_bounded(scratch: &Path, size: u64, mountpoint: &Path, owner: Option<Range>) -> io::Result<()> {
+/// mkfs.ext4 and the mount go through `host`; the loop device is attached
+/// directly (ioctls on descriptors this process holds).
+pub fn mount_bounded(
+    host: &dyn Host,
+    scratch: &Path,
+    size: u64,
+    mountpoint: &Path,
+    owner: Option<Range>,
+) -> io::Result<()> {
     let result = (|| {
         let file = OpenOptions::new()
             .read(true)
@@ -122,12 +130,9 @@ pub fn mount_bounded(scratch: &Path, size: u64, mountpoint: &Path, owner: Option
         if let Some(range) = owner {
             options.push_str(&format!(",root_owner={}:{}", range.base, range.base));
         }
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", &options])
-            .arg(scratch)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| err("failed to run mkfs.ext4 (apt-get install e2fsprogs)", e))?;
+        let mkfs =
+            Cmd::new("mkfs.ext4").args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", &options]).arg(scratch);
+        let out = host.output(&mkfs).map_err(|e| err("failed to run mkfs.ext4 (apt-get install e2fsprogs)", e))?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "mkfs.ext4 {} failed: {}",
@@ -138,6 +143,7 @@ pub fn mount_bounded(scratch: &Path, size: u64, mountpoint: &Path, owner: Option
         let (device, _open) = attach(&file)?;
         let what = device.display().to_string();
         crate::mounts::mount_fs(
+            host,
             &what,
             mountpoint,
             "ext4",
@@ -201,7 +207,7 @@ mod tests {
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
         let owner = Range { base: crate::userns::POOL_START };
-        mount_bounded(&dir.path().join("layer.img"), 64 << 20, &mnt, Some(owner)).unwrap();
+        mount_bounded(&crate::host::System, &dir.path().join("layer.img"), 64 << 20, &mnt, Some(owner)).unwrap();
         assert!(!dir.path().join("layer.img").exists(), "the backing file is unlinked");
         use std::os::unix::fs::MetadataExt;
         assert_eq!(fs::metadata(&mnt).unwrap().uid(), owner.base);
@@ -217,6 +223,6 @@ mod tests {
         };
         assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
         drop(file);
-        crate::mounts::unmount_all(&mnt).unwrap();
+        crate::mounts::unmount_all(&crate::host::System, &mnt).unwrap();
     }
 }

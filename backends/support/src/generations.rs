@@ -52,30 +52,26 @@ pub fn users_of(root: &Path) -> Vec<String> {
     let identity = fs::metadata(root).ok().map(|m| (m.dev(), m.ino()));
     let root = root.to_string_lossy().into_owned();
     let mut users = Vec::new();
-    if let Ok(table) = fs::read_to_string("/proc/self/mountinfo") {
-        for line in table.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let point = fields.get(4).copied().unwrap_or("?");
-            let options = line.rsplit(' ').next().unwrap_or("");
-            let lower = options.split(',').find_map(|o| o.strip_prefix("lowerdir=")).unwrap_or("");
-            // A mount of the generation itself: on its device, its root the generation's directory.
-            let device = identity.map(|(dev, _)| format!("{}:{}", libc::major(dev), libc::minor(dev)));
-            let clone = device.as_deref() == fields.get(2).copied()
-                && fields.get(3).is_some_and(|r| *r != "/")
-                && fs::metadata(point).is_ok_and(|m| Some((m.dev(), m.ino())) == identity);
-            if lower.split(':').any(|l| l == root) || clone {
-                users.push(format!("mount {point}"));
-            }
+    for mount in crate::mounts::mountinfo() {
+        let point = mount.point.display();
+        let lower = mount.super_options.split(',').find_map(|o| o.strip_prefix("lowerdir=")).unwrap_or("");
+        // A mount of the generation itself: on its device, its root the generation's directory.
+        let device = identity.map(|(dev, _)| format!("{}:{}", libc::major(dev), libc::minor(dev)));
+        let clone = device.as_deref() == Some(mount.device.as_str())
+            && mount.root != Path::new("/")
+            && fs::metadata(&mount.point).is_ok_and(|m| Some((m.dev(), m.ino())) == identity);
+        if lower.split(':').any(|l| l == root) || clone {
+            users.push(format!("mount {point}"));
         }
     }
     let overlay = format!("--overlay={root}:");
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
-            let args = crate::proc::cmdline(pid);
-            if args.iter().any(|a| a == root.as_bytes() || a.starts_with(overlay.as_bytes())) {
-                let name = String::from_utf8_lossy(args.first().map(Vec::as_slice).unwrap_or(b"?")).into_owned();
-                users.push(format!("process {pid} ({name})"));
-            }
+    // This process too, as the scan of /proc always did.
+    let me = crate::proc::Process::read(std::process::id() as i32);
+    for process in crate::proc::processes().into_iter().chain(me) {
+        let args = &process.cmdline;
+        if args.iter().any(|a| a == root.as_bytes() || a.starts_with(overlay.as_bytes())) {
+            let name = String::from_utf8_lossy(args.first().map(Vec::as_slice).unwrap_or(b"?")).into_owned();
+            users.push(format!("process {} ({name})", process.pid));
         }
     }
     users

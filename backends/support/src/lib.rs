@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod claims;
 pub mod diskfs;
 pub mod generations;
+pub mod host;
 pub mod image;
 pub mod limits;
 pub mod mounts;

@@ -172,9 +172,9 @@ pub fn parse_percent(text: &str) -> Result<u64, String> {
 
 /// The host's physical memory, in bytes.
 fn physical_memory() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+    use nix::unistd::{sysconf, SysconfVar};
+    let value = |var| sysconf(var).ok().flatten().unwrap_or(-1).max(0) as u64;
+    value(SysconfVar::_PHYS_PAGES).saturating_mul(value(SysconfVar::PAGE_SIZE))
 }
 
 /// systemd's conversion of a CPU weight to cgroup v1 `cpu.shares`.

@@ -6,29 +6,53 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{MntFlags, MsFlags};
+
+use crate::host::{Host, MountCall};
 
 /// A mount failure, naming what was mounted where.
 pub fn mount_err(what: &str, target: &Path, e: nix::errno::Errno) -> io::Error {
     io::Error::new(io::Error::from(e).kind(), format!("failed to mount {what} on {}: {e}", target.display()))
 }
 
+fn call(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> MountCall {
+    MountCall {
+        source: source.map(Path::to_owned),
+        target: target.to_owned(),
+        fstype: fstype.map(str::to_owned),
+        flags,
+        data: data.map(str::to_owned),
+    }
+}
+
+/// Changes the flags of mount `target` (a remount, or a propagation change).
+fn set_flags(host: &dyn Host, target: &Path, flags: MsFlags) -> nix::Result<()> {
+    host.mount(&call(None, target, None, flags, None))
+}
+
 /// Mounts `fstype` (`source`) at `target` with `flags` and `data`.
-pub fn mount_fs(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
-    mount(Some(source), target, Some(fstype), flags, data).map_err(|e| mount_err(fstype, target, e))
+pub fn mount_fs(
+    host: &dyn Host,
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
+    host.mount(&call(Some(Path::new(source)), target, Some(fstype), flags, data))
+        .map_err(|e| mount_err(fstype, target, e))
 }
 
 /// Bind-mounts `source` at `target`, read-only unless `writable`, not propagating.
-pub fn bind(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
+pub fn bind(host: &dyn Host, source: &Path, target: &Path, writable: bool) -> io::Result<()> {
     let what = source.display().to_string();
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+    host.mount(&call(Some(source), target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None))
         .map_err(|e| mount_err(&what, target, e))?;
-    mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>)
-        .map_err(|e| mount_err(&what, target, e))?;
+    set_flags(host, target, MsFlags::MS_PRIVATE | MsFlags::MS_REC).map_err(|e| mount_err(&what, target, e))?;
     if !writable {
         let flags =
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| mount_err(&what, target, e))?;
+        set_flags(host, target, flags).map_err(|e| mount_err(&what, target, e))?;
     }
     Ok(())
 }
@@ -36,21 +60,20 @@ pub fn bind(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
 /// Bind-mounts `source` at `target`, not propagating, always `nosuid,nodev`
 /// (what a job writes there can never be a set-uid program or a device for
 /// the host), read-only unless `writable`.
-pub fn bind_guarded(source: &Path, target: &Path, writable: bool) -> io::Result<()> {
+pub fn bind_guarded(host: &dyn Host, source: &Path, target: &Path, writable: bool) -> io::Result<()> {
     let what = source.display().to_string();
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| mount_err(&what, target, e))?;
-    mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(|e| mount_err(&what, target, e))?;
+    host.mount(&call(Some(source), target, None, MsFlags::MS_BIND, None)).map_err(|e| mount_err(&what, target, e))?;
+    set_flags(host, target, MsFlags::MS_PRIVATE).map_err(|e| mount_err(&what, target, e))?;
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if !writable {
         flags |= MsFlags::MS_RDONLY;
     }
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| mount_err(&what, target, e))
+    set_flags(host, target, flags).map_err(|e| mount_err(&what, target, e))
 }
 
 /// [`mount_overlay`] with mount flags (`MS_NODEV`, ...).
 pub fn mount_overlay_with(
+    host: &dyn Host,
     image_root: &Path,
     upper: &Path,
     work: &Path,
@@ -58,8 +81,8 @@ pub fn mount_overlay_with(
     flags: MsFlags,
 ) -> io::Result<()> {
     let data = format!("lowerdir={},upperdir={},workdir={}", image_root.display(), upper.display(), work.display());
-    mount_fs("overlay", merged, "overlay", flags, Some(&data))?;
-    mount(None::<&str>, merged, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(|e| {
+    mount_fs(host, "overlay", merged, "overlay", flags, Some(&data))?;
+    set_flags(host, merged, MsFlags::MS_PRIVATE).map_err(|e| {
         io::Error::new(io::Error::from(e).kind(), format!("failed to make {} private: {e}", merged.display()))
     })
 }
@@ -70,8 +93,8 @@ pub fn mount_overlay_with(
 /// `upper`), then makes `merged` a private mount, so that mounts below it never
 /// propagate to or from the host. The three directories must exist; none of
 /// the paths may contain `,` or `:` (overlayfs's option separators).
-pub fn mount_overlay(image_root: &Path, upper: &Path, work: &Path, merged: &Path) -> io::Result<()> {
-    mount_overlay_with(image_root, upper, work, merged, MsFlags::empty())
+pub fn mount_overlay(host: &dyn Host, image_root: &Path, upper: &Path, work: &Path, merged: &Path) -> io::Result<()> {
+    mount_overlay_with(host, image_root, upper, work, merged, MsFlags::empty())
 }
 
 /// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.
@@ -91,15 +114,65 @@ fn unescape(field: &str) -> PathBuf {
     PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Mount {
+    /// The device (`major:minor`).
+    pub device: String,
+    /// The root of the mount within its filesystem (unescaped).
+    pub root: PathBuf,
+    /// The mount point (unescaped).
+    pub point: PathBuf,
+    /// Per-mount options (`rw,nosuid,...`).
+    pub options: String,
+    /// Optional fields (`shared:N`, `master:N`, ...).
+    pub optional: Vec<String>,
+    /// The filesystem type.
+    pub fstype: String,
+    /// The source.
+    pub source: String,
+    /// Per-superblock options (`lowerdir=...` of an overlay, ...).
+    pub super_options: String,
+}
+
+/// Parses the text of `/proc/PID/mountinfo`, in its order (mount order);
+/// malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            if sep < 6 || fields.len() < sep + 3 {
+                return None;
+            }
+            Some(Mount {
+                device: fields[2].to_owned(),
+                root: unescape(fields[3]),
+                point: unescape(fields[4]),
+                options: fields[5].to_owned(),
+                optional: fields[6..sep].iter().map(|f| (*f).to_owned()).collect(),
+                fstype: fields[sep + 1].to_owned(),
+                source: fields[sep + 2].to_owned(),
+                super_options: fields.get(sep + 3).copied().unwrap_or("").to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The mounts of this process's mount namespace.
+pub fn mountinfo() -> Vec<Mount> {
+    std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse_mountinfo(&t)).unwrap_or_default()
+}
+
 /// Mount points at or below `root` in this mount namespace, deepest (latest) first.
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    let mut points: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape)
-        .filter(|point| point.starts_with(root))
-        .collect();
+    mounts_under_on(&crate::host::System, root)
+}
+
+/// [`mounts_under`] among the mounts of `host`.
+pub fn mounts_under_on(host: &dyn Host, root: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> =
+        host.mounts().into_iter().map(|m| m.point).filter(|point| point.starts_with(root)).collect();
     // Later mounts stack on earlier ones: undo them in reverse order.
     points.reverse();
     points
@@ -114,17 +187,17 @@ pub struct Unmounted {
 
 /// Unmounts everything at or below `root`, deepest first. A mount still busy
 /// after a few tries is detached as a last resort, and reported.
-pub fn unmount_all(root: &Path) -> io::Result<Unmounted> {
+pub fn unmount_all(host: &dyn Host, root: &Path) -> io::Result<Unmounted> {
     let mut report = Unmounted::default();
     for _round in 0..3 {
-        let points = mounts_under(root);
+        let points = mounts_under_on(host, root);
         if points.is_empty() {
             return Ok(report);
         }
         for point in points {
             let mut done = false;
             for attempt in 0..5 {
-                match umount2(&point, MntFlags::UMOUNT_NOFOLLOW) {
+                match host.unmount(&point, MntFlags::UMOUNT_NOFOLLOW) {
                     Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
                         done = true;
                         break;
@@ -139,14 +212,14 @@ pub fn unmount_all(root: &Path) -> io::Result<Unmounted> {
                 }
             }
             if !done {
-                umount2(&point, MntFlags::MNT_DETACH).map_err(|e| {
+                host.unmount(&point, MntFlags::MNT_DETACH).map_err(|e| {
                     io::Error::new(io::Error::from(e).kind(), format!("failed to detach {}: {e}", point.display()))
                 })?;
                 report.detached.push(point);
             }
         }
     }
-    let left = mounts_under(root);
+    let left = mounts_under_on(host, root);
     if left.is_empty() {
         Ok(report)
     } else {
@@ -169,6 +242,36 @@ mod tests {
     }
 
     #[test]
+    fn mountinfo_is_parsed() {
+        let text = "36 35 98:0 /mnt1 /mnt\\040x rw,noatime master:1 shared:2 - ext3 /dev/root rw,errors=continue\n\
+                    40 36 0:50 / /merged rw,nodev - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w\n\
+                    garbage\n";
+        let mounts = parse_mountinfo(text);
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].point, PathBuf::from("/mnt x"));
+        assert_eq!(mounts[0].root, PathBuf::from("/mnt1"));
+        assert_eq!(mounts[0].device, "98:0");
+        assert_eq!(mounts[0].optional, ["master:1", "shared:2"]);
+        assert_eq!((mounts[0].fstype.as_str(), mounts[0].source.as_str()), ("ext3", "/dev/root"));
+        assert_eq!(mounts[1].super_options, "rw,lowerdir=/l,upperdir=/u,workdir=/w");
+        assert!(mounts[1].optional.is_empty());
+    }
+
+    #[test]
+    fn unmount_all_goes_deepest_first() {
+        let host = crate::host::Recorder::new();
+        let mount = |point: &str| Mount { point: point.into(), ..Mount::default() };
+        host.set_mounts(vec![mount("/"), mount("/job/root"), mount("/job/root/dev"), mount("/job/cache")]);
+        unmount_all(&host, Path::new("/job")).unwrap();
+        let nofollow = MntFlags::UMOUNT_NOFOLLOW;
+        assert_eq!(
+            host.calls(),
+            ["/job/cache", "/job/root/dev", "/job/root"]
+                .map(|p| crate::host::Call::Unmount { target: p.into(), flags: nofollow })
+        );
+    }
+
+    #[test]
     fn an_overlay_root_is_private_and_unmounted_again() {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipped: not running as root");
@@ -180,7 +283,8 @@ mod tests {
             std::fs::create_dir(d).unwrap();
         }
         std::fs::write(image.join("file"), "image").unwrap();
-        mount_overlay(&image, &upper, &work, &merged).unwrap();
+        let host = crate::host::System;
+        mount_overlay(&host, &image, &upper, &work, &merged).unwrap();
         assert_eq!(mounts_under(dir.path()), vec![merged.clone()]);
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let line = info.lines().find(|l| l.split(' ').nth(4) == merged.to_str()).unwrap();
@@ -188,7 +292,7 @@ mod tests {
         std::fs::write(merged.join("file"), "job").unwrap();
         assert_eq!(std::fs::read_to_string(image.join("file")).unwrap(), "image", "the image is never written");
         assert_eq!(std::fs::read_to_string(upper.join("file")).unwrap(), "job");
-        assert!(unmount_all(dir.path()).unwrap().detached.is_empty());
+        assert!(unmount_all(&host, dir.path()).unwrap().detached.is_empty());
         assert!(mounts_under(dir.path()).is_empty());
     }
 }

@@ -1,22 +1,69 @@
-//! Looking at host processes through /proc.
+//! Looking at host processes through /proc: the one process lister of the
+//! backends ([`processes`], behind [`crate::host::Host::processes`]).
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-/// The start time of `pid` (clock ticks since boot, field 22 of
-/// `/proc/PID/stat`): with the pid, it identifies a process across pid reuse.
-pub fn start_time(pid: i32) -> Option<u64> {
+/// A host process, as /proc shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Its pid.
+    pub pid: i32,
+    /// Its start time (clock ticks since boot, field 22 of `/proc/PID/stat`):
+    /// with the pid, it identifies a process across pid reuse.
+    pub start_time: u64,
+    /// Its state letter (`R`, `S`, `Z`, ...).
+    pub state: char,
+    /// Its arguments.
+    pub cmdline: Vec<Vec<u8>>,
+}
+
+impl Process {
+    /// Process `pid` (`None` if it is gone).
+    pub fn read(pid: i32) -> Option<Process> {
+        let (state, start_time) = stat(pid)?;
+        Some(Process { pid, start_time, state, cmdline: cmdline(pid) })
+    }
+
+    /// Whether it runs (is not a zombie).
+    pub fn alive(&self) -> bool {
+        self.state != 'Z'
+    }
+
+    /// Whether `arg` is exactly one of its arguments.
+    pub fn has_arg(&self, arg: &[u8]) -> bool {
+        self.cmdline.iter().any(|a| a == arg)
+    }
+}
+
+/// The state and start time of `pid`, from `/proc/PID/stat`.
+fn stat(pid: i32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    let state = rest.chars().next()?;
+    Some((state, rest.split(' ').nth(19)?.parse().ok()?))
+}
+
+/// The pids of every process of the host but this one.
+pub fn pids() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).filter(|pid| *pid != me).collect()
+}
+
+/// Every process of the host but this one.
+pub fn processes() -> Vec<Process> {
+    pids().into_iter().filter_map(Process::read).collect()
+}
+
+/// The start time of `pid` (see [`Process::start_time`]).
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat(pid).map(|(_, start)| start)
 }
 
 /// Whether `pid` runs (exists and is not a zombie).
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 2..].chars().next()).is_some_and(|s| s != 'Z'),
-        Err(_) => false,
-    }
+    stat(pid).is_some_and(|(state, _)| state != 'Z')
 }
 
 /// The container's init: the child of nspawn that is PID 1 of its own PID namespace.
@@ -45,24 +92,19 @@ pub fn cmdline(pid: i32) -> Vec<Vec<u8>> {
 
 /// Processes (other than this one) with exactly `arg` among their arguments.
 pub fn pids_with_arg(arg: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-        })
-        .collect()
+    processes().into_iter().filter(|p| p.has_arg(arg.as_bytes())).map(|p| p.pid).collect()
 }
 
 /// Waits until every pid in `pids` is gone, at most `timeout`; true if they are.
 pub fn wait_gone(pids: &[i32], timeout: Duration) -> bool {
+    wait_gone_on(&crate::host::System, pids, timeout)
+}
+
+/// [`wait_gone`], looking at the processes of `host`.
+pub fn wait_gone_on(host: &dyn crate::host::Host, pids: &[i32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if !pids.iter().any(|p| alive(*p)) {
+        if !pids.iter().any(|p| host.process(*p).is_some_and(|p| p.alive())) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -87,6 +129,7 @@ mod tests {
         assert!(alive(me));
         assert!(start_time(me).is_some());
         assert!(!alive(i32::MAX));
+        assert!(Process::read(me).is_some_and(|p| p.alive() && Some(p.start_time) == start_time(me)));
     }
 
     #[test]

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_backend_api::Failure;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
+use crate::host::Host;
 use crate::mounts;
 
 /// The job-log warning of a backend that found no gitlab-runner binary to put into jobs.
@@ -35,17 +35,14 @@ pub fn announce_prepared(image: &crate::image::Image, how: &str, started: std::t
 
 /// Processes running on the job's root `root`: chrooted into it, or (as
 /// under bwrap, where /proc/PID/root reads `/`) with their root on its overlay.
-pub fn processes_in(root: &Path) -> Vec<i32> {
-    let mounted = mounts::mounts_under(root).iter().any(|point| point == root);
+pub fn processes_in(host: &dyn Host, root: &Path) -> Vec<i32> {
+    let mounted = mounts::mounts_under_on(host, root).iter().any(|point| point == root);
     // Mounted: the overlay has a device of its own, and anything on it is the
     // job's. Not mounted: only the directory itself.
     let target = fs::metadata(root).ok().map(|m| (m.dev(), m.ino()));
-    let me = std::process::id() as i32;
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
+    host.processes()
+        .into_iter()
+        .map(|p| p.pid)
         .filter(|pid| {
             let link = format!("/proc/{pid}/root");
             if fs::read_link(&link).is_ok_and(|r| r.starts_with(root)) {
@@ -60,15 +57,15 @@ pub fn processes_in(root: &Path) -> Vec<i32> {
 /// Takes a job's root down: kills what still runs on it, then unmounts
 /// everything under it deepest first (a busy mount is detached as a last
 /// resort, with a warning on stderr, the runner's log). Idempotent.
-pub fn tear_down(root: &Path) -> Result<(), Failure> {
-    let stragglers = processes_in(root);
+pub fn tear_down(host: &dyn Host, root: &Path) -> Result<(), Failure> {
+    let stragglers = processes_in(host, root);
     for pid in &stragglers {
-        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        let _ = host.signal(*pid, Some(Signal::SIGKILL));
     }
-    if !crate::proc::wait_gone(&stragglers, Duration::from_secs(5)) {
+    if !crate::proc::wait_gone_on(host, &stragglers, Duration::from_secs(5)) {
         return Err(Failure::system(format!("processes {stragglers:?} in {} survived SIGKILL", root.display())));
     }
-    let report = mounts::unmount_all(root)
+    let report = mounts::unmount_all(host, root)
         .map_err(|e| Failure::system_with(format!("failed to unmount the job's root {}", root.display()), e))?;
     for point in &report.detached {
         eprintln!("WARNING: {} was busy; detached it (lazy unmount) so that cleanup could finish", point.display());

@@ -56,12 +56,21 @@ pub fn gitlab_runner(setting: Option<&Path>) -> Result<Option<PathBuf>, Failure>
             check_path("gitlab_runner", path)?;
             Ok(Some(path.to_owned()))
         }
-        None => {
-            let path = std::env::var_os("PATH")
-                .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-            Ok(std::env::split_paths(&path).map(|dir| dir.join("gitlab-runner")).find(|p| p.is_file()))
-        }
+        None => Ok(which("gitlab-runner")),
     }
+}
+
+/// The file `name` in a directory of `PATH` (the usual directories when
+/// `PATH` is not set), the first one found.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    which_in(&path, name)
+}
+
+/// The file `name` in a directory of `path` (`PATH`'s syntax), the first one found.
+pub fn which_in(path: &std::ffi::OsStr, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 /// The settings every backend that runs jobs on images has, borrowed from
@@ -118,6 +127,12 @@ pub fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn which_finds_a_program_on_path() {
+        assert!(which("sh").is_some_and(|p| p.is_absolute() && p.ends_with("sh")));
+        assert_eq!(which("no-such-program-anywhere"), None);
+    }
 
     #[test]
     fn paths_must_be_absolute_and_free_of_separators() {

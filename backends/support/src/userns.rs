@@ -257,12 +257,10 @@ impl UserNs {
             // SAFETY: `fd` was just opened and is owned by nothing else.
             Ok(UserNs { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
         })();
-        let mut status = 0;
-        // SAFETY: kills and reaps the child forked above.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, &mut status, 0);
-        }
+        // The child forked above: killed and reaped.
+        let child = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
         result
     }
 }
@@ -434,6 +432,6 @@ mod tests {
         assert_eq!((meta.uid(), meta.gid()), (range.base, range.base), "root's file shows as the range's root");
         assert!(std::fs::write(target.join("g"), "y").is_err(), "read-only");
         assert_eq!(std::fs::metadata(image.join("f")).unwrap().uid(), 0, "the source is unchanged");
-        crate::mounts::unmount_all(&target).unwrap();
+        crate::mounts::unmount_all(&crate::host::System, &target).unwrap();
     }
 }

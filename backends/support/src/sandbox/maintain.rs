@@ -21,6 +21,7 @@ use std::process::{Command, ExitStatus};
 
 use super::{enter, seccomp};
 use crate::cgroup::JobCgroup;
+use crate::host::System;
 use crate::limits::{LimitSettings, Limits};
 use crate::mounts;
 use crate::rootfs::real_dir;
@@ -41,10 +42,10 @@ struct View {
 
 impl Drop for View {
     fn drop(&mut self) {
-        if let Err(e) = super::kill_cgroup(&self.name) {
+        if let Err(e) = super::teardown::kill_cgroup(&crate::host::system(), &self.name) {
             eprintln!("WARNING: {e}");
         }
-        if let Err(e) = mounts::unmount_all(&self.dir) {
+        if let Err(e) = mounts::unmount_all(&System, &self.dir) {
             eprintln!("WARNING: failed to unmount {}: {e}", self.dir.display());
         }
         let _ = fs::remove_dir(self.dir.join("root"));
@@ -93,10 +94,10 @@ pub fn run_in_image(draft: &Path, cmd: &mut Command) -> io::Result<ExitStatus> {
 /// A minimal `/dev`, a read-only `/sys` ([`super::mount_system_dirs`]) and
 /// the host's resolv.conf (read-only), mounted on the view, never in the image.
 fn furnish(root: &Path) -> io::Result<()> {
-    super::mount_system_dirs(root, 64 << 20, None)?;
+    super::mount_system_dirs(&System, root, 64 << 20, None)?;
     let resolv = real_dir(root, "etc").map_err(|e| err("/etc in the image", e))?.join("resolv.conf");
     if fs::symlink_metadata(&resolv).is_ok_and(|m| m.is_file()) {
-        mounts::bind(Path::new("/etc/resolv.conf"), &resolv, false)?;
+        mounts::bind(&System, Path::new("/etc/resolv.conf"), &resolv, false)?;
     }
     Ok(())
 }

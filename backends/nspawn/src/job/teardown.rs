@@ -1,0 +1,171 @@
+//! Taking a job's container down: cleanup, and reap of containers whose
+//! job is gone.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_backend_api::{Failure, JobKey, JobState};
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use super::{command_output, layer_dir, leader, root_dir, unit_name, Container, ModeName, MACHINES, RECORD};
+use crate::{machine_name, Nspawn};
+use berth_backend_support::cgroup::JobCgroup;
+use berth_backend_support::claims::Claims;
+use berth_backend_support::host::{Cmd, Host};
+use berth_backend_support::settings::sys;
+use berth_backend_support::userns::Allocator;
+use berth_backend_support::{mounts, proc};
+
+/// Stops everything of a job's container and takes its mounts down; what
+/// identifies it is the job's own record and the names berth made (its
+/// unit, its cgroup), never the arguments of a process.
+pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Option<&Container>) -> Result<(), Failure> {
+    let machine = machine_name(state.key());
+    let started = Instant::now();
+    // The machine's name, unit and cgroup are this job's only while it holds
+    // the name (another berth configuration's runner of the same name could).
+    if Claims::host(MACHINES).owner(&machine).is_some_and(|owner| owner != state.dir()) {
+        warn!(
+            machine,
+            "the container's name is held by another berth state directory: only this job's files are removed"
+        );
+        return remove_layers(&**host, state, &machine);
+    }
+    // systemd mode: the unit holds everything; kill it, then let it go.
+    if container.is_some_and(|c| c.mode == ModeName::Systemd) && host.systemd_booted() {
+        let unit = unit_name(state.key());
+        for args in [["kill", "--signal=SIGKILL"].as_slice(), &["stop"], &["reset-failed"]] {
+            let _ = command_output(&**host, &Cmd::new("systemctl").args(args).arg(&unit));
+        }
+    }
+    // Standalone: the recorded init and nspawn, if they are still those
+    // processes. SIGKILL of nspawn alone would orphan the container: kill its
+    // init first, which ends the container and lets nspawn exit by itself.
+    let mut pids = Vec::new();
+    if let Some(container) = container {
+        if let Some((pid, _fd)) = leader(&**host, container) {
+            let _ = host.signal(pid, Some(Signal::SIGKILL));
+            pids.push(pid);
+        }
+        if let Some((pid, start)) = container.nspawn {
+            if host.process(pid).map(|p| p.start_time) == Some(start) {
+                pids.push(pid);
+            }
+        }
+    }
+    // The container's cgroup (standalone mode) is berth's, named after the
+    // job: everything in it is the job's, whatever it calls itself.
+    let cgroup = JobCgroup::on(host.clone(), &machine);
+    let stragglers = cgroup.pids();
+    if !stragglers.is_empty() && !cgroup.kill() {
+        for pid in &stragglers {
+            let _ = host.signal(*pid, Some(Signal::SIGKILL));
+        }
+    }
+    let nspawn: Vec<i32> = container.and_then(|c| c.nspawn).map(|(p, _)| p).into_iter().collect();
+    if !proc::wait_gone_on(&**host, &pids, Duration::from_secs(3)) {
+        warn!(machine, "nspawn did not exit after its container was killed; killing it");
+        for pid in pids.iter().filter(|p| nspawn.contains(p)) {
+            let _ = host.signal(*pid, Some(Signal::SIGKILL));
+        }
+    }
+    let all: Vec<i32> = pids.iter().chain(&stragglers).copied().collect();
+    if !proc::wait_gone_on(&**host, &all, Duration::from_secs(10)) {
+        return Err(Failure::system(format!("container {machine} (processes {all:?}) did not exit after SIGKILL")));
+    }
+    cgroup.remove().map_err(sys(format!("failed to remove the cgroup of container {machine}")))?;
+    remove_layers(&**host, state, &machine)?;
+    if container.is_some() || !all.is_empty() {
+        info!(machine, elapsed_ms = started.elapsed().as_millis() as u64, "container removed");
+    }
+    Ok(())
+}
+
+/// Unmounts the job's filesystems and removes what the job wrote.
+fn remove_layers(host: &dyn Host, state: &JobState, machine: &str) -> Result<(), Failure> {
+    // The root, the image's clone, the cache and the layer's filesystem.
+    let report = mounts::unmount_all(host, state.dir())
+        .map_err(sys(format!("failed to unmount the container's filesystems in {}", state.dir().display())))?;
+    for point in &report.detached {
+        warn!(machine, "{} was busy; detached it (lazy unmount)", point.display());
+    }
+    // Left by nspawn when it cannot clean up after itself without systemd.
+    let propagate = Path::new("/run/systemd/nspawn/propagate").join(machine);
+    if propagate.exists() {
+        if let Err(e) = fs::remove_dir_all(&propagate) {
+            warn!("failed to remove {}: {e}", propagate.display());
+        }
+    }
+    // The layer (on the state's filesystem when disk_max is infinity), written
+    // by the job: any tree it made, with bounded descriptors, never crossing a mount.
+    for dir in [layer_dir(state), root_dir(state), state.dir().join("lower"), state.dir().join("cache")] {
+        berth_backend_api::remove_tree(&dir).map_err(sys(format!("failed to remove {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn cleanup(backend: &Nspawn, state: &JobState) -> Result<(), Failure> {
+    let container: Option<Container> = state.load(RECORD).unwrap_or(None);
+    tear_down(&backend.host, state, container.as_ref())?;
+    Allocator::host().release_all(state.dir()).map_err(sys("failed to release the job's uid range"))?;
+    Claims::host(MACHINES)
+        .release(&machine_name(state.key()), state.dir())
+        .map_err(sys("failed to release the container's name"))?;
+    Ok(())
+}
+
+pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
+    let jobs = backend.runner.state_dir.join("jobs");
+    let prefix = format!("berth-{}-", backend.runner.name);
+    let mut removed = Vec::new();
+    // Containers whose job's state is gone (its cleanup never ran): found by
+    // the claim of their name, which only berth makes, owned by a job
+    // directory of this state dir. (`berth-<runner>-` also prefixes the
+    // machines of a runner named `<runner>-x`: the key must be this runner's.)
+    let claims = Claims::host(MACHINES);
+    for (machine, owner) in claims.orphans(&prefix, &jobs) {
+        let Ok(key) = JobKey::try_from(machine["berth-".len()..].to_owned()) else { continue };
+        if key.runner() != backend.runner.name {
+            continue;
+        }
+        let host = &backend.host;
+        if host.systemd_booted() {
+            let unit = unit_name(&key);
+            for args in [["kill", "--signal=SIGKILL"].as_slice(), &["stop"]] {
+                let _ = command_output(&**host, &Cmd::new("systemctl").args(args).arg(&unit));
+            }
+        }
+        let cgroup = JobCgroup::on(host.clone(), &machine);
+        let pids = cgroup.pids();
+        if !pids.is_empty() && !cgroup.kill() {
+            for pid in &pids {
+                let _ = host.signal(*pid, Some(Signal::SIGKILL));
+            }
+        }
+        if proc::wait_gone_on(&**host, &pids, Duration::from_secs(10)) && cgroup.remove().is_ok() {
+            let _ = claims.release(&machine, &owner);
+            removed.push(format!("container {machine} (its job's state {} is gone)", owner.display()));
+        }
+    }
+    // Empty cgroups of jobs whose cleanup never ran (standalone mode). A young
+    // one may belong to a prepare that has not started nspawn yet.
+    for machine in JobCgroup::machines(&prefix, Duration::from_secs(60)) {
+        let Ok(key) = JobKey::try_from(machine["berth-".len()..].to_owned()) else { continue };
+        let cgroup = JobCgroup::on(backend.host.clone(), &machine);
+        let unclaimed = claims.owner(&machine).is_none();
+        if key.runner() == backend.runner.name
+            && unclaimed
+            && !jobs.join(key.to_string()).exists()
+            && cgroup.pids().is_empty()
+            && cgroup.remove().is_ok()
+        {
+            removed.push(format!("cgroup of container {machine} (no job state, no process)"));
+        }
+    }
+    removed.extend(Allocator::host().reclaim(&jobs));
+    removed.extend(berth_backend_support::generations::Images::new(backend.images.dir()).prune());
+    Ok(removed)
+}
