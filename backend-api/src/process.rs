@@ -54,7 +54,7 @@ fn run_inner(cmd: &mut Command, cancel: &Cancel, stop: Option<&mut dyn FnMut()>,
         let last_resort = match stop {
             Some(stop) => {
                 stop();
-                if wait_exit(&mut child, None, Some(grace))? {
+                if wait_exit(&mut child, None, Some(Instant::now() + grace))? {
                     None
                 } else {
                     let _ = killpg(group, Signal::SIGTERM);
@@ -67,7 +67,7 @@ fn run_inner(cmd: &mut Command, cancel: &Cancel, stop: Option<&mut dyn FnMut()>,
             }
         };
         if let Some(wait) = last_resort {
-            if !wait_exit(&mut child, None, Some(wait))? {
+            if !wait_exit(&mut child, None, Some(Instant::now() + wait))? {
                 let _ = killpg(group, Signal::SIGKILL);
             }
         }
@@ -107,9 +107,9 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::R
 }
 
 /// Waits, without reaping, until `child` exits (true), `cancel` fires or
-/// `timeout` passes (false).
-fn wait_exit(child: &mut Child, cancel: Option<&Cancel>, timeout: Option<Duration>) -> io::Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+/// `deadline` passes (false): through its pidfd, or by polling every 5 ms on
+/// a kernel without pidfds.
+pub fn wait_exit(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instant>) -> io::Result<bool> {
     let Some(pidfd) = pidfd(child.id()) else {
         return poll_exit(child, cancel, deadline);
     };

@@ -176,7 +176,7 @@ fn bootstrap(
 }
 
 fn which(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    berth_backend_support::settings::which(name).is_some()
 }
 
 fn import(draft: &Draft, source: &Path) -> Result<()> {

@@ -150,9 +150,7 @@ fn create_builds_a_usable_image_from_the_mirror_with_either_tool_and_a_failed_bu
     let env = Env::new(&chroot_runner(&images));
     for (tool, id) in [("debootstrap", 710_010), ("mmdebstrap", 710_011)] {
         let missing = format!("{tool} is not installed (apt-get install {tool})");
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let installed = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
-        if !prerequisite((!installed).then_some(missing)) {
+        if !prerequisite(berth_backend_support::settings::which(tool).is_none().then_some(missing)) {
             continue;
         }
         let out = image(

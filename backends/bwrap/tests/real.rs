@@ -23,16 +23,8 @@ fn images() -> Option<PathBuf> {
     } else {
         None
     };
-    match missing {
-        None => Some(images),
-        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but cannot test bwrap: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("skipped: {reason}");
-            None
-        }
-    }
+    berth_backend_api::testing::prerequisite(missing.map(|reason| format!("cannot test bwrap: {reason}")))
+        .then_some(images)
 }
 
 struct Job {

@@ -142,24 +142,17 @@ pub(super) fn leak_check(target: &Target, id: u64) -> CheckOutcome {
 
 fn live_leaks(needle: &str) -> Vec<String> {
     let mut leaks = Vec::new();
-    let me = std::process::id().to_string();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                leaks.push(format!("process {pid} ({})", cmdline.trim()));
-            }
+    for process in berth_backend_support::proc::processes() {
+        let args: Vec<String> = process.cmdline.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let cmdline = args.join(" ");
+        if cmdline.contains(needle) {
+            leaks.push(format!("process {} ({})", process.pid, cmdline.trim()));
         }
     }
-    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
-        for line in mounts.lines().filter(|l| l.contains(needle)) {
-            let point = line.split(' ').nth(4).unwrap_or(line);
+    for mount in berth_backend_support::mounts::mountinfo() {
+        let point = mount.point.to_string_lossy();
+        let named = [&*point, &*mount.root.to_string_lossy(), &mount.source, &mount.super_options];
+        if named.iter().any(|field| field.contains(needle)) {
             leaks.push(format!("mount {point}"));
         }
     }

@@ -1,26 +1,16 @@
 //! The host: whether it can run a backend, its CPU time, and what a
 //! backend's jobs may leave on it (processes and mounts, read from /proc).
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Bench, Kind, IMAGE, MACHINE_ARG};
 
-/// Every process: pid and the arguments of its command line.
+/// Every process but this one: pid and the arguments of its command line.
 fn processes() -> Vec<(u32, Vec<String>)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut found: Vec<(u32, Vec<String>)> = entries
-        .filter_map(|entry| {
-            let pid = entry.ok()?.file_name().to_str()?.parse::<u32>().ok()?;
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into())
-                .collect();
-            Some((pid, args))
-        })
+    let mut found: Vec<(u32, Vec<String>)> = berth_backend_support::proc::processes()
+        .into_iter()
+        .map(|p| (p.pid as u32, p.cmdline.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect()))
         .collect();
     found.sort();
     found
@@ -49,36 +39,9 @@ fn processes_rooted_in(dir: &Path) -> Vec<(u32, PathBuf, String)> {
         .collect()
 }
 
-/// Decodes the octal escapes (`\040`) of a path in /proc/self/mountinfo.
-fn unescape_mount_path(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
-}
-
-/// Mount points at or below `dir` in this process's mount namespace (/proc/self/mountinfo).
+/// Mount points at or below `dir` in this process's mount namespace.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mount_path)
-        .filter(|point| point.starts_with(dir))
-        .collect()
+    berth_backend_support::mounts::mounts_under(dir)
 }
 
 /// What the bench left behind in its temp dir: nspawn processes of containers in its
@@ -129,8 +92,7 @@ pub fn can_run(kind: Kind, images: &Path) -> Result<(), String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err(format!("not root (the {} backend needs root)", kind.name()));
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    if !std::env::split_paths(&path).any(|dir| dir.join(kind.tool()).is_file()) {
+    if berth_backend_support::settings::which(kind.tool()).is_none() {
         return Err(format!("{} is not installed (not on PATH)", kind.tool()));
     }
     if !images.join(IMAGE).is_dir() {

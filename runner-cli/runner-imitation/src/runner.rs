@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use berth_backend_api::script;
 use berth_backend_api::{Cancel, JobResponse};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
@@ -540,41 +538,10 @@ enum Waited {
 
 /// Waits without reaping until the child exits, `cancel` fires or `deadline` passes.
 fn wait_child(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instant>) -> Waited {
-    let Some(pidfd) = berth_backend_api::process::pidfd(child.id()) else {
-        // The child was already reaped or the kernel lacks pidfd: fall back to polling.
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Waited::Exited;
-            }
-            if cancel.is_some_and(Cancel::is_cancelled) || deadline.is_some_and(|d| Instant::now() >= d) {
-                return Waited::Interrupted;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    };
-    loop {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if left == Some(Duration::ZERO) {
-            return Waited::Interrupted;
-        }
-        let timeout = left.map_or(PollTimeout::NONE, |l| {
-            PollTimeout::try_from(l.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::MAX)
-        });
-        let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(cancel) = cancel {
-            fds.push(PollFd::new(cancel.as_fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, timeout) {
-            Ok(n) if n > 0 => {
-                if fds[0].any().unwrap_or(false) {
-                    return Waited::Exited;
-                }
-                if fds.get(1).and_then(|f| f.any()).unwrap_or(false) {
-                    return Waited::Interrupted;
-                }
-            }
-            _ => {}
-        }
+    match berth_backend_api::process::wait_exit(child, cancel, deadline) {
+        Ok(true) => Waited::Exited,
+        // A failed wait is treated like a deadline: the caller stops the hook.
+        Ok(false) | Err(_) => Waited::Interrupted,
     }
 }
 

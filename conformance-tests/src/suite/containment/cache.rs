@@ -1,6 +1,7 @@
 //! The cache: a mount of its own with `nosuid,nodev`, one per project.
 
 use berth_backend_api::{JobResponse, ResponseVariable};
+use berth_backend_support::mounts::parse_mountinfo;
 use berth_runner_imitation::runner::{Exit, HookResult};
 
 use super::{nonce, tagged, then_finish};
@@ -12,39 +13,13 @@ fn cache_dir(case: &Case<'_>) -> String {
     case.job.config.cache_dir.clone().unwrap_or_else(|| "/cache".into())
 }
 
-/// `\040`-style escapes of /proc/self/mountinfo decoded.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| {
-            (d.len() == 3 && d.bytes().all(|b| (b'0'..=b'7').contains(&b))).then(|| u8::from_str_radix(d, 8).ok())?
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The mount of `mountinfo` (lines of /proc/self/mountinfo) that holds `path`:
 /// its mount point and per-mount options.
 fn mount_holding(mountinfo: &[String], path: &str) -> Option<(String, String)> {
     let under = |point: &str| point == "/" || path == point || path.starts_with(&format!("{point}/"));
-    mountinfo
-        .iter()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            Some((unescape(fields.get(4)?), fields.get(5)?.to_string()))
-        })
+    parse_mountinfo(&mountinfo.join("\n"))
+        .into_iter()
+        .map(|mount| (mount.point.to_string_lossy().into_owned(), mount.options))
         .filter(|(point, _)| under(point))
         // The deepest mount point; among equal ones, the last mounted.
         .fold(None, |best: Option<(String, String)>, (point, options)| match &best {
