@@ -3,7 +3,6 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::pipe;
 
 /// The runner's request to stop: becomes readable (and stays readable) once
@@ -52,16 +51,8 @@ impl Cancel {
 
     /// Sleeps until cancelled or until `timeout` passed; true when cancelled.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)) {
-                Ok(0) => return false,
-                Ok(_) => return true,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return false,
-            }
-        }
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        matches!(crate::process::wait_readable(&[self.read.as_fd()], deadline), Ok(Some(_)))
     }
 }
 

@@ -87,14 +87,13 @@ fn run_inner(cmd: &mut Command, cancel: &Cancel, stop: Option<&mut dyn FnMut()>,
 pub fn wait_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::Result<Option<usize>> {
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if left == Some(Duration::ZERO) {
-            return Ok(None);
-        }
+        // Whole milliseconds, rounded up; a deadline already passed still polls once.
         let timeout = left.map_or(PollTimeout::NONE, |l| {
-            PollTimeout::try_from(l.as_millis().clamp(1, i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+            PollTimeout::try_from(l.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
         });
         let mut polled: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
         match poll(&mut polled, timeout) {
+            Ok(0) if left == Some(Duration::ZERO) => return Ok(None),
             Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
             Err(e) => return Err(e.into()),
             Ok(_) => {
@@ -174,6 +173,8 @@ mod tests {
         assert_eq!(wait_readable(&[fd.as_fd(), cancel.as_fd()], None).unwrap(), Some(0));
         child.wait().unwrap();
         assert_eq!(wait_readable(&[], Some(Instant::now())).unwrap(), None);
+        let past = Some(Instant::now() - Duration::from_millis(5));
+        assert_eq!(wait_readable(&[cancel.as_fd()], past).unwrap(), Some(0), "a passed deadline still looks once");
     }
 
     #[test]

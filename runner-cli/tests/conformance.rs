@@ -113,12 +113,12 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
                 if fault == "leak-mount" {
                     assert!(detail.contains("mount /run/berth-leak-broken-"), "{detail}");
                     // Undo what the broken backend left.
-                    for line in std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
-                        if let Some(point) = line.split(' ').nth(4).filter(|p| p.starts_with("/run/berth-leak-broken-"))
-                        {
-                            let status = std::process::Command::new("umount").arg(point).status();
-                            assert!(status.is_ok_and(|s| s.success()), "failed to unmount {point}");
-                            let _ = std::fs::remove_dir(point);
+                    for mount in berth_backend_support::mounts::mountinfo() {
+                        let point = mount.point;
+                        if point.to_string_lossy().starts_with("/run/berth-leak-broken-") {
+                            let status = std::process::Command::new("umount").arg(&point).status();
+                            assert!(status.is_ok_and(|s| s.success()), "failed to unmount {}", point.display());
+                            let _ = std::fs::remove_dir(&point);
                         }
                     }
                 }

@@ -116,7 +116,7 @@ fn reap_removes_the_container_of_a_job_whose_runner_is_gone() {
     let out = job.hook(&env, "ns", &["prepare"]);
     assert!(out.status.success(), "{}", text(&out));
     let machine = "--machine=berth-ns-700003";
-    assert!(pids_with_arg(machine).len() == 1);
+    assert!(berth_backend_support::proc::pids_with_arg(machine).len() == 1);
     std::fs::remove_dir_all(&job.tmp).unwrap();
     // Cgroups of jobs whose cleanup never ran: an old one goes, a young one
     // (a prepare that has not started nspawn yet) stays.
@@ -141,23 +141,11 @@ fn reap_removes_the_container_of_a_job_whose_runner_is_gone() {
     assert!(other_survived, "another runner's cgroup was reaped:\n{}", text(&out));
     let log = text(&out);
     assert!(log.contains("removed ns-700003"), "{log}");
-    assert!(pids_with_arg(machine).is_empty(), "the container is gone");
+    assert!(berth_backend_support::proc::pids_with_arg(machine).is_empty(), "the container is gone");
     assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0);
     assert!(log.contains("removed cgroup of container berth-ns-700098 (no job state, no process)"), "{log}");
     assert!(!old.exists(), "{log}");
     assert!(!log.contains("berth-ns-700097"), "a young cgroup is left alone:\n{log}");
-}
-
-fn pids_with_arg(arg: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
 }
 
 /// A booted "test host" container whose PID 1 is systemd, for systemd mode.

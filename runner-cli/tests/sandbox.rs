@@ -28,9 +28,9 @@ fn runner(kind: &str, extra: &str) -> Option<(Env, std::path::PathBuf)> {
 
 /// Whether no process of the host has `needle` in its command line.
 fn no_process_with(needle: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().all(|e| {
-        std::fs::read(e.path().join("cmdline")).map_or(true, |c| !String::from_utf8_lossy(&c).contains(needle))
-    })
+    berth_backend_support::proc::processes()
+        .iter()
+        .all(|p| !p.cmdline.iter().map(|a| String::from_utf8_lossy(a)).collect::<Vec<_>>().join(" ").contains(needle))
 }
 
 fn escapes(kind: &str) {

@@ -199,8 +199,8 @@ mod tests {
 
     #[test]
     fn a_bounded_filesystem_fills_at_its_size_and_leaves_nothing() {
-        if !nix::unistd::Uid::effective().is_root() || !Path::new("/dev/loop-control").exists() {
-            eprintln!("skipped: needs root and /dev/loop-control");
+        let unable = !nix::unistd::Uid::effective().is_root() || !Path::new("/dev/loop-control").exists();
+        if !berth_backend_api::testing::prerequisite(unable.then(|| "needs root and /dev/loop-control".to_owned())) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

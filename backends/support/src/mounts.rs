@@ -273,8 +273,8 @@ mod tests {
 
     #[test]
     fn an_overlay_root_is_private_and_unmounted_again() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: not running as root");
+        let not_root = !nix::unistd::Uid::effective().is_root();
+        if !berth_backend_api::testing::prerequisite(not_root.then(|| "not running as root".to_owned())) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

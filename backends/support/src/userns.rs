@@ -416,8 +416,8 @@ mod tests {
     #[test]
     fn an_idmapped_clone_shows_root_files_as_the_jobs_root() {
         use std::os::unix::fs::MetadataExt;
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: not running as root");
+        let not_root = !nix::unistd::Uid::effective().is_root();
+        if !berth_backend_api::testing::prerequisite(not_root.then(|| "not running as root".to_owned())) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

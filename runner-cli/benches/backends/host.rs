@@ -82,8 +82,7 @@ pub fn host_cpu() -> Duration {
     // user nice system idle iowait irq softirq steal: everything but idle and iowait.
     let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|t| t.parse().expect("a tick count")).collect();
     let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100).max(1) as u64;
     Duration::from_millis(busy * 1000 / hz)
 }
 

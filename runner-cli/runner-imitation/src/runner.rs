@@ -540,8 +540,17 @@ enum Waited {
 fn wait_child(child: &mut Child, cancel: Option<&Cancel>, deadline: Option<Instant>) -> Waited {
     match berth_backend_api::process::wait_exit(child, cancel, deadline) {
         Ok(true) => Waited::Exited,
-        // A failed wait is treated like a deadline: the caller stops the hook.
-        Ok(false) | Err(_) => Waited::Interrupted,
+        Ok(false) => Waited::Interrupted,
+        // The wait itself failed (not the hook): poll instead of stopping a hook that may be fine.
+        Err(_) => loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Waited::Exited;
+            }
+            if cancel.is_some_and(Cancel::is_cancelled) || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Waited::Interrupted;
+            }
+            thread::sleep(Duration::from_millis(5));
+        },
     }
 }
 

@@ -165,7 +165,7 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let id = 8_000_000_000_000 + (now.as_millis() as u64 % 1_000_000_000) * 1000 + u64::from(std::process::id() % 1000);
-    let timeout = args.timeout.map(|t| t.as_secs().max(1)).or(job.timeout_secs).unwrap_or(3600);
+    let timeout = args.timeout.map(|t| t.as_secs()).or(job.timeout_secs).unwrap_or(3600);
     let mut response = JobResponse::new(id);
     response.token = format!("berth-exec-token-{id:x}{:x}", now.subsec_nanos());
     response.job_info = JobInfo::new(job.name.clone(), job.stage.clone(), format!("local/{project}"));
