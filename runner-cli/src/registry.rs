@@ -67,12 +67,21 @@ fn build<B: NewBackend + 'static>(runner: &Runner, info: &RunnerInfo) -> Result<
             let message = e.into_inner().to_string();
             runner.settings_error(if path == "." { "" } else { &path }, message.trim_end().to_owned())
         })?;
-    let backend = B::new(settings, info).map_err(|source| LoadError::Backend {
-        backend: info_backend_name(runner),
-        runner: runner.name.clone(),
-        failure: source,
+    let backend = B::new(settings, info).map_err(|failure| match bad_setting(runner, &failure) {
+        Some(error) => LoadError::Config(error),
+        None => LoadError::Backend { backend: info_backend_name(runner), runner: runner.name.clone(), failure },
     })?;
     Ok(Box::new(backend))
+}
+
+/// A built-in backend's refusal of a setting's value, which says
+/// `settings.KEY: why` (their convention), as an error naming the file, the
+/// key and its line, like a type error of the same setting.
+fn bad_setting(runner: &Runner, failure: &Failure) -> Option<ConfigError> {
+    let Failure::System { message, .. } = failure else { return None };
+    let (key, why) = message.strip_prefix("settings.")?.split_once(": ")?;
+    let top = key.split(['.', '[']).next()?;
+    runner.settings.contains_key(top).then(|| runner.settings_error(key, why))
 }
 
 fn info_backend_name(runner: &Runner) -> String {

@@ -276,3 +276,16 @@ fn gitlab_config_refuses_a_runner_whose_settings_would_fail_every_job() {
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains("line 5") && message.contains("runners.demo.settings.fail_stagee"), "{message}");
 }
+
+#[test]
+fn a_settings_value_a_backend_refuses_is_named_with_file_key_and_line() {
+    let env = Env::new(
+        "[runners.ch]\nbackend = \"chroot\"\n[runners.ch.settings]\nimages_dir = \"/nonexistent\"\nmemory_max = \"4 gigs\"\n",
+    );
+    let out = env.berth("ch").arg("describe").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let message = String::from_utf8_lossy(&out.stderr);
+    let want =
+        format!("invalid configuration {}, line 6: key `runners.ch.settings.memory_max`: ", env.config().display());
+    assert!(message.contains(&want) && message.contains("\"4 gigs\" is not an amount of memory"), "{message}");
+}

@@ -88,6 +88,7 @@ impl NewBackend for Nspawn {
         }
         .resolve(runner)?;
         let limits = Limits::of(&settings.limits()).map_err(|e| Failure::system(format!("settings.{e}")))?;
+        settings.boot_timeout().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
         settings::check_nspawn_args(&settings.nspawn_args).map_err(|e| Failure::system(format!("settings.{e}")))?;

@@ -1,6 +1,7 @@
 //! `[runners.NAME.settings]` of the nspawn backend.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use berth_backend_support::cache::CacheScope;
 use berth_backend_support::settings::Bind;
@@ -68,6 +69,16 @@ pub fn check_nspawn_args(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `boot_timeout` as written: seconds, or a duration in humantime's syntax.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum BootTimeout {
+    /// Seconds.
+    Seconds(u64),
+    /// A duration (`"90s"`, `"2m"`).
+    Text(String),
+}
+
 /// The nspawn backend's settings.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,8 +101,9 @@ pub struct Settings {
     /// The gitlab-runner binary to bind into containers, for the cache and
     /// artifact stages (default: `gitlab-runner` found on PATH).
     pub gitlab_runner: Option<PathBuf>,
-    /// Seconds to wait for the container's systemd to be ready (default 60).
-    pub boot_timeout: Option<u64>,
+    /// How long to wait for the container's systemd to be ready: seconds, or
+    /// a duration such as `"90s"` or `"2m"` (default 60 seconds).
+    pub boot_timeout: Option<BootTimeout>,
     /// The container's memory limit, systemd syntax (`4G`, `50%`, `infinity`).
     /// This and the other limits hold in both host modes ([`berth_backend_support::limits`]).
     pub memory_max: Option<String>,
@@ -100,7 +112,7 @@ pub struct Settings {
     /// The container's CPU weight (1-10000; the default weight is 100).
     pub cpu_weight: Option<u32>,
     /// The container's task (process and thread) limit (default 4096).
-    pub tasks_max: Option<u32>,
+    pub tasks_max: Option<berth_backend_support::limits::TasksMax>,
     /// What a job can write to disk: its writable layer, `/tmp` and `/var/tmp`
     /// included, on a filesystem of this size (default [`DEFAULT_DISK_MAX`];
     /// `infinity`: the layer lies on the state directory's filesystem, unbounded).
@@ -206,13 +218,28 @@ pub fn check_generator_name(name: &str) -> Result<(), String> {
 }
 
 impl Settings {
+    /// `boot_timeout`, or what is wrong with it (`boot_timeout: ...`).
+    pub fn boot_timeout(&self) -> Result<Duration, String> {
+        let timeout = match &self.boot_timeout {
+            None => return Ok(Duration::from_secs(60)),
+            Some(BootTimeout::Seconds(secs)) => Duration::from_secs(*secs),
+            Some(BootTimeout::Text(text)) => humantime::parse_duration(text.trim()).map_err(|e| {
+                format!("boot_timeout: {text:?}: {e} (give seconds, like 60, or a duration, like \"90s\" or \"2m\")")
+            })?,
+        };
+        if timeout < Duration::from_secs(1) {
+            return Err("boot_timeout: under a second no container boots; the default is 60".to_owned());
+        }
+        Ok(timeout)
+    }
+
     /// The limit settings, for [`berth_backend_support::limits::Limits::of`].
     pub fn limits(&self) -> berth_backend_support::limits::LimitSettings<'_> {
         berth_backend_support::limits::LimitSettings {
             memory_max: self.memory_max.as_deref(),
             cpu_quota: self.cpu_quota.as_deref(),
             cpu_weight: self.cpu_weight,
-            tasks_max: self.tasks_max,
+            tasks_max: self.tasks_max.as_ref(),
             disk_max: self.disk_max.as_deref(),
         }
     }
@@ -249,6 +276,30 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(toml_text: &str) -> Settings {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn boot_timeout_is_seconds_or_a_duration_and_at_least_a_second() {
+        assert_eq!(settings("").boot_timeout(), Ok(Duration::from_secs(60)));
+        assert_eq!(settings("boot_timeout = 90").boot_timeout(), Ok(Duration::from_secs(90)));
+        assert_eq!(settings("boot_timeout = \"90s\"").boot_timeout(), Ok(Duration::from_secs(90)));
+        assert_eq!(settings("boot_timeout = \"2m\"").boot_timeout(), Ok(Duration::from_secs(120)));
+        assert!(settings("boot_timeout = 0").boot_timeout().unwrap_err().starts_with("boot_timeout: under a second"));
+        let err = settings("boot_timeout = \"soon\"").boot_timeout().unwrap_err();
+        assert!(err.starts_with("boot_timeout: \"soon\": ") && err.contains("\"90s\""), "{err}");
+    }
+
+    #[test]
+    fn tasks_max_takes_systemds_infinity() {
+        use berth_backend_support::limits::{Amount, Limits};
+        let limits = |text: &str| Limits::of(&settings(text).limits()).map(|l| l.tasks);
+        assert_eq!(limits("tasks_max = \"infinity\""), Ok(Some(Amount::Max)));
+        assert_eq!(limits("tasks_max = 100"), Ok(Some(Amount::Value(100))));
+        assert!(limits("tasks_max = \"many\"").unwrap_err().starts_with("tasks_max: \"many\""));
+    }
 
     #[test]
     fn unit_names_are_checked() {

@@ -31,6 +31,29 @@ pub fn host_warnings(kind: &str, runner: &str, limits: &Limits, private_users: b
     out
 }
 
+/// `tasks_max` as written in a runner's TOML: a number of tasks, or
+/// `infinity` (systemd's `TasksMax=` syntax).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum TasksMax {
+    /// At most this many processes and threads.
+    Count(u32),
+    /// `infinity` (anything else is refused).
+    Word(String),
+}
+
+impl TasksMax {
+    /// The limit, or what is wrong with it.
+    pub fn amount(&self) -> Result<Amount, String> {
+        match self {
+            TasksMax::Count(0) => Err("0 would not even let the job's first process run".to_owned()),
+            TasksMax::Count(n) => Ok(Amount::Value(u64::from(*n))),
+            TasksMax::Word(word) if word == "infinity" => Ok(Amount::Max),
+            TasksMax::Word(word) => Err(format!("{word:?} is not a number of tasks (like 4096) or infinity")),
+        }
+    }
+}
+
 /// The limit settings of a runner, as written in its TOML (each backend's
 /// settings hold these keys).
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,7 +65,7 @@ pub struct LimitSettings<'a> {
     /// `cpu_weight` (1-10000).
     pub cpu_weight: Option<u32>,
     /// `tasks_max`.
-    pub tasks_max: Option<u32>,
+    pub tasks_max: Option<&'a TasksMax>,
     /// `disk_max` (`20G`, `infinity`).
     pub disk_max: Option<&'a str>,
 }
@@ -93,7 +116,10 @@ impl Limits {
         );
         let disk = crate::diskfs::parse_size(settings.disk_max.unwrap_or(DEFAULT_DISK_MAX))
             .map_err(|e| format!("disk_max: {e}"))?;
-        let tasks = Some(settings.tasks_max.map_or(Amount::Value(DEFAULT_TASKS_MAX), |n| Amount::Value(n.into())));
+        let tasks = Some(match settings.tasks_max {
+            None => Amount::Value(DEFAULT_TASKS_MAX),
+            Some(tasks) => tasks.amount().map_err(|e| format!("tasks_max: {e}"))?,
+        });
         let cpu_quota =
             settings.cpu_quota.map(|v| parse_percent(v).map_err(|e| format!("cpu_quota: {e}"))).transpose()?;
         let cpu_weight = settings.cpu_weight.map(u64::from);
@@ -101,9 +127,6 @@ impl Limits {
             if !(1..=10000).contains(&weight) {
                 return Err(format!("cpu_weight: {weight} is not in 1..=10000"));
             }
-        }
-        if settings.tasks_max == Some(0) {
-            return Err("tasks_max: 0 would not even let the job's first process run".to_owned());
         }
         Ok(Limits { memory, tasks, cpu_quota, cpu_weight, disk })
     }
@@ -236,7 +259,7 @@ mod tests {
             memory_max: Some("2G"),
             cpu_quota: Some("150%"),
             cpu_weight: Some(50),
-            tasks_max: Some(100),
+            tasks_max: Some(&TasksMax::Count(100)),
             ..LimitSettings::default()
         };
         let limits = Limits::of(&settings).unwrap();
@@ -249,8 +272,15 @@ mod tests {
         assert!(Limits::of(&bad).unwrap_err().starts_with("memory_max: \"lots\""));
         let bad = LimitSettings { cpu_weight: Some(0), ..LimitSettings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("cpu_weight:"));
-        let bad = LimitSettings { tasks_max: Some(0), ..LimitSettings::default() };
+        let bad = LimitSettings { tasks_max: Some(&TasksMax::Count(0)), ..LimitSettings::default() };
         assert!(Limits::of(&bad).unwrap_err().starts_with("tasks_max:"));
+        let lifted = LimitSettings { tasks_max: Some(&TasksMax::Word("infinity".into())), ..LimitSettings::default() };
+        assert_eq!(Limits::of(&lifted).unwrap().tasks, Some(Amount::Max), "systemd's syntax: infinity lifts it");
+        let bad = LimitSettings { tasks_max: Some(&TasksMax::Word("lots".into())), ..LimitSettings::default() };
+        assert_eq!(
+            Limits::of(&bad).unwrap_err(),
+            "tasks_max: \"lots\" is not a number of tasks (like 4096) or infinity"
+        );
     }
 
     #[test]

@@ -33,6 +33,18 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The end of a boot log for an error message: `; its log ends with:` and
+/// its last lines, or what to do when it has none.
+pub(super) fn log_end(path: &Path) -> String {
+    match tail(path, 20) {
+        text if text.trim().is_empty() => {
+            "; it wrote nothing to its log (raise settings.boot_timeout on a slow host; BERTH_LOG=debug shows the boot command)"
+                .to_owned()
+        }
+        text => format!("; its log ends with:\n{text}"),
+    }
+}
+
 fn bind_arg(source: &Path, target: &Path, writable: bool, idmap: bool) -> OsString {
     let mut arg = OsString::from(if writable { "--bind=" } else { "--bind-ro=" });
     arg.push(source);
@@ -119,11 +131,22 @@ impl Nspawn {
         env
     }
 
+    /// `TasksMax=` for the container's unit: the setting (checked at
+    /// construction), else the default.
+    fn tasks_max(&self) -> String {
+        use berth_backend_support::limits::{Amount, DEFAULT_TASKS_MAX};
+        match self.settings.tasks_max.as_ref().map(|t| t.amount()) {
+            Some(Ok(Amount::Max)) => "infinity".to_owned(),
+            Some(Ok(Amount::Value(n))) => n.to_string(),
+            None | Some(Err(_)) => DEFAULT_TASKS_MAX.to_string(),
+        }
+    }
+
     /// Unit properties for the container's unit (systemd mode): the
     /// device policy of systemd's own `systemd-nspawn@.service` (no device
     /// but the pseudo devices, ptys and tun), delegation, limits.
     fn unit_properties(&self, state: &JobState) -> Vec<String> {
-        let boot = self.settings.boot_timeout.unwrap_or(60);
+        let boot = self.settings.boot_timeout().map_or(60, |t| t.as_secs());
         let mut props = vec![
             "Type=notify".to_owned(),
             "NotifyAccess=all".to_owned(),
@@ -134,10 +157,7 @@ impl Nspawn {
             "DeviceAllow=char-pts rw".to_owned(),
             format!("TimeoutStartSec={boot}s"),
             "TimeoutStopSec=5s".to_owned(),
-            format!(
-                "TasksMax={}",
-                self.settings.tasks_max.map_or(berth_backend_support::limits::DEFAULT_TASKS_MAX, u64::from)
-            ),
+            format!("TasksMax={}", self.tasks_max()),
             format!("MemoryMax={}", self.settings.memory_max.as_deref().unwrap_or(crate::settings::DEFAULT_MEMORY_MAX)),
             // Who made this unit: reap recognises a job's container by it.
             format!("Description=berth job {} ({})", state.key(), state.dir().display()),
@@ -202,15 +222,15 @@ pub(super) fn boot_standalone(
         Wait::Cancelled => return Err(Failure::Cancelled),
         Wait::Exited => {
             return Err(Failure::system(format!(
-                "systemd-nspawn exited while booting the container; its log ends with:\n{}",
-                tail(&log_path, 20)
+                "systemd-nspawn exited while booting the container{}",
+                log_end(&log_path)
             )))
         }
         Wait::Timeout => {
             return Err(Failure::system(format!(
-                "the container was not ready after {} s (settings.boot_timeout); its log ends with:\n{}",
+                "the container was not ready after {} s (settings.boot_timeout){}",
                 timeout.as_secs(),
-                tail(&log_path, 20)
+                log_end(&log_path)
             )))
         }
     }

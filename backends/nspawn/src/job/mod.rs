@@ -145,7 +145,7 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
     if backend.gitlab_runner.is_none() {
         println!("{}", berth_backend_support::rootfs::GITLAB_RUNNER_MISSING);
     }
-    let timeout = Duration::from_secs(backend.settings.boot_timeout.unwrap_or(60));
+    let timeout = backend.settings.boot_timeout().unwrap_or(Duration::from_secs(60));
     match backend.mode {
         Mode::Systemd => boot::boot_systemd(backend, state, &mut container, cancel)?,
         _ => boot::boot_standalone(backend, state, &mut container, timeout, cancel)?,

@@ -332,3 +332,16 @@ fn the_root_is_an_overlay_on_the_image_and_the_cache_is_guarded() {
     let upper = dir.join("layer/upper");
     assert_eq!(std::fs::read_to_string(upper.join("etc/hostname")).unwrap(), format!("berth-{RUNNER}-5\n"));
 }
+
+#[test]
+fn a_boot_failure_quotes_the_end_of_its_log_or_says_it_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("boot.log");
+    std::fs::write(&log, "").unwrap();
+    let empty = boot::log_end(&log);
+    assert!(empty.starts_with("; it wrote nothing to its log (raise settings.boot_timeout"), "{empty}");
+    let lines: String = (1..=30).map(|n| format!("line {n}\n")).collect();
+    std::fs::write(&log, lines).unwrap();
+    let end = boot::log_end(&log);
+    assert!(end.starts_with("; its log ends with:\nline 11\n") && end.ends_with("line 30"), "{end}");
+}

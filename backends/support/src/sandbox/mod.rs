@@ -136,7 +136,7 @@ pub struct Settings {
     /// The job's CPU weight (1-10000).
     pub cpu_weight: Option<u32>,
     /// The job's task (process and thread) limit (default 4096).
-    pub tasks_max: Option<u32>,
+    pub tasks_max: Option<crate::limits::TasksMax>,
     /// What a job can write to disk, `/tmp` included (default 20G; `infinity`: unbounded).
     pub disk_max: Option<String>,
     /// The size of the job's `/dev/shm` (default 64M).
@@ -156,7 +156,7 @@ impl Settings {
             memory_max: self.memory_max.as_deref(),
             cpu_quota: self.cpu_quota.as_deref(),
             cpu_weight: self.cpu_weight,
-            tasks_max: self.tasks_max,
+            tasks_max: self.tasks_max.as_ref(),
             disk_max: self.disk_max.as_deref(),
         }
     }
