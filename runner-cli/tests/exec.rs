@@ -128,3 +128,28 @@ fn a_pipeline_below_the_root_of_its_work_tree_says_which_files_the_job_gets() {
     let out = env.exec_sample("demo", "test", &[]);
     assert!(!text(&out).contains("Project files:"), "{}", text(&out));
 }
+
+#[test]
+fn masked_values_are_hidden_in_the_jobs_own_output_too() {
+    let env = Env::new(HOST);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(".gitlab-ci.yml");
+    std::fs::write(
+        &file,
+        "show:\n  script:\n    - echo \"token is $DEPLOY_TOKEN\"\n    - echo \"to stderr=$DEPLOY_TOKEN\" >&2\n    - printf 'no newline=%s' \"$DEPLOY_TOKEN\"\n",
+    )
+    .unwrap();
+    let out = env
+        .berth("host")
+        .args(["exec", "--retry-delay-ms", "50", "--no-sources", "--file"])
+        .arg(&file)
+        .args(["--masked-var", "DEPLOY_TOKEN=glpat-very-secret-123", "show"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(!log.contains("glpat-very-secret-123"), "{log}");
+    for shown in ["token is [MASKED]", "to stderr=[MASKED]", "no newline=[MASKED]"] {
+        assert!(log.contains(shown), "{shown:?} missing:\n{log}");
+    }
+}

@@ -7,11 +7,11 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, ResponseVariable, Step};
+use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, Redactor, ResponseVariable, Step};
 use berth_runner_imitation::job::{Interrupts, JobSpec};
 use berth_runner_imitation::runner::{Driver, Hook, Log, Stream};
 
@@ -28,10 +28,41 @@ pub fn main(cli: &Cli, args: &ExecArgs) -> Result<Done, crate::Error> {
 struct Terminal {
     verbose: bool,
     color: bool,
+    /// The masked variables' values, hidden in the job's own output as
+    /// GitLab hides them in the job log; `None` when there are none.
+    redactor: Option<Redactor>,
+    /// With a redactor: the part of each stream's output after its last
+    /// newline, held until the line is whole (a secret may span reads).
+    pending: Mutex<[Vec<u8>; 2]>,
+}
+
+/// A line held this long without a newline is shown anyway (redacted).
+const MAX_PENDING: usize = 64 * 1024;
+
+impl Terminal {
+    fn write(stream: Stream, bytes: &[u8]) {
+        let _ = match stream {
+            Stream::Stdout => std::io::stdout().lock().write_all(bytes).and_then(|()| std::io::stdout().flush()),
+            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+        };
+    }
+
+    /// Shows what each stream holds back (before a runner line, and at the end).
+    fn flush(&self) {
+        let Some(redactor) = &self.redactor else { return };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (stream, held) in [Stream::Stdout, Stream::Stderr].into_iter().zip(pending.iter_mut()) {
+            if !held.is_empty() {
+                Self::write(stream, redactor.redact(&String::from_utf8_lossy(held)).as_bytes());
+                held.clear();
+            }
+        }
+    }
 }
 
 impl Log for Terminal {
     fn runner(&self, line: &str) {
+        self.flush();
         let mut out = std::io::stdout().lock();
         let _ = if self.color {
             let color = if line.starts_with("ERROR") {
@@ -60,10 +91,17 @@ impl Log for Terminal {
         if !show {
             return;
         }
-        let _ = match stream {
-            Stream::Stdout => std::io::stdout().lock().write_all(bytes).and_then(|()| std::io::stdout().flush()),
-            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+        let Some(redactor) = &self.redactor else { return Self::write(stream, bytes) };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let held = &mut pending[usize::from(stream == Stream::Stderr)];
+        held.extend_from_slice(bytes);
+        let whole = match held.iter().rposition(|b| *b == b'\n') {
+            Some(end) => end + 1,
+            None if held.len() > MAX_PENDING => held.len(),
+            None => return,
         };
+        let lines: Vec<u8> = held.drain(..whole).collect();
+        Self::write(stream, redactor.redact(&String::from_utf8_lossy(&lines)).as_bytes());
     }
 }
 
@@ -226,7 +264,10 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     let mut driver = Driver::new(exe, hook_args);
     driver.timeouts.retry_delay = Duration::from_millis(args.retry_delay_ms);
     let color = std::env::var_os("NO_COLOR").is_none() && nix::unistd::isatty(std::io::stdout()).unwrap_or(false);
-    let log: Arc<dyn Log> = Arc::new(Terminal { verbose: args.verbose, color });
+    let secrets: Vec<String> = spec.response.variables.iter().filter(|v| v.masked).map(|v| v.value.clone()).collect();
+    let redactor = (!secrets.is_empty()).then(|| Redactor::new(secrets));
+    let terminal = Arc::new(Terminal { verbose: args.verbose, color, redactor, pending: Mutex::default() });
+    let log: Arc<dyn Log> = terminal.clone();
     log.runner(&format!(
         "Running with berth exec {} (job {:?} of {}, runner {:?})",
         env!("CARGO_PKG_VERSION"),
@@ -239,6 +280,7 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     }
     let interrupts = interrupts()?;
     let report = driver.run_job(&spec, &interrupts, &log);
+    terminal.flush();
     if !args.verbose {
         if let Some((_, cleanup)) = report.calls.iter().rev().find(|(_, r)| r.hook == Hook::Cleanup) {
             if !cleanup.ok() {
