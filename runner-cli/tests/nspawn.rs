@@ -428,11 +428,11 @@ full:
     let env = Env::new(&format!("{}mask_units = [\"../../etc/passwd.service\"]\n", runner(&images, "standalone")));
     let out = env.berth("ns").arg("describe").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("settings.mask_units: \"../../etc/passwd.service\" is not a unit name"),
-        "{}",
-        text(&out)
+    let want = format!(
+        "{}, line 9: key `runners.ns.settings.mask_units`: \"../../etc/passwd.service\" is not a unit name",
+        env.config().display()
     );
+    assert!(text(&out).contains(&want), "{}", text(&out));
 }
 
 #[test]
