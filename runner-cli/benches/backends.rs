@@ -78,9 +78,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use berth_backend_api::{JobInfo, JobResponse, ResponseVariable};
+use berth_backend_support::mounts::mounts_under;
 use berth_runner_imitation::runner::{Driver, Hook, JobRun, Log, Quiet};
 use common::{timed, Stats};
-use host::{can_run, host_cpu, leftovers, mounts_under};
+use host::{can_run, host_cpu, leftovers};
 use table::{Row, Target};
 
 /// The berth binary cargo built for this bench (same profile as the bench).

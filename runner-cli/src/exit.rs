@@ -64,11 +64,9 @@ pub fn process_exit_code(invocation: Invocation<'_>, result: &Result<Done, Error
     match (invocation, result) {
         (_, Ok(Done::Success)) => ExitCode::SUCCESS,
         (_, Ok(Done::Unsuccessful)) => ExitCode::from(1),
-        (_, Ok(Done::Job(outcome))) => ExitCode::from(match outcome {
-            Outcome::Succeeded | Outcome::Failed { allowed: true, .. } => 0,
-            Outcome::Failed { .. } | Outcome::Cancelled | Outcome::TimedOut(_) => 1,
-            Outcome::SystemFailure(_) => 2,
-        }),
+        (_, Ok(Done::Job(outcome))) if outcome.passed() => ExitCode::SUCCESS,
+        (_, Ok(Done::Job(outcome))) if outcome.is_system_failure() => ExitCode::from(2),
+        (_, Ok(Done::Job(_))) => ExitCode::from(1),
         (Invocation::Command, Err(_)) => ExitCode::from(COMMAND_ERROR),
         (Invocation::Hook { codes, exit_code_file }, Err(error)) => match error.class() {
             Class::Script(code) => match exit_code_file {

@@ -39,11 +39,6 @@ fn processes_rooted_in(dir: &Path) -> Vec<(u32, PathBuf, String)> {
         .collect()
 }
 
-/// Mount points at or below `dir` in this process's mount namespace.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    berth_backend_support::mounts::mounts_under(dir)
-}
-
 /// What the bench left behind in its temp dir: nspawn processes of containers in its
 /// state directory (any `berth exec` job's too), processes whose root is in it, mounts
 /// in it and jobs in the state directory; and how many `berth-ns-` containers of
@@ -59,7 +54,9 @@ pub fn leftovers(bench: &Bench) -> (Vec<String>, usize) {
             .into_iter()
             .map(|(pid, root, cmdline)| format!("process {pid} (root {}): {cmdline}", root.display())),
     );
-    found.extend(mounts_under(dir).into_iter().map(|point| format!("mount {}", point.display())));
+    found.extend(
+        berth_backend_support::mounts::mounts_under(dir).into_iter().map(|point| format!("mount {}", point.display())),
+    );
     let jobs = bench.state.join("jobs");
     match std::fs::read_dir(&jobs) {
         Ok(entries) => {
