@@ -114,6 +114,23 @@ impl Claims {
     pub fn orphans(&self, prefix: &str, jobs_dir: &Path) -> Vec<(String, PathBuf)> {
         self.list(prefix).into_iter().filter(|(_, owner)| owner.starts_with(jobs_dir) && !owner.exists()).collect()
     }
+
+    /// [`Claims::orphans`] of `runner`'s jobs (`berth-<runner>-<id>` owned under
+    /// its state dir), with each job's key. `berth-<runner>-` also prefixes the
+    /// names of a runner called `<runner>-x`: the key must be this runner's.
+    pub fn orphans_of(
+        &self,
+        runner: &berth_backend_api::RunnerInfo,
+    ) -> Vec<(String, PathBuf, berth_backend_api::JobKey)> {
+        let prefix = format!("berth-{}-", runner.name);
+        self.orphans(&prefix, &runner.state_dir.join("jobs"))
+            .into_iter()
+            .filter_map(|(name, owner)| {
+                let key = berth_backend_api::JobKey::try_from(name["berth-".len()..].to_owned()).ok()?;
+                (key.runner() == runner.name).then_some((name, owner, key))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -123,14 +123,9 @@ pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<St
     let mut removed = Vec::new();
     // Containers whose job's state is gone (its cleanup never ran): found by
     // the claim of their name, which only berth makes, owned by a job
-    // directory of this state dir. (`berth-<runner>-` also prefixes the
-    // machines of a runner named `<runner>-x`: the key must be this runner's.)
+    // directory of this state dir.
     let claims = Claims::host(MACHINES);
-    for (machine, owner) in claims.orphans(&prefix, &jobs) {
-        let Ok(key) = JobKey::try_from(machine["berth-".len()..].to_owned()) else { continue };
-        if key.runner() != backend.runner.name {
-            continue;
-        }
+    for (machine, owner, key) in claims.orphans_of(&backend.runner) {
         let host = &backend.host;
         if host.systemd_booted() {
             let unit = unit_name(&key);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_backend_api::{Failure, JobKey, JobState};
+use berth_backend_api::{Failure, JobState};
 use nix::sys::signal::Signal;
 use tracing::warn;
 
@@ -32,14 +32,9 @@ impl Sandbox {
     /// image generations no job uses.
     pub fn reap_orphans(&self) -> Vec<String> {
         let jobs = self.runner.state_dir.join("jobs");
-        let prefix = format!("berth-{}-", self.runner.name);
         let mut removed = Vec::new();
         let claims = Claims::host(NAMES);
-        for (name, owner) in claims.orphans(&prefix, &jobs) {
-            let Ok(key) = JobKey::try_from(name["berth-".len()..].to_owned()) else { continue };
-            if key.runner() != self.runner.name {
-                continue;
-            }
+        for (name, owner, _) in claims.orphans_of(&self.runner) {
             if kill_cgroup(&self.host, &name).is_ok() && remove_view(&*self.host, &name).is_ok() {
                 let _ = claims.release(&name, &owner);
                 removed.push(format!("sandbox {name} (its job's state {} is gone)", owner.display()));
