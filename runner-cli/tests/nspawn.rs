@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn runner(images: &Path, mode: &str) -> String {
+pub(crate) fn runner(images: &Path, mode: &str) -> String {
     format!(
         "[runners.ns]\nbackend = \"nspawn\"\n[runners.ns.settings]\nmode = \"{mode}\"\nimages_dir = {:?}\ndefault_image = \"bookworm\"\nallowed_images = [\"bookworm\", \"broken\"]\n",
         images.display().to_string()
@@ -18,7 +18,7 @@ fn runner(images: &Path, mode: &str) -> String {
 }
 
 /// A pipeline file holding `yaml`, in a temp dir that lives as long as the first value.
-fn pipeline(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn pipeline(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ci.yml");
     std::fs::write(&file, yaml).unwrap();
@@ -26,7 +26,7 @@ fn pipeline(yaml: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 /// `berth exec` of `job` of the pipeline `file` on runner `ns`, without sources.
-fn exec(env: &Env, file: &Path, job: &str) -> std::process::Output {
+pub(crate) fn exec(env: &Env, file: &Path, job: &str) -> std::process::Output {
     env.berth("ns").args(["exec", "--no-sources", "--file"]).arg(file).arg(job).output().unwrap()
 }
 
@@ -356,10 +356,11 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     let out = host.command("sh").args(["-c", "if [ -e /sys/fs/cgroup/cgroup.controllers ]; then grep -qw memory /sys/fs/cgroup/cgroup.controllers && echo writable; else test -w /sys/fs/cgroup/memory/cgroup.procs && echo writable; fi"]).output().unwrap();
     let enforceable = text(&out).contains("writable");
     assert_eq!(log.contains("settings.memory_max is not enforced"), !enforceable, "{log}");
-    // Root in the job is a range of its own in systemd mode too.
+    // Root in the job is a range of its own in systemd mode too, and stages
+    // enter the container directly (a stage cgroup beside its init.scope).
     std::fs::write(
         etc.join("ci2.yml"),
-        "t:\n  script:\n    - echo \"uid_map:$(cat /proc/self/uid_map)\"\n    - \"! mknod /tmp/m c 1 1\"\n",
+        "t:\n  script:\n    - echo \"uid_map:$(cat /proc/self/uid_map)\"\n    - \"! mknod /tmp/m c 1 1\"\n    - grep '^0::/berth-stage-' /proc/self/cgroup\n",
     )
     .unwrap();
     let out = host
@@ -507,7 +508,7 @@ fn standalone_mode_passes_the_conformance_suite_on_cgroup2_inside_a_container() 
 }
 
 /// The job's root as the host sees it: the base of the uid range in `uid_map` (`0 BASE 65536`).
-fn mapped_base(log: &str) -> Option<u64> {
+pub(crate) fn mapped_base(log: &str) -> Option<u64> {
     log.lines().filter_map(|l| l.split("uid_map:").nth(1)).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() == 3 && fields[0] == "0" {

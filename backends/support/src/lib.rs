@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod cgroup;
 pub mod claims;
+pub mod container;
 pub mod diskfs;
 pub mod generations;
 pub mod host;

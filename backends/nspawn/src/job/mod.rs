@@ -10,6 +10,7 @@
 //! cache/        the project's cache directory, bound nosuid,nodev (nspawn binds it idmapped at /cache)
 //! scripts/      stage scripts and their exit status, owned by the job's root, bound at /run/berth
 //! notify        the sd_notify socket (standalone mode)
+//! init.profile  the init's capability bounding set and system call filters, copied by stages
 //! ```
 //!
 //! The container runs with `--private-users=BASE:65536`: its root is host
@@ -97,6 +98,12 @@ fn scripts_dir(state: &JobState) -> PathBuf {
     state.dir().join("scripts")
 }
 
+/// What stages copy from the container's init to enter it directly
+/// (`berth_backend_support::container::Profile`), root's alone.
+fn profile_file(state: &JobState) -> PathBuf {
+    state.dir().join("init.profile")
+}
+
 fn boot_log(state: &JobState) -> PathBuf {
     state.dir().join("boot.log")
 }
@@ -150,6 +157,7 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         Mode::Systemd => boot::boot_systemd(backend, state, &mut container, cancel)?,
         _ => boot::boot_standalone(backend, state, &mut container, timeout, cancel)?,
     };
+    stage::learn(backend, state, &container);
     let mode = match container.mode {
         ModeName::Systemd => "systemd",
         ModeName::Standalone => "standalone",

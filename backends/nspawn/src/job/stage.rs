@@ -1,5 +1,11 @@
-//! A stage: a transient unit inside the container, through machined
-//! (systemd mode) or `nsenter` (standalone mode).
+//! A stage. berth enters the container itself and starts the stage's shell
+//! there, in a cgroup of the stage's own, with the credentials, bounding set
+//! and system call filters of the container's init
+//! ([`berth_backend_support::container`]): one process start (the shell's)
+//! beyond berth's, in either host mode. A container whose init's profile
+//! could not be copied at prepare runs its stages as before, as transient
+//! units of its own systemd, through machined (systemd mode) or `nsenter`
+//! (standalone mode): slower, as safe.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -12,12 +18,107 @@ use std::time::Duration;
 use berth_backend_api::process::Ended;
 use berth_backend_api::{Cancel, Failure, JobContext, JobState};
 
-use super::{leader, scripts_dir, Container, ModeName, PATH, RECORD, STOP_TIMEOUT};
+use super::{leader, profile_file, scripts_dir, Container, ModeName, PATH, RECORD, STOP_TIMEOUT};
 use crate::{Nspawn, SCRIPTS_DIR};
-use berth_backend_support::cgroup::JobCgroup;
+use berth_backend_api::process;
+use berth_backend_support::cgroup::{JobCgroup, StageCgroup};
+use berth_backend_support::container::{self, Namespaces, Profile};
 use berth_backend_support::host::{Cmd, Host};
 use berth_backend_support::rootfs;
 use berth_backend_support::settings::sys;
+use tracing::{debug, warn};
+
+/// How long a stage's shell has after SIGTERM (a cancel) before SIGKILL.
+const STAGE_GRACE: Duration = Duration::from_secs(3);
+
+/// Copies what stages need to enter the container directly from its init
+/// (see the module doc), once, right after boot; without it, stages go
+/// through the container's systemd.
+pub(super) fn learn(backend: &Nspawn, state: &JobState, container: &Container) {
+    let file = profile_file(state);
+    let _ = fs::remove_file(&file);
+    let Some((pid, _pidfd)) = leader(&*backend.host, container) else { return };
+    match backend.host.profile(pid).and_then(|profile| profile.save(&file)) {
+        Ok(()) => debug!(machine = container.machine, "stages enter the container directly"),
+        Err(e) => warn!(
+            machine = container.machine,
+            "stages go through the container's systemd (slower): its init's system call filters could not be copied: {e}"
+        ),
+    }
+}
+
+/// Runs a stage by entering the container (see the module doc), unless the
+/// container has no profile (`None`: the caller goes through systemd).
+fn run_entered(
+    backend: &Nspawn,
+    state: &JobState,
+    container: &Container,
+    body: &[u8],
+    cancel: &Cancel,
+) -> Option<Result<(), Failure>> {
+    let profile = match Profile::load(&profile_file(state)) {
+        Ok(profile) => profile,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(Failure::system_with("failed to read the container's profile", e))),
+    };
+    Some(enter_and_run(backend, state, container, profile, body, cancel))
+}
+
+fn enter_and_run(
+    backend: &Nspawn,
+    state: &JobState,
+    container: &Container,
+    profile: Profile,
+    body: &[u8],
+    cancel: &Cancel,
+) -> Result<(), Failure> {
+    let host = &backend.host;
+    let gone = || Failure::system(format!("the job's container {} is no longer running", container.machine));
+    let (pid, _pidfd) = leader(&**host, container).ok_or_else(gone)?;
+    let namespaces = Namespaces::open(pid, container.users.is_some()).map_err(|_| gone())?;
+    // Opened while the pidfd's process still ran with the recorded start
+    // time: the namespaces are its.
+    if host.process(pid).map(|p| p.start_time) != container.leader_start {
+        return Err(gone());
+    }
+    let seq = std::process::id();
+    let cgroup = StageCgroup::make(host.clone(), pid, &format!("berth-stage-{seq}"))
+        .map_err(sys(format!("failed to make the stage's cgroup in container {}", container.machine)))?;
+    let dir = scripts_dir(state);
+    let name = format!("stage-{seq}.sh");
+    // The container can write into the scripts dir: never follow what it planted.
+    let placed = rootfs::place_file(&dir, "", &name, body).map_err(sys("failed to copy the stage script"));
+    let ended = placed.and_then(|_| {
+        let mut cmd = Command::new("/bin/bash");
+        cmd.arg(format!("{SCRIPTS_DIR}/{name}"))
+            .env_clear()
+            .env("PATH", PATH)
+            .env("HOME", "/root")
+            .env("LANG", "C.UTF-8")
+            .stdin(std::process::Stdio::null());
+        let entry = container::Entry {
+            namespaces: &namespaces,
+            profile,
+            cgroup: cgroup.dir(),
+            join_rest: cgroup.joiner(false).map_err(sys("failed to prepare the stage's cgroup"))?,
+            join_all: cgroup.joiner(true).map_err(sys("failed to prepare the stage's cgroup"))?,
+        };
+        container::install(&mut cmd, entry);
+        let _ = std::io::stdout().flush();
+        process::run(&mut cmd, cancel, STAGE_GRACE)
+            .map_err(sys(format!("failed to start the stage in container {}", container.machine)))
+    });
+    // Whatever the stage left running ends with it.
+    if let Err(e) = cgroup.finish(Duration::from_secs(5)) {
+        warn!(machine = container.machine, "the stage's leftovers: {e}");
+    }
+    let _ = fs::remove_file(dir.join(&name));
+    match ended? {
+        Ended::Exited(0) => Ok(()),
+        Ended::Exited(code) => Err(Failure::script(code)),
+        Ended::Cancelled => Err(Failure::Cancelled),
+    }
+}
 
 /// A command that runs `program` inside the container as the container's
 /// root, for standalone mode: `nsenter` (the host's) enters every namespace of
@@ -104,13 +205,16 @@ pub(crate) fn run(
             container.machine
         )));
     }
+    let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
+    if let Some(done) = run_entered(backend, state, &container, &body, cancel) {
+        return done;
+    }
     let seq = std::process::id();
     let dir = scripts_dir(state);
     let rc_name = format!("stage-{seq}.rc");
     let rc_file = dir.join(&rc_name);
     let _ = fs::remove_file(&rc_file);
     // The container can write into the scripts dir: never follow what it planted.
-    let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
     rootfs::place_file(&dir, "", &format!("stage-{seq}.sh"), &body).map_err(sys("failed to copy the stage script"))?;
     // The wrapper records the script's exit status (so that a failure of
     // systemd-run itself is never taken for the script's) and exits with it

@@ -56,6 +56,8 @@ pub enum Call {
     Mkdir(PathBuf),
     /// [`Host::rmdir`].
     Rmdir(PathBuf),
+    /// [`Host::profile`].
+    Profile(i32),
 }
 
 impl std::fmt::Display for Call {
@@ -81,6 +83,7 @@ impl std::fmt::Display for Call {
             Call::Write { path, value } => write!(f, "write {} {value}", path.display()),
             Call::Mkdir(path) => write!(f, "mkdir {}", path.display()),
             Call::Rmdir(path) => write!(f, "rmdir {}", path.display()),
+            Call::Profile(pid) => write!(f, "profile {pid}"),
         }
     }
 }
@@ -313,5 +316,11 @@ impl Host for Recorder {
 
     fn systemd_booted(&self) -> bool {
         self.systemd
+    }
+
+    /// Recorded; a recording host has no process to copy a profile from.
+    fn profile(&self, pid: i32) -> io::Result<crate::container::Profile> {
+        self.record(Call::Profile(pid));
+        Err(io::Error::new(io::ErrorKind::Unsupported, "a recording host has no container profiles"))
     }
 }

@@ -189,6 +189,10 @@ pub trait Host: Send + Sync + fmt::Debug {
 
     /// Whether PID 1 is systemd (`sd_booted()`).
     fn systemd_booted(&self) -> bool;
+
+    /// What a process entering the container of init `pid` copies from it
+    /// ([`crate::container::Profile::of`]: its filters are read through ptrace).
+    fn profile(&self, pid: i32) -> io::Result<crate::container::Profile>;
 }
 
 /// The real host, shared.

@@ -104,4 +104,8 @@ impl Host for System {
     fn systemd_booted(&self) -> bool {
         Path::new("/run/systemd/system").is_dir()
     }
+
+    fn profile(&self, pid: i32) -> io::Result<crate::container::Profile> {
+        crate::container::Profile::of(pid)
+    }
 }

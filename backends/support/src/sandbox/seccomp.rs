@@ -115,6 +115,38 @@ impl Program {
             .map_err(|e| io::Error::other(format!("failed to load the system call filter: {e}")))
     }
 
+    /// Loads the filter into the calling thread without setting
+    /// `no_new_privs` (set-uid programs keep working, as in the container
+    /// the filter was copied from): the thread needs `CAP_SYS_ADMIN` in its
+    /// user namespace. No allocation: safe between fork and exec.
+    pub fn load(&self) -> io::Result<()> {
+        let prog = libc::sock_fprog { len: self.0.len() as u16, filter: self.0.as_ptr() as *mut libc::sock_filter };
+        // SAFETY: `prog` points to this filter's instructions, alive for the call;
+        // `seccompiler::sock_filter` has the kernel's layout, as libc's.
+        let rc = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// A filter from the bytes of its `struct sock_filter`s ([`Program::bytes`]).
+    pub fn from_bytes(bytes: &[u8]) -> io::Result<Program> {
+        if bytes.is_empty() || bytes.len() % 8 != 0 || bytes.len() / 8 > u16::MAX as usize {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a system call filter"));
+        }
+        let insns = bytes
+            .chunks_exact(8)
+            .map(|c| seccompiler::sock_filter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        Ok(Program(insns))
+    }
+
     /// The filter as the bytes of `struct sock_filter`s, as bubblewrap's `--add-seccomp-fd` reads it.
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.0.len() * 8);

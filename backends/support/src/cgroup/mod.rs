@@ -27,6 +27,11 @@ use std::time::Duration;
 
 use nix::unistd::AccessFlags;
 
+mod fork;
+mod stage;
+pub(crate) use fork::fork_into;
+pub use stage::{Joiner, StageCgroup};
+
 use crate::host::{Host, System};
 use crate::userns::{self, Range};
 
@@ -100,7 +105,7 @@ fn writable(dir: &Path) -> bool {
 }
 
 /// Whether the host has only the cgroup2 hierarchy.
-fn unified(root: &Path) -> bool {
+pub(crate) fn unified(root: &Path) -> bool {
     root.join("cgroup.controllers").exists()
 }
 
@@ -325,7 +330,7 @@ impl JobCgroup {
 
 /// A function for `pre_exec` that moves the calling process into `dirs`.
 /// It allocates nothing and calls only open(2), write(2) and close(2).
-fn joiner_of(dirs: &[PathBuf]) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
+pub(crate) fn joiner_of(dirs: &[PathBuf]) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
     {
         let paths: Vec<CString> = dirs
             .iter()
