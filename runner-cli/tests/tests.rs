@@ -10,3 +10,4 @@ mod images;
 mod nspawn;
 mod plugin;
 mod sandbox;
+mod testhost;
