@@ -167,8 +167,8 @@ pub struct Targets {
     cleanup: Option<f64>,
     /// 8 jobs at once over one job alone, if it has a target.
     concurrent_ratio: Option<f64>,
-    /// `berth prepare` with `pool_size = 2`.
-    pub pool_prepare: f64,
+    /// `berth prepare` with `pool_size = 2`, for a backend with a pool.
+    pub pool_prepare: Option<f64>,
     /// A trivial job with `pool_size = 2` over the same job through the seed's scripts, if it has a target.
     pub pool_seed_ratio: Option<f64>,
 }
@@ -257,7 +257,7 @@ impl Kind {
                 run_overhead: 10.0,
                 cleanup: None,
                 concurrent_ratio: None,
-                pool_prepare: f64::NAN,
+                pool_prepare: None,
                 pool_seed_ratio: None,
             },
             _ => Targets {
@@ -265,7 +265,7 @@ impl Kind {
                 run_overhead: 8.0,
                 cleanup: Some(300.0),
                 concurrent_ratio: Some(3.0),
-                pool_prepare: 20.0,
+                pool_prepare: Some(20.0),
                 pool_seed_ratio: (self == Kind::NspawnSystemd).then_some(0.5),
             },
         }

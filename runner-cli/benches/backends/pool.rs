@@ -226,7 +226,11 @@ pub fn figures(kind: Kind, binary: &Path, images: &Path, plan: Plan, floor: f64,
     let overhead = Target::overhead(targets.run_overhead);
     let rows = vec![
         Row::new(&format!("trivial job, pool_size = 2 ({} stages)", STAGES.len()), full_target, jobs.total),
-        Row::new("berth prepare, pool_size = 2", Target::max(targets.pool_prepare), jobs.prepare),
+        Row::new(
+            "berth prepare, pool_size = 2",
+            targets.pool_prepare.map_or_else(Target::none, Target::max),
+            jobs.prepare,
+        ),
         Row::new("berth run, first stage after prepare", overhead.clone(), jobs.first).with_floor(floor),
         Row::new(&format!("berth run, the other {} stages", STAGES.len() - 1), overhead, jobs.rest).with_floor(floor),
         Row::new("berth cleanup, pool_size = 2", Target::none(), jobs.cleanup),
