@@ -49,10 +49,7 @@ const EXEC_WARMUP: usize = 3;
 const RUNNER: &str = "demo";
 
 fn main() {
-    let bench_mode = std::env::args().any(|arg| arg == "--bench");
-    let iters_override = std::env::var("BERTH_BENCH_ITERS")
-        .ok()
-        .map(|v| v.parse::<usize>().ok().filter(|n| *n > 0).expect("BERTH_BENCH_ITERS must be a positive integer"));
+    let (bench_mode, iters_override) = common::bench_mode_and_iters();
     let (hook_iters, exec_iters, hook_warmup, exec_warmup) = match (bench_mode, iters_override) {
         (false, _) => (1, 1, 0, 0),
         (true, Some(n)) => (n, n, HOOK_WARMUP, EXEC_WARMUP),

@@ -11,3 +11,4 @@ mod nspawn;
 mod plugin;
 mod sandbox;
 mod stages;
+mod testhost;

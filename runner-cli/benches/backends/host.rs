@@ -2,12 +2,16 @@
 //! backend's jobs may leave on it (processes and mounts, read from /proc).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{Bench, Kind, IMAGE, MACHINE_ARG};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::bench::Bench;
+use crate::{Kind, IMAGE};
 
 /// Every process but this one: pid and the arguments of its command line.
-fn processes() -> Vec<(u32, Vec<String>)> {
+pub fn processes() -> Vec<(u32, Vec<String>)> {
     let mut found: Vec<(u32, Vec<String>)> = berth_backend_support::proc::processes()
         .into_iter()
         .map(|p| (p.pid as u32, p.cmdline.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect()))
@@ -16,13 +20,13 @@ fn processes() -> Vec<(u32, Vec<String>)> {
     found
 }
 
-/// Processes whose command line has `--machine=berth-ns-...`: pid and command line.
-fn nspawn_processes() -> Vec<(u32, String)> {
+/// nspawn processes whose command line has `machine_arg...` (`--machine=berth-ns-`): pid and command line.
+fn nspawn_processes(machine_arg: &str) -> Vec<(u32, String)> {
     processes()
         .into_iter()
         .filter(|(_, args)| {
             args.first().is_some_and(|a| a.ends_with("systemd-nspawn"))
-                && args.iter().any(|a| a.starts_with(MACHINE_ARG))
+                && args.iter().any(|a| a.starts_with(machine_arg))
         })
         .map(|(pid, args)| (pid, args.join(" ")))
         .collect()
@@ -39,14 +43,15 @@ fn processes_rooted_in(dir: &Path) -> Vec<(u32, PathBuf, String)> {
         .collect()
 }
 
-/// What the bench left behind in its temp dir: nspawn processes of containers in its
-/// state directory (any `berth exec` job's too), processes whose root is in it, mounts
-/// in it and jobs in the state directory; and how many `berth-ns-` containers of
-/// others (another state directory) were seen.
-pub fn leftovers(bench: &Bench) -> (Vec<String>, usize) {
+/// What the bench left behind in its temp dir: nspawn processes of containers
+/// (`--machine=` followed by `machine`) in its state directory (any `berth exec`
+/// job's too), processes whose root is in it, mounts in it and jobs in the state
+/// directory; and how many such containers of others (another state directory)
+/// were seen.
+pub fn leftovers(bench: &Bench, machine: &str) -> (Vec<String>, usize) {
     let ours = format!("{}/", bench.state.display());
     let (mine, others): (Vec<_>, Vec<_>) =
-        nspawn_processes().into_iter().partition(|(_, cmdline)| cmdline.contains(&ours));
+        nspawn_processes(&format!("--machine={machine}")).into_iter().partition(|(_, cmdline)| cmdline.contains(&ours));
     let mut found: Vec<String> = mine.into_iter().map(|(pid, cmdline)| format!("process {pid}: {cmdline}")).collect();
     let dir = bench.dir.path();
     found.extend(
@@ -68,8 +73,39 @@ pub fn leftovers(bench: &Bench) -> (Vec<String>, usize) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => found.push(format!("{}: cannot list: {e}", jobs.display())),
     }
-    let foreign = if bench.kind == Kind::Nspawn { others.len() } else { 0 };
-    (found, foreign)
+    (found, others.len())
+}
+
+/// Ends the processes whose command line names `dir` (a reference driver's
+/// containers, whose cleanup may return before they are gone): waits up to
+/// `grace` for them to end, then SIGTERM, `grace` again, then SIGKILL. Returns
+/// those that had to be signalled.
+pub fn stop_processes_naming(dir: &Path, grace: Duration) -> Vec<String> {
+    let needle = format!("{}/", dir.display());
+    let naming = || -> Vec<(u32, String)> {
+        processes()
+            .into_iter()
+            .map(|(pid, args)| (pid, args.join(" ")))
+            .filter(|(_, cmdline)| cmdline.contains(&needle))
+            .collect()
+    };
+    let mut signalled = Vec::new();
+    for signal in [None, Some(Signal::SIGTERM), Some(Signal::SIGKILL)] {
+        if let Some(signal) = signal {
+            for (pid, cmdline) in naming() {
+                let _ = kill(Pid::from_raw(pid as i32), signal);
+                signalled.push(format!("process {pid} ({signal}): {cmdline}"));
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while !naming().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if naming().is_empty() {
+            break;
+        }
+    }
+    signalled
 }
 
 /// CPU time spent on the whole host so far, every core and process (`/proc/stat`).

@@ -32,6 +32,12 @@ impl Target {
     pub fn relative(text: &str, ms: f64) -> Self {
         Target { text: format!("{text} ({ms:.0} ms)"), limit_ms: Some(ms) }
     }
+
+    /// The same target, `note` in parentheses after it.
+    pub fn with_note(mut self, note: &str) -> Self {
+        self.text = format!("{} ({note})", self.text);
+        self
+    }
 }
 
 /// One line of a table.
@@ -66,7 +72,7 @@ impl std::fmt::Display for Row {
         let overhead = self.overhead.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}"));
         write!(
             f,
-            "{:<40}{:>6}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}   {}",
+            "{:<50}{:>6}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}   {}",
             self.label, self.runs, self.min, self.median, self.p95, self.mean, overhead, self.target.text
         )?;
         if let Some(limit) = self.target.limit_ms {

@@ -30,6 +30,16 @@ impl Stats {
     }
 }
 
+/// Whether the bench was started by `cargo bench` (`--bench`; otherwise it is
+/// a smoke run of `cargo test --benches`), and `BERTH_BENCH_ITERS` if set.
+pub fn bench_mode_and_iters() -> (bool, Option<usize>) {
+    let bench_mode = std::env::args().any(|arg| arg == "--bench");
+    let iters = std::env::var("BERTH_BENCH_ITERS")
+        .ok()
+        .map(|v| v.parse::<usize>().ok().filter(|n| *n > 0).expect("BERTH_BENCH_ITERS must be a positive integer"));
+    (bench_mode, iters)
+}
+
 /// The workspace root (fixtures and examples live there).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runner-cli is inside the workspace").to_owned()
