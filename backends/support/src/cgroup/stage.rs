@@ -3,11 +3,11 @@
 //! from its first instruction on.
 //!
 //! The stage's cgroups follow the container's init, as the host sees them in
-//! `/proc/<init>/cgroup`: in the cgroup2 hierarchy (and on a hybrid host the
-//! named `systemd` one) a leaf next to the init's `init.scope`, inside the
-//! container's own cgroup namespace (`payload/` of nspawn); in every v1
-//! controller hierarchy the init's cgroup itself, unless this process is
-//! already there. The cgroup2 leaf is entered by `clone3(CLONE_INTO_CGROUP)`,
+//! `/proc/<init>/cgroup`: in the cgroup2 hierarchy (on a host without one,
+//! in the named `systemd` hierarchy) a leaf next to the init's `init.scope`,
+//! inside the container's own cgroup namespace (`payload/` of nspawn); in
+//! every v1 controller hierarchy the init's cgroup itself, unless this
+//! process is already there. The cgroup2 leaf is entered by `clone3(CLONE_INTO_CGROUP)`,
 //! without the migration of a running process, which costs a grace period of
 //! the kernel's (milliseconds) per hierarchy; the v1 hierarchies, where the
 //! kernel cannot do that, are joined by writing `cgroup.procs`. A host with
@@ -95,13 +95,27 @@ impl StageCgroup {
     /// Makes the cgroups of stage `leaf` (a plain name) in the container whose
     /// init is `init` (checked by the caller to be the container's).
     pub fn make(host: Arc<dyn Host>, init: i32, leaf: &str) -> io::Result<StageCgroup> {
-        let root = host.cgroup_root();
         let theirs = std::fs::read_to_string(format!("/proc/{init}/cgroup"))?;
-        let ours = memberships(&std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+        let ours = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        StageCgroup::make_from(host, &theirs, &ours, leaf)
+            .map_err(|e| io::Error::new(e.kind(), format!("process {init}: {e}")))
+    }
+
+    /// [`StageCgroup::make`] from the `/proc/PID/cgroup` texts of the init
+    /// (`theirs`) and of this process (`ours`).
+    fn make_from(host: Arc<dyn Host>, theirs: &str, ours: &str, leaf: &str) -> io::Result<StageCgroup> {
+        let root = host.cgroup_root();
+        let ours = memberships(ours);
         let v2_mount = if unified(&root) { root.clone() } else { root.join("unified") };
         let mut stage = StageCgroup { host: host.clone(), v2: None, v1_leaves: Vec::new(), v1_joins: Vec::new() };
-        for membership in memberships(&theirs) {
+        let theirs = memberships(theirs);
+        // The named `systemd` hierarchy holds no controller: with a cgroup2
+        // leaf to track and kill the stage by, joining it would only cost a
+        // migration (a hybrid host's systemd tracks units in cgroup2 too).
+        let v2 = theirs.iter().any(|m| matches!(m, Membership::V2(_)));
+        for membership in theirs {
             match &membership {
+                Membership::Systemd(_) if v2 => {}
                 Membership::V2(path) => {
                     let dir = v2_mount.join(leaf_of(path, leaf));
                     host.mkdir(&dir)?;
@@ -124,7 +138,7 @@ impl StageCgroup {
         if stage.v2.is_none() && stage.v1_leaves.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("process {init} is in no cgroup2 or systemd hierarchy berth can make a stage's cgroup in"),
+                "in no cgroup2 or systemd hierarchy berth can make a stage's cgroup in",
             ));
         }
         Ok(stage)
@@ -222,6 +236,50 @@ mod tests {
                 Membership::Controller("cpu,cpuacct".into(), "".into()),
                 Membership::V2("berth/m/payload/init.scope".into()),
             ]
+        );
+    }
+
+    /// A cgroup root in a temp dir with `hierarchies` (each with a
+    /// `cgroup.procs`) and the directories `dirs` below it.
+    fn fake_root(hierarchies: &[&str], dirs: &[&str]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for h in hierarchies {
+            std::fs::create_dir_all(root.path().join(h)).unwrap();
+            std::fs::write(root.path().join(h).join("cgroup.procs"), "").unwrap();
+        }
+        for d in dirs {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn on_a_hybrid_host_the_stage_starts_in_a_cgroup2_leaf_and_joins_only_the_v1_controllers_it_must() {
+        let root = fake_root(&["unified", "systemd", "memory", "pids", "cpu"], &["unified/berth/m/payload/s-1"]);
+        let recorder = Arc::new(crate::host::Recorder::new().with_cgroup_root(root.path()));
+        let theirs = "9:name=systemd:/berth/m/payload/init.scope\n8:pids:/berth/m\n4:memory:/berth/m\n1:cpu:/\n0::/berth/m/payload/init.scope\n";
+        let ours = "9:name=systemd:/user.slice\n8:pids:/\n4:memory:/\n1:cpu:/\n0::/user.slice\n";
+        let stage = StageCgroup::make_from(recorder.clone(), theirs, ours, "s-1").unwrap();
+        let calls: Vec<String> = recorder.calls().iter().map(|c| c.to_string()).collect();
+        let r = root.path().display();
+        assert_eq!(calls, [format!("mkdir {r}/unified/berth/m/payload/s-1")]);
+        assert!(stage.dir().is_some());
+        assert!(stage.v1_leaves.is_empty(), "no migration into the named systemd hierarchy: {stage:?}");
+        assert_eq!(stage.v1_joins, [root.path().join("pids/berth/m"), root.path().join("memory/berth/m")]);
+    }
+
+    #[test]
+    fn without_cgroup2_the_stage_has_a_leaf_in_the_named_systemd_hierarchy() {
+        let root = fake_root(&["systemd", "memory"], &[]);
+        let recorder = Arc::new(crate::host::Recorder::new().with_cgroup_root(root.path()));
+        let theirs = "9:name=systemd:/berth/m/payload/init.scope\n4:memory:/berth/m\n";
+        let stage = StageCgroup::make_from(recorder.clone(), theirs, "9:name=systemd:/\n4:memory:/\n", "s-1").unwrap();
+        assert!(stage.dir().is_none());
+        assert_eq!(stage.v1_leaves, [root.path().join("systemd/berth/m/payload/s-1")]);
+        assert_eq!(stage.v1_joins, [root.path().join("memory/berth/m")]);
+        assert!(
+            StageCgroup::make_from(recorder, "4:memory:/berth/m\n", "", "s-1").is_err(),
+            "nothing to track the stage by"
         );
     }
 
