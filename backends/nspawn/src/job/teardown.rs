@@ -23,6 +23,14 @@ use berth_backend_support::{mounts, proc};
 /// identifies it is the job's own record and the names berth made (its
 /// unit, its cgroup), never the arguments of a process.
 pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Option<&Container>) -> Result<(), Failure> {
+    stop(host, state, container)?;
+    remove_layers(&**host, state, &machine_name(state.key()))
+}
+
+/// Stops everything of a job's container: when it returns, nothing of the
+/// container runs (its processes are gone, its unit stopped, its cgroup
+/// removed); its mounts and files remain.
+fn stop(host: &Arc<dyn Host>, state: &JobState, container: Option<&Container>) -> Result<(), Failure> {
     let machine = machine_name(state.key());
     let started = Instant::now();
     // The machine's name, unit and cgroup are this job's only while it holds
@@ -32,7 +40,7 @@ pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Optio
             machine,
             "the container's name is held by another berth state directory: only this job's files are removed"
         );
-        return remove_layers(&**host, state, &machine);
+        return Ok(());
     }
     // systemd mode: the unit holds everything; kill it, then let it go.
     if container.is_some_and(|c| c.mode == ModeName::Systemd) && host.systemd_booted() {
@@ -77,9 +85,8 @@ pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Optio
         return Err(Failure::system(format!("container {machine} (processes {all:?}) did not exit after SIGKILL")));
     }
     cgroup.remove().map_err(sys(format!("failed to remove the cgroup of container {machine}")))?;
-    remove_layers(&**host, state, &machine)?;
     if container.is_some() || !all.is_empty() {
-        info!(machine, elapsed_ms = started.elapsed().as_millis() as u64, "container removed");
+        info!(machine, elapsed_ms = started.elapsed().as_millis() as u64, "container stopped");
     }
     Ok(())
 }
@@ -107,14 +114,45 @@ fn remove_layers(host: &dyn Host, state: &JobState, machine: &str) -> Result<(),
     Ok(())
 }
 
+/// Cleanup: the container is stopped before the hook returns (nothing of the
+/// job runs any more, its name is free); unmounting and removing its layer,
+/// releasing its uid range and removing the job's state may go on in a
+/// background process that holds the job's lock
+/// ([`JobState::finish_in_background`]): the next hook of the same job waits
+/// for it, and what a failed or killed background process leaves (the state
+/// with its record) is finished by the next cleanup or `reap`.
 pub(crate) fn cleanup(backend: &Nspawn, state: &JobState) -> Result<(), Failure> {
+    let started = Instant::now();
     let container: Option<Container> = state.load(RECORD).unwrap_or(None);
-    tear_down(&backend.host, state, container.as_ref())?;
-    Allocator::host().release_all(state.dir()).map_err(sys("failed to release the job's uid range"))?;
-    Claims::host(MACHINES)
-        .release(&machine_name(state.key()), state.dir())
-        .map_err(sys("failed to release the container's name"))?;
-    Ok(())
+    stop(&backend.host, state, container.as_ref())?;
+    let machine = machine_name(state.key());
+    Claims::host(MACHINES).release(&machine, state.dir()).map_err(sys("failed to release the container's name"))?;
+    let finish = || -> Result<(), Failure> {
+        remove_layers(&*backend.host, state, &machine)?;
+        Allocator::host().release_all(state.dir()).map_err(sys("failed to release the job's uid range"))
+    };
+    if container.is_some() {
+        let logs = backend.runner.logs_dir();
+        let _ = fs::create_dir_all(&logs);
+        let log = logs.join("nspawn-cleanup.log");
+        // Bounded: only failures and diagnostics go there.
+        if fs::metadata(&log).is_ok_and(|m| m.len() > 1 << 20) {
+            let _ = fs::remove_file(&log);
+        }
+        match state.finish_in_background(&log, || finish().map_err(|e| e.to_string())) {
+            Ok(true) => {
+                info!(
+                    machine,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "container stopped; its layer is removed in the background"
+                );
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => warn!(machine, "failed to start the background part of cleanup ({e}): doing it now"),
+        }
+    }
+    finish()
 }
 
 pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
