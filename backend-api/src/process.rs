@@ -156,13 +156,16 @@ fn single_threaded() -> bool {
 /// this process exits: its own session (the runner's signals to the hook's
 /// process group are not for it), stdin `/dev/null`, stdout and stderr
 /// appended to `log` (never the hook's pipes, which the runner waits for),
-/// every other descriptor inherited (a lock this process holds stays held
-/// until the grandchild ends too). Its exit code is what `work` returns.
+/// every other descriptor closed but those in `keep` (a lock this process
+/// holds and keeps there stays held until the grandchild ends too; one it
+/// does not keep, such as the job's lock for a process that outlives the
+/// job, is not held by it). Its exit code is what `work` returns; `work` must
+/// not use descriptors opened before the fork but those in `keep`.
 ///
 /// `work` runs in a forked copy of this process without `exec`, which is
 /// only sound in a single-threaded process: with more threads nothing is
 /// forked and the answer is `Ok(false)` (do the work in this process then).
-pub fn detach(log: &std::path::Path, work: impl FnOnce() -> i32) -> io::Result<bool> {
+pub fn detach(log: &std::path::Path, keep: &[std::os::fd::RawFd], work: impl FnOnce() -> i32) -> io::Result<bool> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -210,6 +213,16 @@ pub fn detach(log: &std::path::Path, work: impl FnOnce() -> i32) -> io::Result<b
         }
     }
     drop((null, out));
+    let mut keep: Vec<libc::c_uint> = keep.iter().filter(|fd| **fd > 2).map(|fd| *fd as libc::c_uint).collect();
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 3;
+    for fd in keep.iter().chain([&libc::c_uint::MAX]) {
+        if *fd > from {
+            // SAFETY: closes descriptors this grandchild does not use again (see the doc).
+            unsafe { libc::syscall(libc::SYS_close_range, from, *fd - 1, 0) };
+        }
+        from = fd.saturating_add(1);
+    }
     let code = work();
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();

@@ -349,10 +349,8 @@ impl JobState {
     /// threads); the caller does the work itself. After `Ok(true)`, the
     /// caller must not remove the state: [`JobState::handed_over`] says so.
     pub fn finish_in_background(&self, log: &Path, work: impl FnOnce() -> Result<(), String>) -> std::io::Result<bool> {
-        if self._lock.is_none() {
-            return Ok(false);
-        }
-        let handed = crate::process::detach(log, || {
+        let Some(lock) = &self._lock else { return Ok(false) };
+        let handed = crate::process::detach(log, &[lock.as_raw_fd()], || {
             let result = work().and_then(|()| self.remove_files().map_err(|e| format!("{e}")));
             match result {
                 Ok(()) => 0,

@@ -9,4 +9,5 @@ mod hooks;
 mod images;
 mod nspawn;
 mod plugin;
+mod pool;
 mod sandbox;

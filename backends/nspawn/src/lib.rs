@@ -92,6 +92,7 @@ impl NewBackend for Nspawn {
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
         settings::check_nspawn_args(&settings.nspawn_args).map_err(|e| Failure::system(format!("settings.{e}")))?;
+        settings.pool_size().map_err(|e| Failure::system(format!("settings.{e}")))?;
         Ok(Nspawn {
             images,
             mode,
