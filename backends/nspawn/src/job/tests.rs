@@ -287,21 +287,21 @@ fn teardown_kills_the_unit_and_the_init_then_unmounts_deepest_first() {
     f.host.set_mounts(vec![mount("cache"), mount("lower"), mount("root")]);
     let c = container(ModeName::Systemd);
     teardown::tear_down(&(f.host.clone() as _), &f.state, Some(&c)).unwrap();
-    let unit = unit_name(f.state.key());
-    let systemctl = |args: &[&str]| Call::Output(Cmd::new("systemctl").args(args).arg(&unit));
     let unmount = |rel: &str| Call::Unmount { target: dir.join(rel), flags: MntFlags::UMOUNT_NOFOLLOW };
-    assert_eq!(
-        f.host.calls(),
-        vec![
-            systemctl(&["kill", "--signal=SIGKILL"]),
-            systemctl(&["stop"]),
-            systemctl(&["reset-failed"]),
-            Call::Signal { pid: c.leader.unwrap(), signal: Some(Signal::SIGKILL) },
-            unmount("root"),
-            unmount("lower"),
-            unmount("cache"),
-        ]
-    );
+    let mut expected = killed(&unit_name(f.state.key()), c.leader.unwrap());
+    expected.extend([unmount("root"), unmount("lower"), unmount("cache")]);
+    assert_eq!(f.host.calls(), expected);
+}
+
+/// How a systemd-mode container with `unit` and init `leader` is killed.
+fn killed(unit: &str, leader: i32) -> Vec<Call> {
+    let systemctl = |args: &[&str]| Call::Output(Cmd::new("systemctl").args(args).arg(unit));
+    vec![
+        systemctl(&["kill", "--signal=SIGKILL"]),
+        systemctl(&["stop"]),
+        systemctl(&["reset-failed"]),
+        Call::Signal { pid: leader, signal: Some(Signal::SIGKILL) },
+    ]
 }
 
 #[test]
@@ -317,15 +317,9 @@ fn a_taken_warm_container_is_torn_down_by_its_recorded_names() {
         ..container(ModeName::Systemd)
     };
     teardown::tear_down(&(f.host.clone() as _), &f.state, Some(&c)).unwrap();
-    let systemctl = |args: &[&str]| Call::Output(Cmd::new("systemctl").args(args).arg(format!("{machine}.service")));
     assert_eq!(
         f.host.calls(),
-        vec![
-            systemctl(&["kill", "--signal=SIGKILL"]),
-            systemctl(&["stop"]),
-            systemctl(&["reset-failed"]),
-            Call::Signal { pid: c.leader.unwrap(), signal: Some(Signal::SIGKILL) },
-        ],
+        killed(&format!("{machine}.service"), c.leader.unwrap()),
         "the warm container's own unit, never one named after the job"
     );
     assert!(!container_dir(&f.state).exists(), "its files are removed");
