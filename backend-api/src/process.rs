@@ -144,6 +144,92 @@ pub fn pidfd(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Whether this process runs a single thread (`Threads:` of /proc/self/status).
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim() == "1")))
+        .unwrap_or(false)
+}
+
+/// Runs `work` in a detached grandchild of this process, which goes on after
+/// this process exits: its own session (the runner's signals to the hook's
+/// process group are not for it), stdin `/dev/null`, stdout and stderr
+/// appended to `log` (never the hook's pipes, which the runner waits for),
+/// every other descriptor closed but those in `keep` (a lock this process
+/// holds and keeps there stays held until the grandchild ends too; one it
+/// does not keep, such as the job's lock for a process that outlives the
+/// job, is not held by it). Its exit code is what `work` returns; `work` must
+/// not use descriptors opened before the fork but those in `keep`.
+///
+/// `work` runs in a forked copy of this process without `exec`, which is
+/// only sound in a single-threaded process: with more threads nothing is
+/// forked and the answer is `Ok(false)` (do the work in this process then).
+pub fn detach(log: &std::path::Path, keep: &[std::os::fd::RawFd], work: impl FnOnce() -> i32) -> io::Result<bool> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !single_threaded() {
+        return Ok(false);
+    }
+    let null = std::fs::File::open("/dev/null")?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", log.display())))?;
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    // SAFETY: this process has one thread (checked above), so the child is a
+    // complete copy of it and may run any code.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if child > 0 {
+        let status = nix::sys::wait::waitpid(Pid::from_raw(child), None).map_err(io::Error::from)?;
+        return Ok(matches!(status, WaitStatus::Exited(_, 0)));
+    }
+    // The child: a new session, then the grandchild that does the work (not
+    // a session leader, so it never acquires a terminal), reparented once
+    // the child exits.
+    // SAFETY: plain system calls in a single-threaded child; `_exit` leaves
+    // without running this process's exit handlers twice.
+    unsafe {
+        if libc::setsid() < 0 {
+            libc::_exit(1);
+        }
+        match libc::fork() {
+            0 => {}
+            pid if pid > 0 => libc::_exit(0),
+            _ => libc::_exit(1),
+        }
+        if libc::dup2(null.as_raw_fd(), 0) < 0
+            || libc::dup2(out.as_raw_fd(), 1) < 0
+            || libc::dup2(out.as_raw_fd(), 2) < 0
+        {
+            libc::_exit(1);
+        }
+    }
+    drop((null, out));
+    let mut keep: Vec<libc::c_uint> = keep.iter().filter(|fd| **fd > 2).map(|fd| *fd as libc::c_uint).collect();
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 3;
+    for fd in keep.iter().chain([&libc::c_uint::MAX]) {
+        if *fd > from {
+            // SAFETY: closes descriptors this grandchild does not use again (see the doc).
+            unsafe { libc::syscall(libc::SYS_close_range, from, *fd - 1, 0) };
+        }
+        from = fd.saturating_add(1);
+    }
+    let code = work();
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    // SAFETY: ends the grandchild without unwinding into the caller's code.
+    unsafe { libc::_exit(code) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -198,7 +199,14 @@ impl StateDir {
                 _ => continue,
             }
             let dir = self.jobs.join(key.to_string());
-            let mut state = JobState { key: key.clone(), dir, lock_path, record: None, _lock: Some(lock) };
+            let mut state = JobState {
+                key: key.clone(),
+                dir,
+                lock_path,
+                record: None,
+                _lock: Some(lock),
+                handed_over: Default::default(),
+            };
             state.record = state.load("job.json")?;
             return Ok(Some(state));
         }
@@ -233,6 +241,8 @@ pub struct JobState {
     lock_path: PathBuf,
     record: Option<JobRecord>,
     _lock: Option<Flock<File>>,
+    /// A background process holds the lock now and removes the state.
+    handed_over: std::cell::Cell<bool>,
 }
 
 impl JobState {
@@ -240,7 +250,7 @@ impl JobState {
     /// process, when a backend runs as a plugin ([`crate::plugin`]).
     pub fn held_elsewhere(key: JobKey, dir: PathBuf, record: Option<JobRecord>) -> JobState {
         let lock_path = dir.with_extension("lock");
-        JobState { key, dir, lock_path, record, _lock: None }
+        JobState { key, dir, lock_path, record, _lock: None, handed_over: Default::default() }
     }
 
     /// The job.
@@ -298,6 +308,12 @@ impl JobState {
     /// last: a removal that fails keeps the job listed with its record, so
     /// the next cleanup or `reap` tries again.
     pub fn remove(self) -> Result<(), StateError> {
+        self.remove_files()
+        // The lock is released here, after the lock file is gone: a waiter
+        // notices it locked a removed file and starts again.
+    }
+
+    fn remove_files(&self) -> Result<(), StateError> {
         match fs::read_dir(&self.dir) {
             Ok(entries) => {
                 for entry in entries {
@@ -317,8 +333,57 @@ impl JobState {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("remove", &self.lock_path)(e)),
         }
-        // The lock is released here, after the lock file is gone: a waiter
-        // notices it locked a removed file and starts again.
+    }
+
+    /// Hands the rest of the job's teardown to a background process
+    /// ([`crate::process::detach`], its output appended to `log`) that holds
+    /// the job's lock until it ends: it runs `work` and then removes the
+    /// job's state as [`JobState::remove`] does. Meanwhile, the next hook of
+    /// the same job (a retried prepare, a second cleanup) waits for the lock,
+    /// as it waits for any hook; a background process that fails or dies
+    /// leaves the state with its record, so the next cleanup or `reap`
+    /// finishes it.
+    ///
+    /// `Ok(false)`: nothing was handed over (this state's lock is held by
+    /// another process, as for a plugin, or this process has several
+    /// threads); the caller does the work itself. After `Ok(true)`, the
+    /// caller must not remove the state: [`JobState::handed_over`] says so.
+    pub fn finish_in_background(&self, log: &Path, work: impl FnOnce() -> Result<(), String>) -> std::io::Result<bool> {
+        let Some(lock) = &self._lock else { return Ok(false) };
+        let handed = crate::process::detach(log, &[lock.as_raw_fd()], || {
+            let result = work().and_then(|()| self.remove_files().map_err(|e| format!("{e}")));
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("job {}: the background part of its cleanup failed: {e}", self.key);
+                    1
+                }
+            }
+        })?;
+        self.handed_over.set(handed);
+        Ok(handed)
+    }
+
+    /// Whether [`JobState::finish_in_background`] handed the job's state to a
+    /// background process, which removes it.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.get()
+    }
+}
+
+impl Drop for JobState {
+    fn drop(&mut self) {
+        // Handed over: the background process shares the lock's open file
+        // description; closing this descriptor without LOCK_UN (which would
+        // release it for both) leaves the lock to it.
+        if self.handed_over.get() {
+            if let Some(lock) = self._lock.take() {
+                let fd = lock.as_raw_fd();
+                std::mem::forget(lock);
+                // SAFETY: `fd` was the forgotten lock's own descriptor, closed once, here.
+                unsafe { libc::close(fd) };
+            }
+        }
     }
 }
 
@@ -405,6 +470,24 @@ mod tests {
         assert!(again.record().is_some(), "its record survives, so reap retries it");
         nix::mount::umount(&point).unwrap();
         again.remove().unwrap();
+        assert!(states.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_multi_threaded_process_hands_nothing_over() {
+        let root = tempfile::tempdir().unwrap();
+        let states = StateDir::new(root.path());
+        let state = states.create(JobRecord::new(key(4), "fake")).unwrap();
+        // The test harness runs this test in a thread of its own: no fork.
+        let mut ran = false;
+        let handed = state.finish_in_background(&root.path().join("log"), || {
+            ran = true;
+            Ok(())
+        });
+        assert!(!handed.unwrap() && !ran && !state.handed_over());
+        let held_elsewhere = JobState::held_elsewhere(key(5), root.path().join("jobs/demo-5"), None);
+        assert!(!held_elsewhere.finish_in_background(&root.path().join("log"), || Ok(())).unwrap());
+        state.remove().unwrap();
         assert!(states.list().unwrap().is_empty());
     }
 

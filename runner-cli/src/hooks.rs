@@ -92,7 +92,11 @@ pub fn cleanup(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Resu
     let state = states.open_for_cleanup(job.key())?;
     info!(job = %job.key(), prepared = state.record().is_some(), "cleanup");
     backend.cleanup(&state)?;
-    state.remove()?;
+    // A backend may hand the removal of what is left (its layers, the state)
+    // to a background process holding the job's lock.
+    if !state.handed_over() {
+        state.remove()?;
+    }
     Ok(())
 }
 
@@ -121,7 +125,8 @@ pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bo
             known.push(key);
             continue;
         }
-        match backend.cleanup(&state).map_err(Error::from).and_then(|()| Ok(state.remove()?)) {
+        let cleaned = backend.cleanup(&state).map_err(Error::from);
+        match cleaned.and_then(|()| if state.handed_over() { Ok(()) } else { Ok(state.remove()?) }) {
             Ok(()) => {
                 println!("removed {key}: {reason}");
                 removed += 1;

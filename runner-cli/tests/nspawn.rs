@@ -15,20 +15,12 @@ pub(crate) fn runner(images: &Path, mode: &str) -> String {
     )
 }
 
-/// A pipeline file holding `yaml`, in a temp dir that lives as long as the first value.
-pub(crate) fn pipeline(yaml: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("ci.yml");
-    std::fs::write(&file, yaml).unwrap();
-    (dir, file)
-}
-
 /// `berth exec` of `job` of the pipeline `file` on runner `ns`, without sources.
 pub(crate) fn exec(env: &Env, file: &Path, job: &str) -> std::process::Output {
     env.berth("ns").args(["exec", "--no-sources", "--file"]).arg(file).arg(job).output().unwrap()
 }
 
-fn assert_all_pass(report: &serde_json::Value) {
+pub(crate) fn assert_all_pass(report: &serde_json::Value) {
     let results = report["results"].as_array().unwrap();
     assert!(results.len() >= 18, "{report}");
     // Every check applies to nspawn and passes, the containment section included.
@@ -62,7 +54,7 @@ fn standalone_mode_runs_the_sample_job() {
     assert!(log.contains("Booted a container from image bookworm, generation 1 (standalone mode)"), "{log}");
     assert!(log.contains("hello from berth on berth-ns-"), "the script ran in the container:\n{log}");
     assert!(log.contains("carried into the job by berth exec"), "{log}");
-    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "{log}");
+    assert_eq!(jobs_left(&env.state()), 0, "{log}");
 }
 
 #[test]
@@ -140,7 +132,7 @@ fn reap_removes_the_container_of_a_job_whose_runner_is_gone() {
     let log = text(&out);
     assert!(log.contains("removed ns-700003"), "{log}");
     assert!(berth_backend_support::proc::pids_with_arg(machine).is_empty(), "the container is gone");
-    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0);
+    assert_eq!(jobs_left(&env.state()), 0);
     assert!(log.contains("removed cgroup of container berth-ns-700098 (no job state, no process)"), "{log}");
     assert!(!old.exists(), "{log}");
     assert!(!log.contains("berth-ns-700097"), "a young cgroup is left alone:\n{log}");
@@ -261,6 +253,8 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(mapped_base(&log).is_some_and(|b| b >= 0x7000_0000), "{log}");
+    // The same host with warm containers: one test host boot for both.
+    crate::pool::in_a_test_host(&|program| host.command(program), &etc, &state, &config);
 }
 
 #[test]
@@ -352,7 +346,7 @@ fn standalone_mode_enforces_memory_cpu_and_task_limits() {
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(!log.contains("not enforced"), "this host has the memory, cpu and pids controllers:\n{log}");
-    assert_eq!(std::fs::read_dir(env.state().join("jobs")).unwrap().count(), 0, "{log}");
+    assert_eq!(jobs_left(&env.state()), 0, "{log}");
     let machine = log.split("in machine ").nth(2).and_then(|rest| rest.split('.').next()).expect("the machine's name");
     assert!(machine.starts_with("berth-ns-"), "{log}");
     let left: Vec<PathBuf> = ["memory", "pids", "cpu", "systemd", "unified", ""]
@@ -395,19 +389,6 @@ fn standalone_mode_passes_the_conformance_suite_on_cgroup2_inside_a_container() 
     assert_eq!(warned, !has_memory, "the warning says whether memory_max holds:\n{log}");
     let left = shell("ls /sys/fs/cgroup/berth 2>/dev/null | grep berth-ns- || true");
     assert!(left.trim().is_empty(), "cgroups left: {left}");
-}
-
-/// The job's root as the host sees it: the base of the uid range in `uid_map` (`0 BASE 65536`).
-pub(crate) fn mapped_base(log: &str) -> Option<u64> {
-    log.lines().filter_map(|l| l.split("uid_map:").nth(1)).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() == 3 && fields[0] == "0" {
-            // `0 0 4294967295` is host root: reported as base 0.
-            fields[1].parse().ok()
-        } else {
-            None
-        }
-    })
 }
 
 #[test]

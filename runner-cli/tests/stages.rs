@@ -3,7 +3,7 @@
 //! system call filters), in a cgroup of their own that ends with them; a
 //! container whose init's profile is missing runs them through its systemd.
 
-use crate::nspawn::{exec, mapped_base, pipeline, runner};
+use crate::nspawn::{exec, runner};
 use crate::util::*;
 
 #[test]
@@ -47,7 +47,7 @@ fn a_container_without_its_inits_profile_runs_stages_through_its_systemd() {
     let job = env.job_with_id("job", 700_031);
     let out = job.hook(&env, "ns", &["prepare"]);
     assert!(out.status.success(), "{}", text(&out));
-    let profile = env.state().join("jobs/ns-700031/init.profile");
+    let profile = env.state().join("jobs/ns-700031/container/init.profile");
     assert!(profile.exists(), "prepare copied the init's profile");
     let script = job.script("probe", "cat /proc/self/cgroup\ngrep CapBnd /proc/self/status /proc/1/status\n");
     let direct = job.hook(&env, "ns", &["run", script.to_str().unwrap(), "build_script"]);

@@ -9,6 +9,7 @@ mod hooks;
 mod images;
 mod nspawn;
 mod plugin;
+mod pool;
 mod sandbox;
 mod stages;
 mod testhost;

@@ -194,3 +194,38 @@ pub fn not_passed(report: &serde_json::Value) -> Vec<String> {
         .map(|r| format!("{} {}: {}", r["id"], r["verdict"], r["detail"]))
         .collect()
 }
+
+/// How many jobs have state under `state`, once what cleanups handed to the
+/// background (nspawn removes a job's layer and state after the hook
+/// returned) finished, or 30 s passed.
+pub fn jobs_left(state: &Path) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = std::fs::read_dir(state.join("jobs")).map_or(0, |d| d.count());
+        if left == 0 || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A pipeline file holding `yaml`, in a temp dir that lives as long as the first value.
+pub fn pipeline(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ci.yml");
+    std::fs::write(&file, yaml).unwrap();
+    (dir, file)
+}
+
+/// The job's root as the host sees it: the base of the uid range in `uid_map` (`0 BASE 65536`).
+pub fn mapped_base(log: &str) -> Option<u64> {
+    log.lines().filter_map(|l| l.split("uid_map:").nth(1)).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() == 3 && fields[0] == "0" {
+            // `0 0 4294967295` is host root: reported as base 0.
+            fields[1].parse().ok()
+        } else {
+            None
+        }
+    })
+}

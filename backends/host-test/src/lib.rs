@@ -144,9 +144,10 @@ impl Backend for HostTest {
             }
             Some(Fault::LeakProcess) => {
                 use std::os::unix::process::CommandExt;
+                // Outlives the suite's wait for what a cleanup finishes in the background (30 s).
                 Command::new("sleep")
                     .arg0(format!("berth-leak-{}", job.key()))
-                    .arg("10")
+                    .arg("60")
                     .process_group(0)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())

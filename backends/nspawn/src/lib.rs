@@ -17,6 +17,10 @@
 //! every process it started is gone and nothing holds the job log; a cancel
 //! stops that unit explicitly (killing the `systemd-run` client alone would
 //! leave it running).
+//!
+//! With `pool_size`, containers are booted ahead of jobs and handed to them
+//! at prepare (`job/pool.rs`); cleanup returns once the container is
+//! stopped and removes its layer in the background.
 #![deny(missing_docs)]
 
 mod job;
@@ -92,6 +96,7 @@ impl NewBackend for Nspawn {
         let masked_units = settings.masked_units().map_err(|e| Failure::system(format!("settings.{e}")))?;
         let masked_generators = settings.masked_generators().map_err(|e| Failure::system(format!("settings.{e}")))?;
         settings::check_nspawn_args(&settings.nspawn_args).map_err(|e| Failure::system(format!("settings.{e}")))?;
+        settings.pool_size().map_err(|e| Failure::system(format!("settings.{e}")))?;
         Ok(Nspawn {
             images,
             mode,

@@ -134,6 +134,11 @@ pub struct Settings {
     /// Extra arguments for systemd-nspawn, placed before `--boot`.
     #[serde(default)]
     pub nspawn_args: Vec<String>,
+    /// Warm containers kept booted per image jobs ask for (default 0: none;
+    /// at most [`MAX_POOL_SIZE`]): a job takes one instead of waiting for a
+    /// boot. Each idle one costs its memory.
+    #[serde(default)]
+    pub pool_size: u32,
     /// Arguments for the container's init (systemd), kernel-command-line style
     /// (default: none).
     pub init_args: Option<Vec<String>>,
@@ -146,6 +151,9 @@ pub struct Settings {
     /// generators when `init_args` is set, since they read it); `[]` masks none.
     pub mask_generators: Option<Vec<String>>,
 }
+
+/// The largest `pool_size`: warm containers cost memory while idle.
+pub const MAX_POOL_SIZE: u32 = 64;
 
 /// Units masked by default (`mask_units`). Every one is either meaningless in a
 /// container that lives for one job (a console getty, logins, utmp records,
@@ -233,6 +241,17 @@ impl Settings {
         Ok(timeout)
     }
 
+    /// `pool_size`, checked.
+    pub fn pool_size(&self) -> Result<u32, String> {
+        if self.pool_size > MAX_POOL_SIZE {
+            return Err(format!(
+                "pool_size: {} warm containers per image is more than the {MAX_POOL_SIZE} berth keeps (each idle one costs its memory)",
+                self.pool_size
+            ));
+        }
+        Ok(self.pool_size)
+    }
+
     /// The limit settings, for [`berth_backend_support::limits::Limits::of`].
     pub fn limits(&self) -> berth_backend_support::limits::LimitSettings<'_> {
         berth_backend_support::limits::LimitSettings {
@@ -299,6 +318,15 @@ mod tests {
         assert_eq!(limits("tasks_max = \"infinity\""), Ok(Some(Amount::Max)));
         assert_eq!(limits("tasks_max = 100"), Ok(Some(Amount::Value(100))));
         assert!(limits("tasks_max = \"many\"").unwrap_err().starts_with("tasks_max: \"many\""));
+    }
+
+    #[test]
+    fn pool_size_defaults_to_none_and_is_bounded() {
+        assert_eq!(settings("").pool_size(), Ok(0));
+        assert_eq!(settings("pool_size = 2").pool_size(), Ok(2));
+        let err = settings("pool_size = 65").pool_size().unwrap_err();
+        assert!(err.starts_with("pool_size: 65 ") && err.contains("64"), "{err}");
+        assert!(toml::from_str::<Settings>("pool_size = -1").is_err());
     }
 
     #[test]

@@ -93,6 +93,25 @@ impl Claims {
         }
     }
 
+    /// Gives `name`, held by `from`, to `to` (a warm container handed to a
+    /// job): the claim file is replaced atomically, so the name is held by
+    /// one of them at every moment. False if `from` does not hold it.
+    pub fn transfer(&self, name: &str, from: &Path, to: &Path) -> io::Result<bool> {
+        if self.owner(name).as_deref() != Some(from) {
+            return Ok(false);
+        }
+        let tmp = self.dir.join(format!(".{name}.{}", std::process::id()));
+        let mut text = to.as_os_str().as_bytes().to_vec();
+        text.push(b'\n');
+        let _ = fs::remove_file(&tmp);
+        let mut file =
+            OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+        file.write_all(&text)?;
+        fs::rename(&tmp, self.dir.join(name))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", tmp.display())))?;
+        Ok(true)
+    }
+
     /// Every claim whose name starts with `prefix`, with its owner, by name.
     pub fn list(&self, prefix: &str) -> Vec<(String, PathBuf)> {
         let Ok(entries) = fs::read_dir(&self.dir) else { return Vec::new() };
@@ -152,7 +171,12 @@ mod tests {
         std::fs::create_dir_all(&b).unwrap();
         assert_eq!(claims.orphans("berth-r-", &jobs), vec![("berth-r-1".to_owned(), a.clone())]);
         claims.release("berth-r-1", &a).unwrap();
-        assert_eq!(claims.list(""), vec![("berth-r-2".to_owned(), b)]);
+        assert_eq!(claims.list(""), vec![("berth-r-2".to_owned(), b.clone())]);
+        // A transfer: only from its holder, and the name is never free meanwhile.
+        assert!(!claims.transfer("berth-r-2", &a, &a).unwrap(), "a does not hold it");
+        assert!(claims.transfer("berth-r-2", &b, &a).unwrap());
+        assert_eq!(claims.list(""), vec![("berth-r-2".to_owned(), a.clone())], "no temporary file is left");
+        assert!(!claims.claim("berth-r-2", &b).unwrap());
         for bad in ["", "../x", "a/b", "."] {
             assert!(claims.claim(bad, &a).is_err(), "{bad:?}");
         }

@@ -114,6 +114,11 @@ impl Allocator {
         self.claims.release(&range.base.to_string(), owner)
     }
 
+    /// Gives `range`, held by `from`, to `to` ([`Claims::transfer`]).
+    pub fn transfer(&self, range: Range, from: &Path, to: &Path) -> io::Result<bool> {
+        self.claims.transfer(&range.base.to_string(), from, to)
+    }
+
     /// Releases every range `owner` holds (one recorded or not: a prepare
     /// killed between allocating and recording leaves none behind).
     pub fn release_all(&self, owner: &Path) -> io::Result<()> {
@@ -301,14 +306,51 @@ fn cstring(path: &Path) -> io::Result<CString> {
 /// `target`, with ids mapped through `userns` (host id `base + n` shows as
 /// `n`, and is written as such) and `attrs`. `target` must exist.
 pub fn mount_idmapped(source: &Path, target: &Path, userns: &UserNs, attrs: Attrs) -> io::Result<()> {
-    let what = |e: io::Error, step: &str| {
-        io::Error::new(
-            e.kind(),
-            format!("failed to mount an idmapped clone of {} on {} ({step}): {e}", source.display(), target.display()),
+    let tree = clone_idmapped(source, userns.fd(), attrs)?;
+    let target_c = cstring(target)?;
+    // SAFETY: `tree` is a detached mount; `target_c` a valid path.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
         )
     };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "failed to mount an idmapped clone of {} on {} (move_mount): {e}",
+                source.display(),
+                target.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A detached clone of directory `source` (and the mounts under it) with ids
+/// mapped through the user namespace `userns` and `attrs`
+/// (`open_tree(OPEN_TREE_CLONE)` + `mount_setattr(MOUNT_ATTR_IDMAP)`): what
+/// [`mount_idmapped`] mounts, or [`attach_in`] moves into another mount namespace.
+pub fn clone_idmapped(source: &Path, userns: std::os::fd::BorrowedFd<'_>, attrs: Attrs) -> io::Result<OwnedFd> {
+    clone_with(source, Some(userns), attrs)
+}
+
+/// [`clone_idmapped`] without a mapping (a runner without `private_users`).
+pub fn clone_tree(source: &Path, attrs: Attrs) -> io::Result<OwnedFd> {
+    clone_with(source, None, attrs)
+}
+
+fn clone_with(source: &Path, userns: Option<std::os::fd::BorrowedFd<'_>>, attrs: Attrs) -> io::Result<OwnedFd> {
+    let what = |e: io::Error, step: &str| {
+        io::Error::new(e.kind(), format!("failed to make an idmapped clone of {} ({step}): {e}", source.display()))
+    };
     let source_c = cstring(source)?;
-    let target_c = cstring(target)?;
     // SAFETY: a valid path; the result is checked and owned below.
     let tree = unsafe {
         libc::syscall(
@@ -323,7 +365,7 @@ pub fn mount_idmapped(source: &Path, target: &Path, userns: &UserNs, attrs: Attr
     }
     // SAFETY: open_tree returned a new descriptor that nothing else owns.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
-    let mut set = MOUNT_ATTR_IDMAP;
+    let mut set = if userns.is_some() { MOUNT_ATTR_IDMAP } else { 0 };
     for (wanted, flag) in
         [(attrs.read_only, MOUNT_ATTR_RDONLY), (attrs.nosuid, MOUNT_ATTR_NOSUID), (attrs.nodev, MOUNT_ATTR_NODEV)]
     {
@@ -331,7 +373,12 @@ pub fn mount_idmapped(source: &Path, target: &Path, userns: &UserNs, attrs: Attr
             set |= flag;
         }
     }
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: userns.fd.as_raw_fd() as u64 };
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.map_or(0, |fd| fd.as_raw_fd() as u64),
+    };
     // SAFETY: `tree` is a detached mount; `attr` is a valid mount_attr of the size passed.
     let rc = unsafe {
         libc::syscall(
@@ -349,21 +396,99 @@ pub fn mount_idmapped(source: &Path, target: &Path, userns: &UserNs, attrs: Attr
             "mount_setattr: does this kernel and filesystem support idmapped mounts?",
         ));
     }
-    // SAFETY: `tree` is a detached mount; `target_c` a valid path.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            target_c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc < 0 {
-        return Err(what(io::Error::last_os_error(), "move_mount"));
+    Ok(tree)
+}
+
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+/// What [`attach_in`] does in the container's namespaces.
+#[derive(Debug)]
+pub struct Adoption<'a> {
+    /// The container's mount namespace (`/proc/PID/ns/mnt`).
+    pub mnt: std::os::fd::BorrowedFd<'a>,
+    /// The container's UTS namespace (`/proc/PID/ns/uts`).
+    pub uts: std::os::fd::BorrowedFd<'a>,
+    /// Its new host name, also written into its `/etc/hostname`.
+    pub hostname: &'a str,
+    /// A detached mount ([`clone_idmapped`]) to move onto `target`.
+    pub tree: std::os::fd::BorrowedFd<'a>,
+    /// An existing directory of the container (an absolute path inside it),
+    /// reached without following a link.
+    pub target: &'a Path,
+}
+
+/// Gives a running container a new host name and a mount: a child process
+/// (host root) enters the container's mount and UTS namespaces, sets the host
+/// name, rewrites `/etc/hostname` in place (a regular file, not followed if a
+/// link) and moves the detached `tree` onto `target` (opened `O_PATH |
+/// O_NOFOLLOW`, so a link planted there cannot redirect it). How a warm
+/// container becomes a job's (nspawn's pool).
+pub fn attach_in(adoption: &Adoption<'_>) -> io::Result<()> {
+    let target = cstring(adoption.target)?;
+    let hostname = adoption.hostname.as_bytes();
+    let mut line = hostname.to_vec();
+    line.push(b'\n');
+    // SAFETY: the child makes only system calls on data prepared before the
+    // fork (no allocation, no lock), then `_exit`s: sound in any process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_os_error("fork"));
     }
-    Ok(())
+    if pid == 0 {
+        // SAFETY: as above; each step's failure is the exit code.
+        unsafe {
+            if libc::setns(adoption.mnt.as_raw_fd(), libc::CLONE_NEWNS) != 0 {
+                libc::_exit(10);
+            }
+            if libc::setns(adoption.uts.as_raw_fd(), libc::CLONE_NEWUTS) != 0 {
+                libc::_exit(11);
+            }
+            if libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0 {
+                libc::_exit(12);
+            }
+            let dir =
+                libc::open(target.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC);
+            if dir < 0 {
+                libc::_exit(13);
+            }
+            let flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH;
+            if libc::syscall(libc::SYS_move_mount, adoption.tree.as_raw_fd(), c"".as_ptr(), dir, c"".as_ptr(), flags)
+                < 0
+            {
+                libc::_exit(14);
+            }
+            let file = libc::open(
+                c"/etc/hostname".as_ptr(),
+                libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            );
+            let mut stat: libc::stat = std::mem::zeroed();
+            if file < 0 || libc::fstat(file, &mut stat) != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+                libc::_exit(15);
+            }
+            if libc::ftruncate(file, 0) != 0
+                || libc::write(file, line.as_ptr().cast(), line.len()) != line.len() as isize
+            {
+                libc::_exit(15);
+            }
+            libc::_exit(0);
+        }
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).map_err(io::Error::from)?;
+    let step = match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => return Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, 10) => "entering its mount namespace",
+        nix::sys::wait::WaitStatus::Exited(_, 11) => "entering its UTS namespace",
+        nix::sys::wait::WaitStatus::Exited(_, 12) => "setting its host name",
+        nix::sys::wait::WaitStatus::Exited(_, 13) => "opening the mount point (missing, or not a directory)",
+        nix::sys::wait::WaitStatus::Exited(_, 14) => "moving the mount into it",
+        nix::sys::wait::WaitStatus::Exited(_, 15) => "rewriting its /etc/hostname (not a regular file?)",
+        _ => "the helper process died",
+    };
+    Err(io::Error::other(format!(
+        "failed to give the container host name {} and {} ({step})",
+        adoption.hostname,
+        adoption.target.display()
+    )))
 }
 
 /// Gives `path` (not following a link) to the job's root: host ids `range.base`.

@@ -106,42 +106,49 @@ pub(super) fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(12)..].join("\n")
 }
 
-/// Fails if anything of job `id` is left: a file or directory under the
-/// state directory named after it (except in `logs`, for records meant to
-/// outlive the job), a process whose command line names it (a container, a
-/// helper), or a mount whose path names it.
+/// How long what cleanup handed to the background (removing a job's layer
+/// and state) may take to finish after the hook returned.
+pub(super) const BACKGROUND_CLEANUP: Duration = Duration::from_secs(30);
+
+/// Fails if anything of job `id` is left once [`BACKGROUND_CLEANUP`] after
+/// cleanup returned has passed: a file or directory under the state
+/// directory named after it (except in `logs`, for records meant to outlive
+/// the job), a process whose command line names it (a container, a helper),
+/// or a mount whose path names it. A driver may finish its cleanup in the
+/// background (the protocol only needs the hook to return once nothing of
+/// the job runs or is visible to the next job); what remains after that time
+/// is a leak.
 pub(super) fn leak_check(target: &Target, id: u64) -> CheckOutcome {
     let needle = format!("-{id}");
+    let deadline = Instant::now() + BACKGROUND_CLEANUP;
+    loop {
+        let leaks = leaks(target, &needle);
+        if leaks.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Finding::Fail(format!(
+                "cleanup left job {id} behind (still there {} s after cleanup returned): {}",
+                BACKGROUND_CLEANUP.as_secs(),
+                leaks.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What of the job named by `needle` is there now.
+fn leaks(target: &Target, needle: &str) -> Vec<String> {
     let mut leaks = Vec::new();
     if let Some(root) = &target.state_dir {
         let logs = root.join(berth_backend_api::LOGS_DIR);
         walk(root, &mut |path| {
-            if !path.starts_with(&logs)
-                && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&needle))
+            if !path.starts_with(&logs) && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(needle))
             {
                 leaks.push(format!("file {}", path.display()));
             }
         });
     }
-    // Processes and mounts may take a moment to go after cleanup returned.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let live = live_leaks(&needle);
-        if live.is_empty() || Instant::now() >= deadline {
-            leaks.extend(live);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if leaks.is_empty() {
-        Ok(())
-    } else {
-        Err(Finding::Fail(format!("cleanup left job {id} behind: {}", leaks.join(", "))))
-    }
-}
-
-fn live_leaks(needle: &str) -> Vec<String> {
-    let mut leaks = Vec::new();
     for process in berth_backend_support::proc::processes() {
         let args: Vec<String> = process.cmdline.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let cmdline = args.join(" ");

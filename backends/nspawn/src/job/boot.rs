@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_backend_api::process::Ended;
-use berth_backend_api::{Cancel, Failure, JobState};
+use berth_backend_api::{Cancel, Failure};
 use tracing::debug;
 
-use super::{boot_log, command_output, root_dir, scripts_dir, unit_name, Container, PATH, RECORD};
+use super::{boot_log, command_output, root_dir, Container, Home, PATH};
 use crate::notify::{Notify, Wait};
 use crate::{Nspawn, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
 use berth_backend_support::cgroup::JobCgroup;
@@ -58,7 +58,7 @@ fn bind_arg(source: &Path, target: &Path, writable: bool, idmap: bool) -> OsStri
 
 impl Nspawn {
     /// The systemd-nspawn arguments of a job's container.
-    fn nspawn_args(&self, machine: &str, state: &JobState, users: Option<Range>, register: bool) -> Vec<OsString> {
+    fn nspawn_args(&self, machine: &str, home: &Home, users: Option<Range>, register: bool) -> Vec<OsString> {
         let idmap = users.is_some();
         let mut args: Vec<OsString> = vec![
             "--quiet".into(),
@@ -66,7 +66,7 @@ impl Nspawn {
             if register { "--register=yes".into() } else { "--register=no".into() },
             format!("--machine={machine}").into(),
             "--directory".into(),
-            root_dir(state).into(),
+            root_dir(&home.dir).into(),
             "--console=passive".into(),
             "--notify-ready=yes".into(),
         ];
@@ -74,8 +74,10 @@ impl Nspawn {
             args.push(format!("--private-users={}", range.nspawn_arg()).into());
             args.push("--private-users-ownership=off".into());
         }
-        args.push(bind_arg(&state.dir().join("cache"), Path::new(CACHE_DIR), true, idmap));
-        args.push(bind_arg(&scripts_dir(state), Path::new(SCRIPTS_DIR), true, false));
+        if home.cache {
+            args.push(bind_arg(&home.dir.join("cache"), Path::new(CACHE_DIR), true, idmap));
+        }
+        args.push(bind_arg(&home.dir.join("scripts"), Path::new(SCRIPTS_DIR), true, false));
         if let Some(gitlab_runner) = &self.gitlab_runner {
             args.push(bind_arg(gitlab_runner, Path::new(GITLAB_RUNNER), false, false));
         }
@@ -93,14 +95,8 @@ impl Nspawn {
 
     /// The command that boots the container in standalone mode: nspawn,
     /// detached, with an empty environment and its notify socket.
-    pub(super) fn standalone_command(
-        &self,
-        machine: &str,
-        state: &JobState,
-        users: Option<Range>,
-        notify: &Path,
-    ) -> Cmd {
-        let mut cmd = Cmd::new("systemd-nspawn").args(self.nspawn_args(machine, state, users, false)).env_clear();
+    pub(super) fn standalone_command(&self, machine: &str, home: &Home, users: Option<Range>, notify: &Path) -> Cmd {
+        let mut cmd = Cmd::new("systemd-nspawn").args(self.nspawn_args(machine, home, users, false)).env_clear();
         for (key, value) in self.nspawn_env() {
             cmd = cmd.env(key, value);
         }
@@ -109,15 +105,15 @@ impl Nspawn {
 
     /// The command that boots the container in systemd mode: nspawn in a
     /// transient unit `unit` of `machine.slice`, registered with machined.
-    pub(super) fn systemd_command(&self, unit: &str, machine: &str, state: &JobState, users: Option<Range>) -> Cmd {
+    pub(super) fn systemd_command(&self, unit: &str, machine: &str, home: &Home, users: Option<Range>) -> Cmd {
         let mut cmd = Cmd::new("systemd-run")
             .arg("--quiet")
             .arg(format!("--unit={unit}"))
             .args(["--slice=machine.slice", "--collect"]);
-        for prop in self.unit_properties(state) {
+        for prop in self.unit_properties(home) {
             cmd = cmd.arg("-p").arg(prop);
         }
-        cmd.arg("--").arg("systemd-nspawn").args(self.nspawn_args(machine, state, users, true))
+        cmd.arg("--").arg("systemd-nspawn").args(self.nspawn_args(machine, home, users, true))
     }
 
     /// The environment of systemd-nspawn: nothing of berth's own (the
@@ -145,7 +141,7 @@ impl Nspawn {
     /// Unit properties for the container's unit (systemd mode): the
     /// device policy of systemd's own `systemd-nspawn@.service` (no device
     /// but the pseudo devices, ptys and tun), delegation, limits.
-    fn unit_properties(&self, state: &JobState) -> Vec<String> {
+    fn unit_properties(&self, home: &Home) -> Vec<String> {
         let boot = self.settings.boot_timeout().map_or(60, |t| t.as_secs());
         let mut props = vec![
             "Type=notify".to_owned(),
@@ -160,7 +156,7 @@ impl Nspawn {
             format!("TasksMax={}", self.tasks_max()),
             format!("MemoryMax={}", self.settings.memory_max.as_deref().unwrap_or(crate::settings::DEFAULT_MEMORY_MAX)),
             // Who made this unit: reap recognises a job's container by it.
-            format!("Description=berth job {} ({})", state.key(), state.dir().display()),
+            format!("Description={}", home.description),
         ];
         if let Some(quota) = &self.settings.cpu_quota {
             props.push(format!("CPUQuota={quota}"));
@@ -177,17 +173,17 @@ impl Nspawn {
 
 pub(super) fn boot_standalone(
     backend: &Nspawn,
-    state: &JobState,
+    home: &Home,
     container: &mut Container,
     timeout: Duration,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
     let machine = container.machine.clone();
-    let notify = Notify::new(&state.dir().join("notify")).map_err(sys("failed to create the readiness socket"))?;
-    let log_path = boot_log(state);
+    let notify = Notify::new(&home.dir.join("notify")).map_err(sys("failed to create the readiness socket"))?;
+    let log_path = boot_log(&home.dir);
     let log = File::create(&log_path).map_err(sys(format!("failed to create {}", log_path.display())))?;
     let log2 = log.try_clone().map_err(sys("failed to open the boot log"))?;
-    let cmd = backend.standalone_command(&machine, state, container.users, notify.env());
+    let cmd = backend.standalone_command(&machine, home, container.users, notify.env());
     let host = &backend.host;
     let mut cgroup = JobCgroup::on(host.clone(), &machine);
     cgroup.create(&backend.limits).map_err(sys("failed to create the container's cgroup with its resource limits"))?;
@@ -214,7 +210,7 @@ pub(super) fn boot_standalone(
         _ => Failure::system_with(format!("failed to start systemd-nspawn in the container's cgroup ({cgroup})"), e),
     })?;
     container.nspawn = Some((pid, host.process(pid).map_or(0, |p| p.start_time)));
-    state.save(RECORD, container)?;
+    home.save(container)?;
     let pidfd = host.pidfd(pid);
     let ready = notify.wait(pidfd.as_ref(), cancel, timeout);
     match ready {
@@ -246,21 +242,22 @@ pub(super) fn boot_standalone(
     };
     container.leader = Some(leader);
     container.leader_start = host.process(leader).map(|p| p.start_time);
-    state.save(RECORD, container)?;
+    home.save(container)?;
     Ok(())
 }
 
 pub(super) fn boot_systemd(
     backend: &Nspawn,
-    state: &JobState,
+    home: &Home,
     container: &mut Container,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
-    let unit = unit_name(state.key());
+    // The job's machine name, or a warm container's: `<machine>.service`.
+    let unit = format!("{}.service", container.machine);
     container.unit = Some(unit.clone());
-    state.save(RECORD, container)?;
-    let cmd = backend.systemd_command(&unit, &container.machine, state, container.users);
-    let log_path = boot_log(state);
+    home.save(container)?;
+    let cmd = backend.systemd_command(&unit, &container.machine, home, container.users);
+    let log_path = boot_log(&home.dir);
     let log = File::create(&log_path).map_err(sys(format!("failed to create {}", log_path.display())))?;
     let log2 = log.try_clone().map_err(sys("failed to open the boot log"))?;
     let mut io = Some((log, log2));
@@ -303,6 +300,6 @@ pub(super) fn boot_systemd(
     let nspawn: Option<i32> = String::from_utf8_lossy(&out.stdout).trim().parse().ok().filter(|p| *p > 0);
     container.leader = nspawn.and_then(proc::leader_of);
     container.leader_start = container.leader.and_then(|pid| host.process(pid)).map(|p| p.start_time);
-    state.save(RECORD, container)?;
+    home.save(container)?;
     Ok(())
 }

@@ -4,15 +4,15 @@
 use std::fs;
 use std::path::Path;
 
-use berth_backend_api::{Failure, JobContext, JobState};
+use berth_backend_api::Failure;
 use nix::mount::MsFlags;
 
-use super::{layer_dir, root_dir, scripts_dir, upper_dir};
+use super::{layer_dir, root_dir, upper_dir, Home};
 use crate::{Nspawn, BUILDS_DIR};
 use berth_backend_support::image::Image;
 use berth_backend_support::settings::sys;
 use berth_backend_support::userns::{self, Range, UserNs};
-use berth_backend_support::{cache, diskfs, mounts, rootfs};
+use berth_backend_support::{diskfs, mounts, rootfs};
 
 /// Creates directory `path` (its parent exists) with `mode`, owned by the
 /// job's root when there is a range: what the container sees as its own.
@@ -64,23 +64,27 @@ fn mask(upper: &Path, rel: &str, names: &[String], owner: Option<Range>) -> Resu
     Ok(())
 }
 
-/// Mounts the container's root and what is bound into it (see the module doc).
+/// Mounts the container's root and what is bound into it (see the module
+/// doc) in `home`'s directory (it exists); `cache` is the project's cache
+/// directory when the container is a job's (nspawn binds it at boot), none
+/// for a warm container, which gets an empty `/cache` to be mounted on when a
+/// job takes it.
 pub(super) fn build_root(
     backend: &Nspawn,
-    job: &JobContext,
-    state: &JobState,
+    home: &Home,
+    cache: Option<&Path>,
     image: &Image,
     machine: &str,
     users: Option<Range>,
 ) -> Result<(), Failure> {
-    let dir = state.dir();
-    let layer = layer_dir(state);
+    let dir = &home.dir;
+    let layer = layer_dir(dir);
     make_dir(&layer, 0o755, users)?;
     if let Some(size) = backend.limits.disk {
         diskfs::mount_bounded(&*backend.host, &dir.join("layer.img"), size, &layer, users)
             .map_err(sys("failed to make the job's disk (settings.disk_max)"))?;
     }
-    let upper = upper_dir(state);
+    let upper = upper_dir(dir);
     let work = layer.join("work");
     make_dir(&upper, 0o755, users)?;
     make_dir(&work, 0o700, None)?;
@@ -91,14 +95,19 @@ pub(super) fn build_root(
     write_in_layer(&upper, "etc/machine-id", b"", users)?;
     mask(&upper, "etc/systemd/system", &backend.masked_units, users)?;
     mask(&upper, "etc/systemd/system-generators", &backend.masked_generators, users)?;
-    make_dir(&scripts_dir(state), 0o700, users)?;
+    make_dir(&dir.join("scripts"), 0o700, users)?;
     // The cache: the project's directory, private to root on the host, and
     // bound nosuid,nodev, so that nothing a job leaves there is a set-uid
     // program or a device for anyone on the host.
-    let cache = cache::job_cache_dir(&backend.cache_host_dir, backend.settings.cache_scope, job)?;
-    let cache_mount = dir.join("cache");
-    make_dir(&cache_mount, 0o700, None)?;
-    mounts::bind_guarded(&*backend.host, &cache, &cache_mount, true).map_err(sys("failed to mount the job's cache"))?;
+    match cache {
+        Some(cache) => {
+            let cache_mount = dir.join("cache");
+            make_dir(&cache_mount, 0o700, None)?;
+            mounts::bind_guarded(&*backend.host, cache, &cache_mount, true)
+                .map_err(sys("failed to mount the job's cache"))?;
+        }
+        None => make_dir(&upper.join(crate::CACHE_DIR.trim_start_matches('/')), 0o755, users)?,
+    }
     let lower = match users {
         Some(range) => {
             let lower = dir.join("lower");
@@ -111,7 +120,7 @@ pub(super) fn build_root(
         }
         None => image.root.clone(),
     };
-    let root = root_dir(state);
+    let root = root_dir(dir);
     make_dir(&root, 0o755, None)?;
     mounts::mount_overlay_with(&*backend.host, &lower, &upper, &work, &root, MsFlags::MS_NODEV)
         .map_err(sys("failed to mount the container's root"))?;

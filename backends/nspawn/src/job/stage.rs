@@ -18,7 +18,7 @@ use std::time::Duration;
 use berth_backend_api::process::Ended;
 use berth_backend_api::{Cancel, Failure, JobContext, JobState};
 
-use super::{leader, profile_file, scripts_dir, Container, ModeName, PATH, RECORD, STOP_TIMEOUT};
+use super::{container_dir, leader, profile_file, scripts_dir, Container, ModeName, PATH, RECORD, STOP_TIMEOUT};
 use crate::{Nspawn, SCRIPTS_DIR};
 use berth_backend_api::process;
 use berth_backend_support::cgroup::{JobCgroup, StageCgroup};
@@ -34,8 +34,8 @@ const STAGE_GRACE: Duration = Duration::from_secs(3);
 /// Copies what stages need to enter the container directly from its init
 /// (see the module doc), once, right after boot; without it, stages go
 /// through the container's systemd.
-pub(super) fn learn(backend: &Nspawn, state: &JobState, container: &Container) {
-    let file = profile_file(state);
+pub(super) fn learn(backend: &Nspawn, dir: &Path, container: &Container) {
+    let file = profile_file(dir);
     let _ = fs::remove_file(&file);
     let Some((pid, _pidfd)) = leader(&*backend.host, container) else { return };
     match backend.host.profile(pid).and_then(|profile| profile.save(&file)) {
@@ -56,7 +56,7 @@ fn run_entered(
     body: &[u8],
     cancel: &Cancel,
 ) -> Option<Result<(), Failure>> {
-    let profile = match Profile::load(&profile_file(state)) {
+    let profile = match Profile::load(&profile_file(&container_dir(state))) {
         Ok(profile) => profile,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(Err(Failure::system_with("failed to read the container's profile", e))),

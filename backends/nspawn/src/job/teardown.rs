@@ -10,7 +10,7 @@ use berth_backend_api::{Failure, JobKey, JobState};
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use super::{command_output, layer_dir, leader, root_dir, unit_name, Container, ModeName, MACHINES, RECORD};
+use super::{command_output, container_dir, leader, unit_name, Container, ModeName, MACHINES, RECORD};
 use crate::{machine_name, Nspawn};
 use berth_backend_support::cgroup::JobCgroup;
 use berth_backend_support::claims::Claims;
@@ -23,20 +23,49 @@ use berth_backend_support::{mounts, proc};
 /// identifies it is the job's own record and the names berth made (its
 /// unit, its cgroup), never the arguments of a process.
 pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Option<&Container>) -> Result<(), Failure> {
-    let machine = machine_name(state.key());
+    let machine = machine_of(state, container);
+    stop(host, &owners(state, container), &machine, container)?;
+    remove_files(&**host, state.dir(), &container_dir(state), &machine)
+}
+
+/// The container's machine name: the recorded one (a warm container's
+/// differs from the job's), else the job's.
+fn machine_of(state: &JobState, container: Option<&Container>) -> String {
+    container.map_or_else(|| machine_name(state.key()), |c| c.machine.clone())
+}
+
+/// Who may hold the container's claims: the job's state directory, or the
+/// pool slot a warm container came from (until its claims are transferred).
+fn owners<'a>(state: &'a JobState, container: Option<&'a Container>) -> Vec<&'a Path> {
+    let mut owners = vec![state.dir()];
+    owners.extend(container.and_then(|c| c.slot.as_deref()));
+    owners
+}
+
+/// Stops everything of container `machine` (its record `container`): when it
+/// returns, nothing of the container runs (its processes are gone, its unit
+/// stopped, its cgroup removed); its mounts and files remain. Its name, unit
+/// and cgroup are acted on only while one of `owners` holds its name claim
+/// (or no one does).
+pub(super) fn stop(
+    host: &Arc<dyn Host>,
+    owners: &[&Path],
+    machine: &str,
+    container: Option<&Container>,
+) -> Result<(), Failure> {
     let started = Instant::now();
     // The machine's name, unit and cgroup are this job's only while it holds
     // the name (another berth configuration's runner of the same name could).
-    if Claims::host(MACHINES).owner(&machine).is_some_and(|owner| owner != state.dir()) {
+    if Claims::host(MACHINES).owner(machine).is_some_and(|owner| !owners.contains(&owner.as_path())) {
         warn!(
             machine,
             "the container's name is held by another berth state directory: only this job's files are removed"
         );
-        return remove_layers(&**host, state, &machine);
+        return Ok(());
     }
     // systemd mode: the unit holds everything; kill it, then let it go.
-    if container.is_some_and(|c| c.mode == ModeName::Systemd) && host.systemd_booted() {
-        let unit = unit_name(state.key());
+    if let Some(c) = container.filter(|c| c.mode == ModeName::Systemd && host.systemd_booted()) {
+        let unit = c.unit.clone().unwrap_or_else(|| format!("{machine}.service"));
         for args in [["kill", "--signal=SIGKILL"].as_slice(), &["stop"], &["reset-failed"]] {
             let _ = command_output(&**host, &Cmd::new("systemctl").args(args).arg(&unit));
         }
@@ -57,8 +86,8 @@ pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Optio
         }
     }
     // The container's cgroup (standalone mode) is berth's, named after the
-    // job: everything in it is the job's, whatever it calls itself.
-    let cgroup = JobCgroup::on(host.clone(), &machine);
+    // machine: everything in it is the container's, whatever it calls itself.
+    let cgroup = JobCgroup::on(host.clone(), machine);
     let stragglers = cgroup.pids();
     if !stragglers.is_empty() && !cgroup.kill() {
         for pid in &stragglers {
@@ -77,18 +106,19 @@ pub(super) fn tear_down(host: &Arc<dyn Host>, state: &JobState, container: Optio
         return Err(Failure::system(format!("container {machine} (processes {all:?}) did not exit after SIGKILL")));
     }
     cgroup.remove().map_err(sys(format!("failed to remove the cgroup of container {machine}")))?;
-    remove_layers(&**host, state, &machine)?;
     if container.is_some() || !all.is_empty() {
-        info!(machine, elapsed_ms = started.elapsed().as_millis() as u64, "container removed");
+        info!(machine, elapsed_ms = started.elapsed().as_millis() as u64, "container stopped");
     }
     Ok(())
 }
 
-/// Unmounts the job's filesystems and removes what the job wrote.
-fn remove_layers(host: &dyn Host, state: &JobState, machine: &str) -> Result<(), Failure> {
+/// Unmounts everything under `mounts` (the job's state or a pool slot) and
+/// removes what the container wrote, `dir` (its directory, any tree the job
+/// made in it, with bounded descriptors, never crossing a mount).
+pub(super) fn remove_files(host: &dyn Host, mounts: &Path, dir: &Path, machine: &str) -> Result<(), Failure> {
     // The root, the image's clone, the cache and the layer's filesystem.
-    let report = mounts::unmount_all(host, state.dir())
-        .map_err(sys(format!("failed to unmount the container's filesystems in {}", state.dir().display())))?;
+    let report = mounts::unmount_all(host, mounts)
+        .map_err(sys(format!("failed to unmount the container's filesystems in {}", mounts.display())))?;
     for point in &report.detached {
         warn!(machine, "{} was busy; detached it (lazy unmount)", point.display());
     }
@@ -99,22 +129,87 @@ fn remove_layers(host: &dyn Host, state: &JobState, machine: &str) -> Result<(),
             warn!("failed to remove {}: {e}", propagate.display());
         }
     }
-    // The layer (on the state's filesystem when disk_max is infinity), written
-    // by the job: any tree it made, with bounded descriptors, never crossing a mount.
-    for dir in [layer_dir(state), root_dir(state), state.dir().join("lower"), state.dir().join("cache")] {
-        berth_backend_api::remove_tree(&dir).map_err(sys(format!("failed to remove {}", dir.display())))?;
+    berth_backend_api::remove_tree(dir).map_err(sys(format!("failed to remove {}", dir.display())))
+}
+
+/// Releases what a job's container held: its name (the recorded machine's and
+/// the job's own, which differ for a warm container), from the job or the
+/// slot it came from.
+fn release_names(state: &JobState, container: Option<&Container>) -> Result<(), Failure> {
+    let claims = Claims::host(MACHINES);
+    let mut names = vec![machine_name(state.key())];
+    names.extend(container.map(|c| c.machine.clone()));
+    for name in names {
+        for owner in owners(state, container) {
+            claims.release(&name, owner).map_err(sys("failed to release the container's name"))?;
+        }
     }
     Ok(())
 }
 
+/// Cleanup: the container is stopped before the hook returns (nothing of the
+/// job runs any more, its name is free); unmounting and removing its layer,
+/// releasing its uid range and removing the job's state may go on in a
+/// background process that holds the job's lock
+/// ([`JobState::finish_in_background`]): the next hook of the same job waits
+/// for it, and what a failed or killed background process leaves (the state
+/// with its record) is finished by the next cleanup or `reap`.
 pub(crate) fn cleanup(backend: &Nspawn, state: &JobState) -> Result<(), Failure> {
+    let started = Instant::now();
     let container: Option<Container> = state.load(RECORD).unwrap_or(None);
-    tear_down(&backend.host, state, container.as_ref())?;
-    Allocator::host().release_all(state.dir()).map_err(sys("failed to release the job's uid range"))?;
-    Claims::host(MACHINES)
-        .release(&machine_name(state.key()), state.dir())
-        .map_err(sys("failed to release the container's name"))?;
-    Ok(())
+    let container = container.or_else(|| super::load_record(&container_dir(state).join(RECORD)));
+    let machine = machine_of(state, container.as_ref());
+    stop(&backend.host, &owners(state, container.as_ref()), &machine, container.as_ref())?;
+    release_names(state, container.as_ref())?;
+    let finish = || -> Result<(), Failure> {
+        remove_files(&*backend.host, state.dir(), &container_dir(state), &machine)?;
+        for owner in owners(state, container.as_ref()) {
+            Allocator::host().release_all(owner).map_err(sys("failed to release the job's uid range"))?;
+        }
+        Ok(())
+    };
+    if let Some(container) = &container {
+        // The pool lost one: a replacement.
+        super::pool::start_filler(backend, &container.image);
+        let logs = backend.runner.logs_dir();
+        let _ = fs::create_dir_all(&logs);
+        let log = logs.join("nspawn-cleanup.log");
+        // Bounded: only failures and diagnostics go there.
+        if fs::metadata(&log).is_ok_and(|m| m.len() > 1 << 20) {
+            let _ = fs::remove_file(&log);
+        }
+        match state.finish_in_background(&log, || finish().map_err(|e| e.to_string())) {
+            Ok(true) => {
+                info!(
+                    machine,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "container stopped; its layer is removed in the background"
+                );
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => warn!(machine, "failed to start the background part of cleanup ({e}): doing it now"),
+        }
+    }
+    finish()
+}
+
+/// Kills a container whose record is gone by the names berth gave it (its
+/// unit, its cgroup); true once nothing of it runs and its cgroup is removed.
+pub(super) fn kill_by_names(host: &Arc<dyn Host>, machine: &str, unit: &str) -> bool {
+    if host.systemd_booted() {
+        for args in [["kill", "--signal=SIGKILL"].as_slice(), &["stop"]] {
+            let _ = command_output(&**host, &Cmd::new("systemctl").args(args).arg(unit));
+        }
+    }
+    let cgroup = JobCgroup::on(host.clone(), machine);
+    let pids = cgroup.pids();
+    if !pids.is_empty() && !cgroup.kill() {
+        for pid in &pids {
+            let _ = host.signal(*pid, Some(Signal::SIGKILL));
+        }
+    }
+    proc::wait_gone_on(&**host, &pids, Duration::from_secs(10)) && cgroup.remove().is_ok()
 }
 
 pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
@@ -126,25 +221,12 @@ pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<St
     // directory of this state dir.
     let claims = Claims::host(MACHINES);
     for (machine, owner, key) in claims.orphans_of(&backend.runner) {
-        let host = &backend.host;
-        if host.systemd_booted() {
-            let unit = unit_name(&key);
-            for args in [["kill", "--signal=SIGKILL"].as_slice(), &["stop"]] {
-                let _ = command_output(&**host, &Cmd::new("systemctl").args(args).arg(&unit));
-            }
-        }
-        let cgroup = JobCgroup::on(host.clone(), &machine);
-        let pids = cgroup.pids();
-        if !pids.is_empty() && !cgroup.kill() {
-            for pid in &pids {
-                let _ = host.signal(*pid, Some(Signal::SIGKILL));
-            }
-        }
-        if proc::wait_gone_on(&**host, &pids, Duration::from_secs(10)) && cgroup.remove().is_ok() {
+        if kill_by_names(&backend.host, &machine, &unit_name(&key)) {
             let _ = claims.release(&machine, &owner);
             removed.push(format!("container {machine} (its job's state {} is gone)", owner.display()));
         }
     }
+    removed.extend(super::pool::reap(backend));
     // Empty cgroups of jobs whose cleanup never ran (standalone mode). A young
     // one may belong to a prepare that has not started nspawn yet.
     for machine in JobCgroup::machines(&prefix, Duration::from_secs(60)) {

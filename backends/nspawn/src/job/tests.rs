@@ -12,7 +12,7 @@ use berth_backend_support::userns::Range;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::Signal;
 
-use super::{boot, layer, stage, teardown, unit_name, Container, ModeName, RECORD};
+use super::{boot, container_dir, layer, stage, teardown, unit_name, Container, Home, ModeName, RECORD};
 use crate::settings::{Mode, Settings};
 use crate::Nspawn;
 
@@ -46,6 +46,7 @@ fn fixture(mode: Mode, host: Recorder) -> Fixture {
     let backend = Nspawn::new(settings, &runner).unwrap().with_host(host.clone());
     let key = JobKey::new(RUNNER, 5).unwrap();
     let state = StateDir::new(dir.path().join("state/jobs")).create(JobRecord::new(key, "nspawn")).unwrap();
+    std::fs::create_dir(container_dir(&state)).unwrap();
     Fixture { dir, host, backend, state }
 }
 
@@ -60,6 +61,9 @@ fn container(mode: ModeName) -> Container {
         leader_start: berth_backend_support::proc::start_time(me),
         unit: None,
         users: None,
+        generation: None,
+        slot: None,
+        ready: false,
     }
 }
 
@@ -73,7 +77,8 @@ fn strings(cmd: &Cmd) -> Vec<String> {
 }
 
 fn nspawn_args(state: &JobState, register: &str, users: &str) -> Vec<String> {
-    let dir = state.dir().display();
+    let dir = container_dir(state);
+    let dir = dir.display();
     let mut args: Vec<String> = [
         "--quiet".to_owned(),
         "--keep-unit".to_owned(),
@@ -102,8 +107,9 @@ fn nspawn_args(state: &JobState, register: &str, users: &str) -> Vec<String> {
 #[test]
 fn the_standalone_boot_command_is_exact() {
     let f = fixture(Mode::Standalone, Recorder::new());
-    let notify = f.state.dir().join("notify");
-    let cmd = f.backend.standalone_command(&format!("berth-{RUNNER}-5"), &f.state, None, &notify);
+    let home = Home::job(&f.state);
+    let notify = home.dir.join("notify");
+    let cmd = f.backend.standalone_command(&format!("berth-{RUNNER}-5"), &home, None, &notify);
     let mut expected = vec!["systemd-nspawn".to_owned()];
     expected.extend(nspawn_args(&f.state, "no", ""));
     assert_eq!(strings(&cmd), expected);
@@ -115,10 +121,14 @@ fn the_standalone_boot_command_is_exact() {
         [("PATH".to_owned(), super::PATH.to_owned()), ("NOTIFY_SOCKET".to_owned(), notify.display().to_string()),]
     );
     // With a uid range of its own: the container's root is BASE.
-    let cmd = f.backend.standalone_command("m", &f.state, Some(Range { base: 1 << 20 }), &notify);
+    let cmd = f.backend.standalone_command("m", &home, Some(Range { base: 1 << 20 }), &notify);
     let args = strings(&cmd);
     assert!(args.contains(&"--private-users=1048576:65536".to_owned()), "{args:?}");
-    assert!(args.contains(&format!("--bind={}/cache:/cache:idmap", f.state.dir().display())), "{args:?}");
+    assert!(args.contains(&format!("--bind={}/cache:/cache:idmap", home.dir.display())), "{args:?}");
+    // A warm container: the project's cache is mounted when a job takes it, not at boot.
+    let warm = Home { cache: false, ..Home::job(&f.state) };
+    let args = strings(&f.backend.standalone_command("m", &warm, None, &notify));
+    assert!(!args.iter().any(|a| a.contains(":/cache")), "{args:?}");
 }
 
 #[test]
@@ -127,7 +137,7 @@ fn the_systemd_boot_commands_are_exact() {
     let mut c = container(ModeName::Systemd);
     f.host.answer("systemctl", 0, "0\n");
     let cancel = Cancel::never().unwrap();
-    boot::boot_systemd(&f.backend, &f.state, &mut c, &cancel).unwrap();
+    boot::boot_systemd(&f.backend, &Home::job(&f.state), &mut c, &cancel).unwrap();
     let unit = unit_name(f.state.key());
     let mut boot = vec![
         "systemd-run".to_owned(),
@@ -169,7 +179,7 @@ fn a_cancelled_systemd_boot_stops_its_unit() {
     let f = fixture(Mode::Systemd, Recorder::new());
     f.host.end_runs([Ended::Cancelled]);
     let cancel = Cancel::never().unwrap();
-    let result = boot::boot_systemd(&f.backend, &f.state, &mut container(ModeName::Systemd), &cancel);
+    let result = boot::boot_systemd(&f.backend, &Home::job(&f.state), &mut container(ModeName::Systemd), &cancel);
     assert!(matches!(result, Err(Failure::Cancelled)), "{result:?}");
     let unit = unit_name(f.state.key());
     assert_eq!(f.host.commands()[1], ["systemctl", "stop", "--no-block", &unit]);
@@ -178,7 +188,7 @@ fn a_cancelled_systemd_boot_stops_its_unit() {
 /// Runs a stage of `body` in `f`'s container; what run returned.
 fn run_stage(f: &Fixture, c: &Container, stage_name: &str) -> Result<(), Failure> {
     f.state.save(RECORD, c).unwrap();
-    std::fs::create_dir_all(f.state.dir().join("scripts")).unwrap();
+    std::fs::create_dir_all(super::scripts_dir(&f.state)).unwrap();
     let script = f.dir.path().join("script.sh");
     std::fs::write(&script, "echo hi\n").unwrap();
     let job = JobContext::from_vars(RUNNER, [("CUSTOM_ENV_CI_JOB_ID".to_owned(), "5".to_owned())]).unwrap();
@@ -216,7 +226,7 @@ fn a_systemd_stage_runs_through_machined_and_a_cancel_stops_its_unit() {
     let mut expected = vec!["systemd-run".to_owned(), format!("--machine={}", c.machine)];
     expected.extend(run_args("build_script"));
     assert_eq!(f.host.commands(), vec![expected]);
-    let wrapper = std::fs::read_dir(f.state.dir().join("scripts")).unwrap().count();
+    let wrapper = std::fs::read_dir(super::scripts_dir(&f.state)).unwrap().count();
     assert_eq!(wrapper, 0, "the stage's script and wrapper are removed");
 
     f.host.take();
@@ -272,26 +282,47 @@ fn a_gone_init_is_never_entered() {
 fn teardown_kills_the_unit_and_the_init_then_unmounts_deepest_first() {
     let f = fixture(Mode::Systemd, Recorder::new().with_systemd());
     f.host.set_processes(vec![init_process()]);
-    let dir = f.state.dir();
+    let dir = container_dir(&f.state);
     let mount = |rel: &str| MountEntry { point: dir.join(rel), ..MountEntry::default() };
     f.host.set_mounts(vec![mount("cache"), mount("lower"), mount("root")]);
     let c = container(ModeName::Systemd);
     teardown::tear_down(&(f.host.clone() as _), &f.state, Some(&c)).unwrap();
-    let unit = unit_name(f.state.key());
-    let systemctl = |args: &[&str]| Call::Output(Cmd::new("systemctl").args(args).arg(&unit));
     let unmount = |rel: &str| Call::Unmount { target: dir.join(rel), flags: MntFlags::UMOUNT_NOFOLLOW };
+    let mut expected = killed(&unit_name(f.state.key()), c.leader.unwrap());
+    expected.extend([unmount("root"), unmount("lower"), unmount("cache")]);
+    assert_eq!(f.host.calls(), expected);
+}
+
+/// How a systemd-mode container with `unit` and init `leader` is killed.
+fn killed(unit: &str, leader: i32) -> Vec<Call> {
+    let systemctl = |args: &[&str]| Call::Output(Cmd::new("systemctl").args(args).arg(unit));
+    vec![
+        systemctl(&["kill", "--signal=SIGKILL"]),
+        systemctl(&["stop"]),
+        systemctl(&["reset-failed"]),
+        Call::Signal { pid: leader, signal: Some(Signal::SIGKILL) },
+    ]
+}
+
+#[test]
+fn a_taken_warm_container_is_torn_down_by_its_recorded_names() {
+    let f = fixture(Mode::Systemd, Recorder::new().with_systemd());
+    f.host.set_processes(vec![init_process()]);
+    let slot = f.dir.path().join("state/pool").join(RUNNER).join("bookworm/3");
+    let machine = format!("berth-{RUNNER}-pool3");
+    let c = Container {
+        machine: machine.clone(),
+        unit: Some(format!("{machine}.service")),
+        slot: Some(slot.clone()),
+        ..container(ModeName::Systemd)
+    };
+    teardown::tear_down(&(f.host.clone() as _), &f.state, Some(&c)).unwrap();
     assert_eq!(
         f.host.calls(),
-        vec![
-            systemctl(&["kill", "--signal=SIGKILL"]),
-            systemctl(&["stop"]),
-            systemctl(&["reset-failed"]),
-            Call::Signal { pid: c.leader.unwrap(), signal: Some(Signal::SIGKILL) },
-            unmount("root"),
-            unmount("lower"),
-            unmount("cache"),
-        ]
+        killed(&format!("{machine}.service"), c.leader.unwrap()),
+        "the warm container's own unit, never one named after the job"
     );
+    assert!(!container_dir(&f.state).exists(), "its files are removed");
 }
 
 #[test]
@@ -299,9 +330,12 @@ fn the_root_is_an_overlay_on_the_image_and_the_cache_is_guarded() {
     let f = fixture(Mode::Standalone, Recorder::new());
     let image = Image { name: "bookworm".into(), root: f.dir.path().join("images/bookworm"), generation: None };
     let job = JobContext::from_vars(RUNNER, [("CUSTOM_ENV_CI_JOB_ID".to_owned(), "5".to_owned())]).unwrap();
-    layer::build_root(&f.backend, &job, &f.state, &image, &format!("berth-{RUNNER}-5"), None).unwrap();
-    let dir = f.state.dir();
-    let cache_source = f.dir.path().join("cache/project-unknown");
+    let cache_source =
+        berth_backend_support::cache::job_cache_dir(&f.dir.path().join("cache"), Default::default(), &job).unwrap();
+    assert_eq!(cache_source, f.dir.path().join("cache/project-unknown"));
+    let home = Home::job(&f.state);
+    layer::build_root(&f.backend, &home, Some(&cache_source), &image, &format!("berth-{RUNNER}-5"), None).unwrap();
+    let dir = home.dir;
     let call = |source: Option<&Path>, target: PathBuf, fstype: Option<&str>, flags: MsFlags, data: Option<String>| {
         Call::Mount(MountCall {
             source: source.map(Path::to_owned),
