@@ -96,13 +96,13 @@ fn wait_ready(state: &Path, n: usize, generation: u64) {
 
 /// Sets `pool_size` to 0 and reaps until no warm container is left (a
 /// filler may still be booting one); what reap said.
-fn empty_the_pool(env: &Env, runner_toml: &str) -> String {
+fn empty_the_pool(env: &Env, runner_toml: &str, name: &str) -> String {
     std::fs::write(
         env.config(),
         format!("state_dir = {:?}\n{runner_toml}", env.state().display().to_string()).replace("pool_size = 2", ""),
     )
     .unwrap();
-    reap_until_empty(&env.state(), &mut || env.berth("ns").args(["reap", "--grace", "0"]).output().unwrap())
+    reap_until_empty(&env.state(), &mut || env.berth(name).args(["reap", "--grace", "0"]).output().unwrap())
 }
 
 /// Runs `reap` until no warm container is left under `state` (a filler may
@@ -151,10 +151,11 @@ pub(crate) fn in_a_test_host(command: &dyn Fn(&str) -> Command, etc: &Path, stat
     assert!(said.contains("removed warm container berth-ns-pool"), "{said}");
 }
 
-fn no_warm_container_runs() -> bool {
-    berth_backend_support::proc::processes()
-        .iter()
-        .all(|p| !p.cmdline.iter().any(|a| a.starts_with(b"--machine=berth-ns-pool")))
+/// No warm container of runner `name` runs (tests that run at the same
+/// time use runners of their own: machine names are per host).
+fn no_warm_container_runs(name: &str) -> bool {
+    let arg = format!("--machine=berth-{name}-pool");
+    berth_backend_support::proc::processes().iter().all(|p| !p.cmdline.iter().any(|a| a.starts_with(arg.as_bytes())))
 }
 
 #[test]
@@ -222,21 +223,22 @@ fn a_job_takes_a_warm_container_as_its_own_and_never_an_outdated_or_unfinished_o
         std::thread::sleep(Duration::from_millis(200));
     }
     // pool_size = 0: reap removes every warm container.
-    let said = empty_the_pool(&env, &runner_toml);
+    let said = empty_the_pool(&env, &runner_toml, "ns");
     assert!(said.contains("removed warm container berth-ns-pool"), "{said}");
-    assert!(no_warm_container_runs(), "{said}");
+    assert!(no_warm_container_runs("ns"), "{said}");
     assert_eq!(jobs_left(&env.state()), 0);
 }
 
 #[test]
 fn standalone_mode_passes_the_conformance_suite_with_a_pool() {
     let Some(images) = real_containers() else { return };
-    let runner_toml = format!("{}pool_size = 2\n", runner(&images, "standalone"));
+    // Runner `np`: the other pool test's runner `ns` may run at the same time.
+    let runner_toml = format!("{}pool_size = 2\n", runner(&images, "standalone")).replace("[runners.ns", "[runners.np");
     let env = Env::new(&runner_toml);
-    let out = env.berth("ns").args(["conformance", "--json"]).output().unwrap();
+    let out = env.berth("np").args(["conformance", "--json"]).output().unwrap();
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
-    let said = empty_the_pool(&env, &runner_toml);
+    let said = empty_the_pool(&env, &runner_toml, "np");
     assert_all_pass(&report);
-    assert!(no_warm_container_runs(), "{said}");
+    assert!(no_warm_container_runs("np"), "{said}");
 }
