@@ -3,9 +3,10 @@
 //! pays it, beside the seed design's scripts on the same host.
 //!
 //! The nspawn backend boots a fresh systemd container per job (or hands out a
-//! warm one of its pool, `pool_size`) and runs every stage in it as a unit of
-//! its own: in standalone mode (PID 1 is not systemd) through a detached
-//! `systemd-nspawn`, in systemd mode through `systemd-run` + machined. The
+//! warm one of its pool, `pool_size`): in standalone mode (PID 1 is not
+//! systemd) as a detached `systemd-nspawn`, in systemd mode through
+//! `systemd-run` + machined; berth starts every stage in it itself, in a
+//! cgroup of the stage's own. The
 //! chroot backend mounts a disposable copy-on-write root of the same image per
 //! job (no init) and every stage enters it. This bench drives berth's hooks
 //! through the GitLab Runner imitation (`berth_runner_imitation`), each a new

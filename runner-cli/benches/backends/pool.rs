@@ -1,9 +1,9 @@
 //! The nspawn backend's pool of warm containers (`pool_size` in the runner's
 //! settings): whether this berth has one, waiting until it is full, the memory
 //! of an idle warm container, stopping it. Pool containers are machines named
-//! `berth-<runner>-pool-<n>`; in standalone mode their cgroup is
-//! `<cgroup2 root>/berth/berth-<runner>-pool-<n>`, in systemd mode the unit
-//! `berth-<runner>-pool-<n>.service` in machine.slice. They are found from
+//! `berth-<runner>-pool<n>`; in standalone mode their cgroup is
+//! `<cgroup2 root>/berth/berth-<runner>-pool<n>`, in systemd mode the unit
+//! `berth-<runner>-pool<n>.service` in machine.slice. They are found from
 //! /proc (each process's cgroup2 path), so both modes are one code path.
 
 use std::collections::BTreeMap;
@@ -55,7 +55,7 @@ struct Warm {
 
 /// The pool containers of `runner` running now, by machine name.
 fn containers(runner: &str) -> BTreeMap<String, Warm> {
-    let prefix = format!("berth-{runner}-pool-");
+    let prefix = format!("berth-{runner}-pool");
     let is_pool = |component: &str| {
         component
             .strip_prefix(&prefix)
