@@ -22,7 +22,10 @@
 //!   cgroup2-only host, both taken natively inside a booted test host (image
 //!   `testhost`, systemd as PID 1, `SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`): the
 //!   bench re-executes itself there as a service of the test host's systemd,
-//!   through `nsenter` and `systemd-run` (`backends/inside.rs`).
+//!   through `nsenter` and `systemd-run` (`backends/inside.rs`). The test host
+//!   runs without nspawn's system call filter on its own services
+//!   (`SYSTEMD_SECCOMP=0`), as a real host's services do; its job containers
+//!   keep theirs.
 //!
 //! The trivial job: `config`, `prepare`, 11 stages of a `true` script
 //! (prepare_script, get_sources, restore_cache, download_artifacts,
@@ -37,7 +40,13 @@
 //!
 //! The floor of a stage is the same `true` stage script run on the same host
 //! with `bash SCRIPT` (spawn and wait); a stage's overhead is the median of
-//! `berth run` minus the median of that floor.
+//! `berth run` minus the median of that floor. A row of `berth --version`
+//! says what one start of berth's binary costs on the host, and a note splits
+//! the overhead into that start and the stage's own work. Another note says
+//! how stages started (the cgroup a stage saw: `/berth-stage-N` when berth
+//! entered the container, a `berth-stage-N.service` unit when it went through
+//! the container's systemd, the fallback of a berth that cannot copy the
+//! init's system call filters, e.g. one that runs under a filter itself).
 //!
 //! The targets (issue #13 for nspawn, earlier issues for the rest; they apply
 //! to the median, or to the overhead where there is one; none is asserted):
@@ -63,12 +72,13 @@
 //! by the floor; one job alone against 8 jobs started at once, with the
 //! host-wide CPU time of both (`/proc/stat`) and the bound the CPU alone puts
 //! on their ratio. For nspawn, the same with `pool_size = 2` (each timed job
-//! starts once the pool is full: every `berth-<runner>-pool-<n>` container's
+//! starts once the pool is full: every `berth-<runner>-pool<n>` container's
 //! systemd running), 8 jobs at once with `pool_size = 8`, and the memory of an
 //! idle warm container (its cgroup's `memory.current`, or where the cgroup2
 //! hierarchy has no memory controller the sum of its processes' Pss). A berth
 //! that refuses `pool_size` prints `pool: not supported by this berth (...)`
-//! instead, and the bench goes on.
+//! instead, and the bench goes on. Each pool is then emptied as an admin
+//! would: `pool_size = 0` and one `berth reap`.
 //!
 //! Every hook must exit 0 (otherwise the bench panics with its stderr), so a
 //! broken hook cannot pass for a fast one. Every job is cleaned up, on failure
@@ -286,6 +296,17 @@ impl Kind {
             "mounted root"
         } else {
             "booted container"
+        }
+    }
+
+    /// How a stage started, from the cgroup it ran in (nspawn: its own
+    /// `berth-stage-N` cgroup when berth entered the container, a
+    /// `berth-stage-N.service` unit when it went through the container's systemd).
+    fn stage_path(self, cgroup: &str) -> &'static str {
+        match self {
+            Kind::Chroot => "",
+            _ if cgroup.starts_with("/berth-stage-") => " (berth entered the container)",
+            _ => " (through the container's systemd: the slower path; see berth's log)",
         }
     }
 }

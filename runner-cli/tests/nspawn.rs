@@ -242,7 +242,7 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     // enter the container directly (a stage cgroup beside its init.scope).
     std::fs::write(
         etc.join("ci2.yml"),
-        "t:\n  script:\n    - echo \"uid_map:$(cat /proc/self/uid_map)\"\n    - \"! mknod /tmp/m c 1 1\"\n    - grep '^0::/berth-stage-' /proc/self/cgroup\n",
+        "t:\n  script:\n    - echo \"uid_map:$(cat /proc/self/uid_map)\"\n    - \"! mknod /tmp/m c 1 1\"\n    - grep '^0::/berth-stage-' /proc/self/cgroup\n    - grep -q '^Seccomp:[[:space:]]*2' /proc/self/status\n",
     )
     .unwrap();
     let out = host

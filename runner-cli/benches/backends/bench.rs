@@ -175,8 +175,9 @@ impl Bench {
 
     /// `count` step_script stages of a `true` script in one prepared job, each
     /// followed by the same script run with `bash` on the host (the floor), after
-    /// `warmup` untimed pairs: each stage's time and each floor's.
-    pub fn run_stages(&self, count: usize, warmup: usize) -> (Vec<Duration>, Vec<Duration>) {
+    /// `warmup` untimed pairs: each stage's time and each floor's, and the
+    /// cgroup a last (untimed) stage ran in, which says how stages start.
+    pub fn run_stages(&self, count: usize, warmup: usize) -> (Vec<Duration>, Vec<Duration>, String) {
         let mut job = self.job();
         let script = job.script("step_script");
         job.config();
@@ -186,8 +187,21 @@ impl Bench {
             job.floor(&script);
         }
         let (runs, floors) = (0..count).map(|_| (job.run(&script, "step_script"), job.floor(&script))).unzip();
+        let probe = job.run.write_script("step_script", "grep '^0::' /proc/self/cgroup\n").expect("a stage script");
+        let output = job.hook(Hook::Run, &[probe.into(), "step_script".into()]).output();
+        let cgroup = output.lines().find_map(|line| line.strip_prefix("0::")).unwrap_or("(none)").trim().to_owned();
         job.cleanup();
-        (runs, floors)
+        (runs, floors, cgroup)
+    }
+
+    /// `count` runs of `berth --version`: what one start of berth's binary costs here.
+    pub fn version_starts(&self, count: usize) -> Vec<Duration> {
+        let log = std::env::temp_dir().join(format!("berth-bench-version-{}.log", std::process::id()));
+        let times = (0..count)
+            .map(|_| timed(Command::new(&self.driver.program).arg("--version"), &log, false, "berth --version", &[]))
+            .collect();
+        let _ = std::fs::remove_file(&log);
+        times
     }
 
     /// config, prepare, one step_script stage, cleanup.

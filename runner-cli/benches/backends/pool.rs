@@ -1,6 +1,6 @@
 //! The nspawn backend's pool of warm containers (`pool_size` in the runner's
 //! settings): whether this berth has one, waiting until it is full, the memory
-//! of an idle warm container, stopping it. Pool containers are machines named
+//! of an idle warm container, emptying it. Pool containers are machines named
 //! `berth-<runner>-pool<n>`; in standalone mode their cgroup is
 //! `<cgroup2 root>/berth/berth-<runner>-pool<n>`, in systemd mode the unit
 //! `berth-<runner>-pool<n>.service` in machine.slice. They are found from
@@ -10,9 +10,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::bench::{Bench, STAGES};
 use crate::common::Stats;
@@ -147,28 +144,20 @@ pub fn memory_per_container(runner: &str) -> Option<(f64, &'static str, usize)> 
     Some((mean, how, bytes.len()))
 }
 
-/// Stops the pool containers of `runner` still running (systemd mode: their
-/// units; standalone: their nspawn, the parent of their init), then lets berth
-/// reap what they leave; the leftovers check says what is still there.
-pub fn drain(bench: &Bench, runner: &str) {
-    for (name, warm) in containers(runner) {
-        if warm.cgroup.ends_with(".service") {
-            let _ = Command::new("systemctl").args(["stop", &format!("{name}.service")]).status();
-        } else if let Some(nspawn) = warm.init.and_then(parent) {
-            let _ = kill(Pid::from_raw(nspawn), Signal::SIGTERM);
-        }
+/// Empties the pool as an admin would: `pool_size = 0` in the bench's
+/// configuration, then one `berth reap` (which stops a filler still booting a
+/// warm container and removes every slot); the leftovers check says what is
+/// still there.
+pub fn drain(bench: &Bench) {
+    let config = bench.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("failed to read the bench's configuration");
+    let emptied: Vec<&str> =
+        text.lines().map(|l| if l.starts_with("pool_size") { "pool_size = 0" } else { l }).collect();
+    std::fs::write(&config, emptied.join("\n") + "\n").expect("failed to write the bench's configuration");
+    let out = bench.command().args(["reap", "--grace", "0"]).output().expect("failed to run berth reap");
+    if !out.status.success() {
+        panic!("{}: berth reap failed: {}\n{}", bench.label, out.status, String::from_utf8_lossy(&out.stderr));
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !containers(runner).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = bench.command().args(["reap", "--grace", "0"]).output();
-}
-
-/// The parent of a process.
-fn parent(pid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// How long a pool gets to fill before a timed job goes on without it.
@@ -210,13 +199,13 @@ pub fn figures(kind: Kind, binary: &Path, images: &Path, plan: Plan, floor: f64,
     std::thread::sleep(SETTLE);
     let memory = memory_per_container(runner);
     let jobs = two.full_jobs(plan.warmup, plan.full_jobs, || fill(runner, 2, &mut misses));
-    drain(&two, runner);
+    drain(&two);
 
     let eight = pool(CONCURRENT);
     eight.short_job();
     fill(runner, CONCURRENT, &mut misses);
     let together = eight.concurrent_jobs(CONCURRENT);
-    drain(&eight, runner);
+    drain(&eight);
 
     let total = Stats::of("pool", jobs.total.clone()).median;
     let full_target = match (targets.pool_seed_ratio, seed) {

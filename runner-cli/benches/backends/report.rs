@@ -22,7 +22,8 @@ pub fn bench_part(kind: Kind, binary: &Path, images: &Path, plan: Plan) -> bool 
     let jobs = bench.full_jobs(warmup, full_jobs, || {});
     let exec = Exec::runs(&bench, plan);
     // 2. Run stages in one prepared job, each next to its floor.
-    let (runs, floors) = bench.run_stages(run_stages, warmup);
+    let (runs, floors, stage_cgroup) = bench.run_stages(run_stages, warmup);
+    let starts = bench.version_starts(run_stages);
     // 3. One job alone, then 8 at once, per round.
     let concurrency = Concurrency::rounds(&bench, rounds);
     // 4. The same trivial job through the seed's scripts.
@@ -49,6 +50,8 @@ pub fn bench_part(kind: Kind, binary: &Path, images: &Path, plan: Plan) -> bool 
     // 5. With a pool.
     let pool = kind.mode().map(|_| crate::pool::figures(kind, binary, images, plan, floor_median, seed_median));
 
+    let start = Row::new("berth --version (one start of berth)", Target::info("process start"), starts);
+    let (start_median, run_median) = (start.median, Stats::of("run", runs.clone()).median);
     let overhead = Target::overhead(targets.run_overhead);
     let (prepare_label, prepare_target) = kind.prepare_row();
     let cleanup_target = targets.cleanup.map_or_else(Target::none, Target::max);
@@ -62,13 +65,25 @@ pub fn bench_part(kind: Kind, binary: &Path, images: &Path, plan: Plan) -> bool 
         Row::new("berth config", Target::none(), jobs.config),
         Row::new(prepare_label, prepare_target, jobs.prepare),
         floor,
+        start,
         Row::new("berth run, first stage after prepare", overhead.clone(), jobs.first).with_floor(floor_median),
         Row::new(&format!("berth run, the other {} stages", STAGES.len() - 1), overhead.clone(), jobs.rest)
             .with_floor(floor_median),
         Row::new(&format!("berth run `true` ({})", kind.stage_place()), overhead, runs).with_floor(floor_median),
         Row::new("berth cleanup", cleanup_target, jobs.cleanup),
     ];
-    let mut notes = Vec::new();
+    let mut notes = vec![
+        format!(
+            "a stage's cgroup (in its container's cgroup namespace): {stage_cgroup}{}",
+            kind.stage_path(&stage_cgroup)
+        ),
+        format!(
+            "berth run `true`: {:.1} ms over the floor, of which {start_median:.1} ms is one start of berth's binary \
+             (berth --version) and {:.1} ms the stage's own work (entering, its cgroup, waiting, removing it)",
+            run_median - floor_median,
+            run_median - floor_median - start_median
+        ),
+    ];
     match seed {
         Some(Ok((seed, seed_jobs, seed_left))) => {
             let file = seed.file();

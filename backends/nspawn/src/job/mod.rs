@@ -218,10 +218,9 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
     }
     let generation = image.generation.map(|g| format!(", generation {g}")).unwrap_or_default();
     if backend.settings.pool_size > 0 {
-        let taken = pool::take(backend, job, state, &image)?;
-        // A replacement for the one taken, or the pool's first containers.
-        pool::start_filler(backend, &image.name);
-        if let Some(container) = taken {
+        // The replacement of a container taken (or the pool's first ones) is
+        // booted after the job, by its cleanup: never beside its stages.
+        if let Some(container) = pool::take(backend, job, state, &image)? {
             println!(
                 "Took a warm container from the pool (image {}{generation}) in {:.2} s",
                 container.image,

@@ -6,6 +6,7 @@
 //!   take.lock   held briefly by whoever changes a slot's state (ready, taken)
 //!   fill.lock   held by the image's one filler for as long as it runs
 //!   fill.log    what fillers said
+//!   stop        asks fillers to stop: made by a reap that empties the pool
 //!   <n>/        a slot: laid out like a job's container directory, with its
 //!               record (container.json: booting until `ready`)
 //! ```
@@ -17,12 +18,17 @@
 //! current generation whose init still runs, renames it to the job's
 //! container directory (so no container ever goes back to the pool), moves
 //! its claims to the job, sets the job's host name and mounts the project's
-//! cache into it; then starts a filler. Cleanup starts one too. A filler is a
+//! cache into it. Cleanup, not prepare, starts a filler, so that a
+//! replacement never boots beside the stages of the job that took one (on a
+//! small host they would share its CPUs); the first job of an image (which
+//! found no pool) fills it the same way, at its cleanup. A filler is a
 //! detached process ([`berth_backend_api::process::detach`]) that boots the
 //! missing containers one at a time under the fill lock; a slot left booting
 //! by a filler that died (the fill lock is free) is destroyed by the next
 //! filler, as are slots of an older generation and slots whose init is gone;
-//! `berth reap` does the same, and removes every slot when `pool_size` is 0.
+//! `berth reap` does the same, and removes every slot when `pool_size` is 0
+//! or the image is gone: it then asks a running filler to stop (the `stop`
+//! file, seen before each boot), waits for it, and empties the pool.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -45,6 +51,7 @@ use berth_backend_support::{cache, rootfs};
 
 const TAKE: &str = "take.lock";
 const FILL: &str = "fill.lock";
+const STOP: &str = "stop";
 
 /// The pool of one image of a runner.
 struct Pool {
@@ -231,7 +238,7 @@ pub(crate) fn fill(backend: &Nspawn, image_name: &str) -> Result<(), Failure> {
         for (slot, container) in doomed {
             destroy(backend, &slot, container.as_ref())?;
         }
-        if ready.len() >= backend.settings.pool_size as usize {
+        if ready.len() >= backend.settings.pool_size as usize || pool.dir.join(STOP).exists() {
             return Ok(());
         }
         boot_slot(backend, &pool, &image)?;
@@ -298,9 +305,24 @@ pub(super) fn reap(backend: &Nspawn) -> Vec<String> {
     for entry in fs::read_dir(runner_dir(backend)).into_iter().flatten().flatten() {
         let Some(name) = entry.file_name().to_str().map(str::to_owned).filter(|n| valid_name(n)) else { continue };
         let pool = Pool { dir: entry.path() };
-        // A running filler keeps its pool; the next reap sees to it.
-        let Ok(Some(_filling)) = pool.lock(FILL, false) else { continue };
         let image = (backend.settings.pool_size > 0).then(|| backend.images.resolve(Some(&name)).ok()).flatten();
+        let stop = pool.dir.join(STOP);
+        let filling = match image {
+            // A running filler keeps a pool that stays; the next reap sees to it.
+            Some(_) => pool.lock(FILL, false),
+            // A pool to empty: its filler (started with the old settings)
+            // stops before its next boot, and is waited for.
+            None => match fs::write(&stop, b"") {
+                Ok(()) => pool.lock(FILL, true),
+                Err(e) => Err(Failure::system_with(format!("failed to create {}", stop.display()), e)),
+            },
+        };
+        // Whether the filler was waited for or the lock failed: a stale
+        // request would keep every later filler from working.
+        if image.is_none() {
+            let _ = fs::remove_file(&stop);
+        }
+        let Ok(Some(_filling)) = filling else { continue };
         let Ok(Some(_lock)) = pool.lock(TAKE, true) else { continue };
         for (slot, container) in pool.slots() {
             if image.as_ref().is_some_and(|image| usable(backend, container.as_ref(), image)) {
