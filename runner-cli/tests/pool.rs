@@ -64,7 +64,12 @@ impl Drop for Store {
 
 /// The records of the warm containers of runner `ns`'s `bookworm` pool.
 fn slots(state: &Path) -> Vec<(PathBuf, serde_json::Value)> {
-    let dir = state.join("pool/ns/bookworm");
+    slots_of(state, "ns")
+}
+
+/// The records of the warm containers of runner `name`'s `bookworm` pool.
+fn slots_of(state: &Path, name: &str) -> Vec<(PathBuf, serde_json::Value)> {
+    let dir = state.join("pool").join(name).join("bookworm");
     let mut slots: Vec<(PathBuf, serde_json::Value)> = std::fs::read_dir(&dir)
         .into_iter()
         .flatten()
@@ -101,18 +106,18 @@ fn empty_the_pool(env: &Env, runner_toml: &str, name: &str) -> String {
         format!("state_dir = {:?}\n{runner_toml}", env.state().display().to_string()).replace("pool_size = 2", ""),
     )
     .unwrap();
-    reap_empties(&env.state(), &mut || env.berth(name).args(["reap", "--grace", "0"]).output().unwrap())
+    reap_empties(&env.state(), name, &mut || env.berth(name).args(["reap", "--grace", "0"]).output().unwrap())
 }
 
 /// Runs `reap` (with `pool_size` 0) once and asserts that no warm container
 /// is left under `state`: a filler still booting one for the old settings is
 /// asked to stop and waited for, never left to refill the pool; what it said.
-fn reap_empties(state: &Path, reap: &mut dyn FnMut() -> std::process::Output) -> String {
+fn reap_empties(state: &Path, name: &str, reap: &mut dyn FnMut() -> std::process::Output) -> String {
     let out = reap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    assert!(slots(state).is_empty(), "warm containers left after a reap: {:?}\n{said}", slots(state));
-    let pool = state.join("pool/ns/bookworm");
+    assert!(slots_of(state, name).is_empty(), "warm containers left after a reap: {:?}\n{said}", slots_of(state, name));
+    let pool = state.join("pool").join(name).join("bookworm");
     assert!(!pool.join("stop").exists(), "the reap's request to the filler outlived it");
     said
 }
@@ -138,7 +143,7 @@ pub(crate) fn in_a_test_host(command: &dyn Fn(&str) -> Command, etc: &Path, stat
         .unwrap();
     let log = text(&out);
     write("");
-    let said = reap_empties(state, &mut || {
+    let said = reap_empties(state, "ns", &mut || {
         command("berth").args(["--runner", "ns", "reap", "--grace", "0"]).output().unwrap()
     });
     assert_all_pass(&report);
@@ -238,4 +243,42 @@ fn standalone_mode_passes_the_conformance_suite_with_a_pool() {
     let said = empty_the_pool(&env, &runner_toml, "np");
     assert_all_pass(&report);
     assert!(no_warm_container_runs("np"), "{said}");
+}
+
+#[test]
+fn jobs_find_their_cache_at_the_runners_cache_dir_in_booted_and_warm_containers() {
+    let Some(images) = real_containers() else { return };
+    // Runner `nc` (machine names are per host), its cache two levels below /.
+    let runner_toml = format!("{}pool_size = 2\n", runner(&images, "standalone"))
+        .replace("[runners.ns]\n", "[runners.nc]\ncache_dir = \"/ci/cache\"\n")
+        .replace("[runners.ns.settings]", "[runners.nc.settings]");
+    let env = Env::new(&runner_toml);
+    let (_dir, file) = pipeline(
+        "write:\n  script:\n    - grep ' /ci/cache ' /proc/self/mountinfo\n    - echo $CI_JOB_ID >> /ci/cache/probe\nread:\n  script:\n    - grep ' /ci/cache ' /proc/self/mountinfo\n    - test \"$(wc -l < /ci/cache/probe)\" = 1\n",
+    );
+    let run = |job: &str| {
+        let out = env.berth("nc").args(["exec", "--no-sources", "--file"]).arg(&file).arg(job).output().unwrap();
+        let log = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{job}: {log}");
+        log
+    };
+    // config tells the runner where the cache is.
+    let out = env.job("config").hook(&env, "nc", &["config"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(json["cache_dir"], "/ci/cache");
+    // A container booted for the job has it there, and it outlives the job.
+    let log = run("write");
+    assert!(log.contains("Booted a container"), "{log}");
+    let host_cache = env.state().join("cache/nc/project-unknown/probe");
+    assert!(host_cache.is_file(), "the project's cache on the host holds what the job wrote");
+    // A warm container (filled by that job's cleanup) gets it there at take.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !slots_of(&env.state(), "nc").iter().any(|(_, r)| r["ready"] == true) {
+        assert!(Instant::now() < deadline, "no warm container: {:?}", slots_of(&env.state(), "nc"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = run("read");
+    assert!(log.contains("Took a warm container from the pool"), "{log}");
+    let said = empty_the_pool(&env, &runner_toml, "nc");
+    assert!(no_warm_container_runs("nc"), "{said}");
 }

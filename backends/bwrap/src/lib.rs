@@ -26,7 +26,7 @@ use std::process::Command;
 use berth_backend_api::{
     Backend, Cancel, ConfigOutput, Description, Failure, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
 };
-use berth_backend_support::sandbox::{self, Sandbox, Stage, CACHE_DIR, GITLAB_RUNNER, KEEP_CAPS};
+use berth_backend_support::sandbox::{self, Sandbox, Stage, GITLAB_RUNNER, KEEP_CAPS};
 use berth_backend_support::settings::sys;
 
 pub use berth_backend_support::sandbox::Settings;
@@ -118,7 +118,7 @@ impl Bwrap {
         push(&[&"--bind", &view.join("root"), &"/"]);
         push(&[&"--proc", &"/proc", &"--ro-bind", &"/proc/sys", &"/proc/sys", &"--dev", &"/dev"]);
         push(&[&"--perms", &"1777", &"--size", &self.sandbox.shm_size().to_string(), &"--tmpfs", &"/dev/shm"]);
-        push(&[&"--bind", &view.join("cache"), &CACHE_DIR]);
+        push(&[&"--bind", &view.join("cache"), &self.sandbox.cache_dir()]);
         if self.sandbox.gitlab_runner().is_some() {
             push(&[&"--ro-bind", &view.join("gitlab-runner"), &format!("/{GITLAB_RUNNER}")]);
         }

@@ -28,7 +28,7 @@ use berth_backend_api::{
 use berth_backend_support::host::Host;
 use berth_backend_support::mounts;
 use berth_backend_support::rootfs::real_dir;
-use berth_backend_support::sandbox::{self, enter, Record, Sandbox, CACHE_DIR, GITLAB_RUNNER};
+use berth_backend_support::sandbox::{self, enter, Record, Sandbox, GITLAB_RUNNER};
 use berth_backend_support::settings::sys;
 
 pub use berth_backend_support::sandbox::{Layer, Settings};
@@ -80,7 +80,8 @@ impl Chroot {
         let host = &**self.sandbox.host();
         sandbox::mount_system_dirs(host, root, self.sandbox.shm_size(), record.users)
             .map_err(sys("failed to mount /sys and /dev in the job's root"))?;
-        mounts::bind_guarded(host, &paths.cache, &dir_in(root, CACHE_DIR)?, true)
+        let cache_dir = self.sandbox.cache_dir().to_string_lossy();
+        mounts::bind_guarded(host, &paths.cache, &dir_in(root, &cache_dir)?, true)
             .map_err(sys("the cache directory"))?;
         if let Some(gitlab_runner) = self.sandbox.gitlab_runner() {
             mounts::bind(host, gitlab_runner, &file_in(root, GITLAB_RUNNER)?, false).map_err(sys("gitlab-runner"))?;
@@ -146,8 +147,10 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn furnish_mounts_the_system_dirs_the_cache_gitlab_runner_and_binds() {
+    /// A chroot runner (its runner's `cache_dir`, gitlab-runner and a bind
+    /// of `data` when `full`) on a recording host, whose job's root was
+    /// furnished: the temp dir, the host, the backend, the job's state.
+    fn furnished(cache_dir: Option<&str>, full: bool) -> (tempfile::TempDir, Arc<Recorder>, Chroot, JobState) {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for sub in ["images", "cache", "state", "data"] {
@@ -156,15 +159,17 @@ mod tests {
         let mut settings = Settings::default();
         settings.images_dir = Some(d.join("images"));
         settings.cache_host_dir = Some(d.join("cache"));
-        settings.gitlab_runner = Some("/opt/gitlab-runner".into());
-        settings.bind = vec![Bind { source: d.join("data"), target: Some("/data".into()), writable: false }];
+        if full {
+            settings.gitlab_runner = Some("/opt/gitlab-runner".into());
+            settings.bind = vec![Bind { source: d.join("data"), target: Some("/data".into()), writable: false }];
+        }
         let host = Arc::new(Recorder::new());
-        let chroot =
-            Chroot::new(settings, &RunnerInfo::new("hostops-unit", d.join("state"))).unwrap().with_host(host.clone());
+        let mut runner = RunnerInfo::new("hostops-unit", d.join("state"));
+        runner.cache_dir = cache_dir.map(str::to_owned);
+        let chroot = Chroot::new(settings, &runner).unwrap().with_host(host.clone());
         let key = JobKey::new("hostops-unit", 4).unwrap();
         let state = StateDir::new(d.join("state/jobs")).create(JobRecord::new(key, "chroot")).unwrap();
-        let root = state.dir().join("root");
-        fs::create_dir(&root).unwrap();
+        fs::create_dir(state.dir().join("root")).unwrap();
         let record = Record {
             image: "bookworm".into(),
             uid: 0,
@@ -176,6 +181,24 @@ mod tests {
             layer: Layer::Overlay,
         };
         chroot.furnish(&state, &record).unwrap();
+        (dir, host, chroot, state)
+    }
+
+    #[test]
+    fn the_cache_is_mounted_at_the_runners_cache_dir() {
+        let (_dir, host, chroot, state) = furnished(Some("/ci/cache"), false);
+        let root = state.dir().join("root");
+        let (r, s) = (root.display(), state.dir().display());
+        assert!(host.lines().contains(&format!("mount {s}/cache {r}/ci/cache - MS_BIND -")), "{:#?}", host.lines());
+        assert!(root.join("ci/cache").is_dir() && !root.join("cache").exists());
+        let job = JobContext::from_vars("hostops-unit", [("CUSTOM_ENV_CI_JOB_ID".to_owned(), "4".to_owned())]).unwrap();
+        assert_eq!(chroot.config(&job).unwrap().cache_dir.as_deref(), Some("/ci/cache"));
+    }
+
+    #[test]
+    fn furnish_mounts_the_system_dirs_the_cache_gitlab_runner_and_binds() {
+        let (dir, host, _chroot, state) = furnished(None, true);
+        let root = state.dir().join("root");
         let (r, s) = (root.display(), state.dir().display());
         let lines = host.lines();
         // First /sys and /dev (their exact sequence: support's sandbox tests).
@@ -191,7 +214,7 @@ mod tests {
                 format!("mount /opt/gitlab-runner {r}/usr/local/bin/gitlab-runner - MS_BIND | MS_REC -"),
                 format!("mount - {r}/usr/local/bin/gitlab-runner - MS_REC | MS_PRIVATE -"),
                 format!("mount - {r}/usr/local/bin/gitlab-runner - {ro} -"),
-                format!("mount {} {r}/data - MS_BIND | MS_REC -", d.join("data").display()),
+                format!("mount {} {r}/data - MS_BIND | MS_REC -", dir.path().join("data").display()),
                 format!("mount - {r}/data - MS_REC | MS_PRIVATE -"),
                 format!("mount - {r}/data - {ro} -"),
             ]

@@ -44,8 +44,6 @@ use berth_backend_support::settings::{ImageSettings, ImageSetup};
 
 /// Where the job's builds dir is inside the container.
 const BUILDS_DIR: &str = "/builds";
-/// Where the job's cache dir is inside the container.
-const CACHE_DIR: &str = "/cache";
 /// Where stage scripts appear inside the container.
 const SCRIPTS_DIR: &str = "/run/berth";
 /// Where gitlab-runner appears inside the container.
@@ -59,6 +57,8 @@ pub struct Nspawn {
     images: ImageStore,
     runner: RunnerInfo,
     cache_host_dir: PathBuf,
+    /// Where jobs see their cache (the runner's `cache_dir`, else `/cache`).
+    cache_dir: PathBuf,
     gitlab_runner: Option<PathBuf>,
     /// Units and generators masked on every job's overlay (checked names).
     masked_units: Vec<String>,
@@ -82,7 +82,7 @@ impl NewBackend for Nspawn {
             Mode::Auto => Mode::Standalone,
             mode => mode,
         };
-        let ImageSetup { images, cache_host_dir, gitlab_runner } = ImageSettings {
+        let ImageSetup { images, cache_host_dir, gitlab_runner, cache_dir } = ImageSettings {
             images_dir: settings.images_dir.as_deref(),
             allowed_images: &settings.allowed_images,
             default_image: settings.default_image.as_deref(),
@@ -101,6 +101,7 @@ impl NewBackend for Nspawn {
             images,
             mode,
             cache_host_dir,
+            cache_dir,
             gitlab_runner,
             runner: runner.clone(),
             settings,
@@ -169,7 +170,7 @@ impl Backend for Nspawn {
     }
 
     fn config(&self, _job: &JobContext) -> Result<ConfigOutput, Failure> {
-        let mut output = ConfigOutput::with_dirs(BUILDS_DIR, CACHE_DIR);
+        let mut output = ConfigOutput::with_dirs(BUILDS_DIR, self.cache_dir.to_string_lossy());
         output.warnings = self.unhonoured();
         Ok(output)
     }

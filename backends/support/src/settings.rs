@@ -100,6 +100,32 @@ pub struct ImageSetup {
     pub cache_host_dir: PathBuf,
     /// The gitlab-runner binary to put into jobs, if there is one.
     pub gitlab_runner: Option<PathBuf>,
+    /// Where the job sees its cache: the runner's `cache_dir`, else `/cache`
+    /// (what `berth config` tells the runner, and where the cache is mounted).
+    pub cache_dir: PathBuf,
+}
+
+/// Where a job sees its cache when the runner does not say.
+pub const DEFAULT_CACHE_DIR: &str = "/cache";
+
+/// The runner's `cache_dir` (a path in the job's environment), checked: an
+/// absolute path of plain components, not `/`, without the separators
+/// [`check_path`] refuses; `/cache` when it is not set.
+pub fn job_cache_dir(runner: &RunnerInfo) -> Result<PathBuf, Failure> {
+    let Some(dir) = runner.cache_dir.as_deref() else { return Ok(PathBuf::from(DEFAULT_CACHE_DIR)) };
+    let path = Path::new(dir);
+    // Plain: `..` refused, and nothing Path would normalise away (`.`, `//`, a trailing `/`).
+    let plain = path.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)))
+        && path.components().collect::<PathBuf>().as_os_str() == path.as_os_str();
+    let text = path.to_string_lossy();
+    if !path.is_absolute() || !plain || path.parent().is_none() || text.contains([':', ',', '\\', '\n']) {
+        return Err(Failure::system(format!(
+            "runners.{}.cache_dir: {dir:?} must be an absolute path below / without '.', '..', ':', ',' or '\\' \
+             (where jobs see their cache, e.g. \"/cache\")",
+            runner.name
+        )));
+    }
+    Ok(path.to_owned())
 }
 
 impl ImageSettings<'_> {
@@ -114,7 +140,8 @@ impl ImageSettings<'_> {
         check_path("cache_host_dir", &cache_host_dir)?;
         check_path("state_dir", &runner.state_dir)?;
         check_binds(self.bind)?;
-        Ok(ImageSetup { images, cache_host_dir, gitlab_runner: gitlab_runner(self.gitlab_runner)? })
+        let cache_dir = job_cache_dir(runner)?;
+        Ok(ImageSetup { images, cache_host_dir, gitlab_runner: gitlab_runner(self.gitlab_runner)?, cache_dir })
     }
 }
 
@@ -132,6 +159,22 @@ mod tests {
     fn which_finds_a_program_on_path() {
         assert!(which("sh").is_some_and(|p| p.is_absolute() && p.ends_with("sh")));
         assert_eq!(which("no-such-program-anywhere"), None);
+    }
+
+    #[test]
+    fn a_runners_cache_dir_is_a_plain_absolute_path_and_defaults_to_cache() {
+        let runner = |dir: Option<&str>| {
+            let mut runner = RunnerInfo::new("r", "/s");
+            runner.cache_dir = dir.map(str::to_owned);
+            runner
+        };
+        assert_eq!(job_cache_dir(&runner(None)).unwrap(), Path::new("/cache"));
+        assert_eq!(job_cache_dir(&runner(Some("/mycache"))).unwrap(), Path::new("/mycache"));
+        assert_eq!(job_cache_dir(&runner(Some("/var/ci/cache"))).unwrap(), Path::new("/var/ci/cache"));
+        for bad in ["mycache", "/", "/a/../etc", "/a/./b", "/a//b", "/a/", "/a:b", "/a,b", "/a\\b"] {
+            let err = job_cache_dir(&runner(Some(bad))).unwrap_err().to_string();
+            assert!(err.contains("runners.r.cache_dir") && err.contains("absolute path"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tracing::debug;
 
 use super::{boot_log, command_output, root_dir, Container, Home, PATH};
 use crate::notify::{Notify, Wait};
-use crate::{Nspawn, CACHE_DIR, GITLAB_RUNNER, SCRIPTS_DIR};
+use crate::{Nspawn, GITLAB_RUNNER, SCRIPTS_DIR};
 use berth_backend_support::cgroup::JobCgroup;
 use berth_backend_support::host::Cmd;
 use berth_backend_support::proc;
@@ -75,7 +75,7 @@ impl Nspawn {
             args.push("--private-users-ownership=off".into());
         }
         if home.cache {
-            args.push(bind_arg(&home.dir.join("cache"), Path::new(CACHE_DIR), true, idmap));
+            args.push(bind_arg(&home.dir.join("cache"), &self.cache_dir, true, idmap));
         }
         args.push(bind_arg(&home.dir.join("scripts"), Path::new(SCRIPTS_DIR), true, false));
         if let Some(gitlab_runner) = &self.gitlab_runner {

@@ -106,7 +106,19 @@ pub(super) fn build_root(
             mounts::bind_guarded(&*backend.host, cache, &cache_mount, true)
                 .map_err(sys("failed to mount the job's cache"))?;
         }
-        None => make_dir(&upper.join(crate::CACHE_DIR.trim_start_matches('/')), 0o755, users)?,
+        // A warm container: the cache is mounted at take, on this directory
+        // (and the directories above it the image lacks).
+        None => {
+            let rel = backend.cache_dir.strip_prefix("/").unwrap_or(&backend.cache_dir);
+            let mut above = std::path::PathBuf::new();
+            for part in rel.parent().into_iter().flat_map(Path::iter) {
+                above.push(part);
+                if !fs::symlink_metadata(image.root.join(&above)).is_ok_and(|m| m.is_dir()) {
+                    make_dir(&upper.join(&above), 0o755, users)?;
+                }
+            }
+            make_dir(&upper.join(rel), 0o755, users)?;
+        }
     }
     let lower = match users {
         Some(range) => {

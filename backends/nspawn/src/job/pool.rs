@@ -42,7 +42,7 @@ use tracing::warn;
 
 use super::teardown::{kill_by_names, remove_files, stop};
 use super::{container_dir, layer, leader, load_record, Container, Home, MACHINES, RECORD};
-use crate::{Nspawn, CACHE_DIR};
+use crate::Nspawn;
 use berth_backend_support::claims::Claims;
 use berth_backend_support::image::{valid_name, Image};
 use berth_backend_support::settings::sys;
@@ -109,12 +109,19 @@ impl Pool {
     }
 }
 
-/// Whether a slot's container can be handed to a job of `image` now: it
-/// finished booting, is of the image's current generation, and its init
-/// still runs (the recorded pid with its start time).
-fn usable(backend: &Nspawn, container: Option<&Container>, image: &Image) -> bool {
+/// Whether slot `slot`'s container can be handed to a job of `image` now: it
+/// finished booting, is of the image's current generation, its init still
+/// runs (the recorded pid with its start time), and it has the directory
+/// the runner's cache is mounted on (a `cache_dir` changed since it booted
+/// would leave it without one).
+fn usable(backend: &Nspawn, slot: &Path, container: Option<&Container>, image: &Image) -> bool {
+    let cache_dir = backend.cache_dir.strip_prefix("/").unwrap_or(&backend.cache_dir);
     container.is_some_and(|c| {
-        c.ready && c.generation == image.generation && c.image == image.name && leader(&*backend.host, c).is_some()
+        c.ready
+            && c.generation == image.generation
+            && c.image == image.name
+            && leader(&*backend.host, c).is_some()
+            && super::root_dir(slot).join(cache_dir).is_dir()
     })
 }
 
@@ -133,8 +140,11 @@ pub(super) fn take(
     }
     let container = {
         let _lock = pool.lock(TAKE, true)?;
-        let Some((slot, mut container)) =
-            pool.slots().into_iter().find(|(_, c)| usable(backend, c.as_ref(), image)).and_then(|(s, c)| Some((s, c?)))
+        let Some((slot, mut container)) = pool
+            .slots()
+            .into_iter()
+            .find(|(s, c)| usable(backend, s, c.as_ref(), image))
+            .and_then(|(s, c)| Some((s, c?)))
         else {
             return Ok(None);
         };
@@ -188,7 +198,7 @@ fn adopt(backend: &Nspawn, job: &JobContext, state: &JobState, container: &Conta
         uts: uts.as_fd(),
         hostname: &hostname,
         tree: tree.as_fd(),
-        target: Path::new(CACHE_DIR),
+        target: &backend.cache_dir,
     };
     userns::attach_in(&adoption).map_err(sys("failed to hand the warm container to the job"))
 }
@@ -233,7 +243,7 @@ pub(crate) fn fill(backend: &Nspawn, image_name: &str) -> Result<(), Failure> {
         let (ready, doomed): (Vec<_>, Vec<_>) = {
             let _lock = pool.lock(TAKE, true)?;
             // Holding the fill lock, no slot is booting: an unready one is a dead filler's.
-            pool.slots().into_iter().partition(|(_, c)| usable(backend, c.as_ref(), &image))
+            pool.slots().into_iter().partition(|(s, c)| usable(backend, s, c.as_ref(), &image))
         };
         for (slot, container) in doomed {
             destroy(backend, &slot, container.as_ref())?;
@@ -325,7 +335,7 @@ pub(super) fn reap(backend: &Nspawn) -> Vec<String> {
         let Ok(Some(_filling)) = filling else { continue };
         let Ok(Some(_lock)) = pool.lock(TAKE, true) else { continue };
         for (slot, container) in pool.slots() {
-            if image.as_ref().is_some_and(|image| usable(backend, container.as_ref(), image)) {
+            if image.as_ref().is_some_and(|image| usable(backend, &slot, container.as_ref(), image)) {
                 continue;
             }
             let machine = container.as_ref().map_or_else(String::new, |c| c.machine.clone());

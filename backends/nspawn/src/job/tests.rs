@@ -27,6 +27,11 @@ struct Fixture {
 }
 
 fn fixture(mode: Mode, host: Recorder) -> Fixture {
+    fixture_with(mode, host, None)
+}
+
+/// A fixture whose runner sets `cache_dir`.
+fn fixture_with(mode: Mode, host: Recorder, cache_dir: Option<&str>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     for sub in ["images", "cache", "state"] {
         std::fs::create_dir(dir.path().join(sub)).unwrap();
@@ -42,7 +47,8 @@ fn fixture(mode: Mode, host: Recorder) -> Fixture {
         ..Settings::default()
     };
     let host = Arc::new(host);
-    let runner = RunnerInfo::new(RUNNER, dir.path().join("state"));
+    let mut runner = RunnerInfo::new(RUNNER, dir.path().join("state"));
+    runner.cache_dir = cache_dir.map(str::to_owned);
     let backend = Nspawn::new(settings, &runner).unwrap().with_host(host.clone());
     let key = JobKey::new(RUNNER, 5).unwrap();
     let state = StateDir::new(dir.path().join("state/jobs")).create(JobRecord::new(key, "nspawn")).unwrap();
@@ -378,4 +384,23 @@ fn a_boot_failure_quotes_the_end_of_its_log_or_says_it_is_empty() {
     std::fs::write(&log, lines).unwrap();
     let end = boot::log_end(&log);
     assert!(end.starts_with("; its log ends with:\nline 11\n") && end.ends_with("line 30"), "{end}");
+}
+
+#[test]
+fn the_runners_cache_dir_is_where_the_cache_is_bound_and_what_config_says() {
+    use berth_backend_api::Backend;
+    let f = fixture_with(Mode::Standalone, Recorder::new(), Some("/ci/cache"));
+    let home = Home::job(&f.state);
+    let args = strings(&f.backend.standalone_command("m", &home, Some(Range { base: 1 << 20 }), Path::new("/n")));
+    assert!(args.contains(&format!("--bind={}/cache:/ci/cache:idmap", home.dir.display())), "{args:?}");
+    assert!(!args.iter().any(|a| a.ends_with(":/cache:idmap")), "{args:?}");
+    let job = JobContext::from_vars(RUNNER, [("CUSTOM_ENV_CI_JOB_ID".to_owned(), "5".to_owned())]).unwrap();
+    assert_eq!(f.backend.config(&job).unwrap().cache_dir.as_deref(), Some("/ci/cache"));
+    // A cache_dir that is not a plain absolute path is refused when the backend is made.
+    let dir = tempfile::tempdir().unwrap();
+    let mut runner = RunnerInfo::new(RUNNER, dir.path());
+    runner.cache_dir = Some("/ci/../etc".into());
+    let settings = Settings { images_dir: Some(dir.path().to_owned()), ..Settings::default() };
+    let err = Nspawn::new(settings, &runner).map(drop).unwrap_err().to_string();
+    assert!(err.contains("cache_dir"), "{err}");
 }

@@ -53,8 +53,6 @@ pub use teardown::view_dir;
 
 /// Where the job's builds are, as the job sees them.
 pub const BUILDS_DIR: &str = "/builds";
-/// Where the job's cache is, as the job sees it.
-pub const CACHE_DIR: &str = "/cache";
 /// Where stage scripts are placed, relative to the job's root.
 pub const SCRIPTS_DIR: &str = "run/berth";
 /// Where the gitlab-runner binary is bound, relative to the job's root.
@@ -201,6 +199,8 @@ pub struct Sandbox {
     runner: RunnerInfo,
     images: ImageStore,
     cache_host_dir: PathBuf,
+    /// Where jobs see their cache (the runner's `cache_dir`, else `/cache`).
+    cache_dir: PathBuf,
     gitlab_runner: Option<PathBuf>,
     limits: Limits,
     shm: u64,
@@ -246,7 +246,7 @@ pub fn sandbox_name(key: &JobKey) -> String {
 impl Sandbox {
     /// The sandbox of a runner whose backend is `kind` (`chroot`, `bwrap`).
     pub fn new(kind: &'static str, settings: Settings, runner: &RunnerInfo) -> Result<Sandbox, Failure> {
-        let ImageSetup { images, cache_host_dir, gitlab_runner } = ImageSettings {
+        let ImageSetup { images, cache_host_dir, gitlab_runner, cache_dir } = ImageSettings {
             images_dir: settings.images_dir.as_deref(),
             allowed_images: &settings.allowed_images,
             default_image: settings.default_image.as_deref(),
@@ -278,6 +278,7 @@ impl Sandbox {
             runner: runner.clone(),
             images,
             cache_host_dir,
+            cache_dir,
             gitlab_runner,
             limits,
             shm,
@@ -290,6 +291,11 @@ impl Sandbox {
     pub fn with_host(mut self, host: Arc<dyn Host>) -> Sandbox {
         self.host = host;
         self
+    }
+
+    /// Where jobs see their cache: the runner's `cache_dir`, else `/cache`.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
     }
 
     /// What performs the sandbox's host operations.
@@ -356,7 +362,7 @@ impl Sandbox {
 
     /// The output of `config`, with [`Sandbox::unhonoured`] as warnings.
     pub fn config(&self) -> ConfigOutput {
-        let mut output = ConfigOutput::with_dirs(BUILDS_DIR, CACHE_DIR);
+        let mut output = ConfigOutput::with_dirs(BUILDS_DIR, self.cache_dir.to_string_lossy());
         output.warnings = self.unhonoured();
         output
     }
