@@ -92,8 +92,15 @@ pub fn main(cli: &Cli, args: &ImageArgs) -> Result<Done> {
         }
         ImageCommand::Remove { name, force } => {
             let lock = lock(name)?;
-            images.remove(&lock, *force).with_context(|| format!("failed to remove image {name}"))?;
+            let users = images.remove(&lock, *force).with_context(|| format!("failed to remove image {name}"))?;
             println!("removed image {name}");
+            if !users.is_empty() {
+                eprintln!(
+                    "WARNING: image {name} was in use ({}): those jobs' next stages fail as system failures \
+                     (their root lost its files)",
+                    users.join(", ")
+                );
+            }
         }
         ImageCommand::List => list(&images)?,
         ImageCommand::Prune => {

@@ -281,3 +281,32 @@ fn an_image_command_given_a_runner_uses_that_runners_images_dir_and_says_so() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("runs no images, so it has no images_dir; give --images-dir"), "{}", text(&out));
 }
+
+#[test]
+fn a_forced_remove_under_a_running_job_says_so_and_its_next_stage_is_a_system_failure() {
+    let Some(test_images) = real_containers() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let images = scratch.path().join("images");
+    let out = image(&images, &["import", "gone", test_images.join("bookworm/current").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let env = Env::new(&chroot_runner(&images));
+    let running = prepared(&env, "running", 720_001, "gone");
+    // Cleaned up even when an assertion fails: its claims are host-wide.
+    struct Cleanup<'a>(&'a Env, &'a Job);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.1.hook(self.0, "ch", &["cleanup"]);
+        }
+    }
+    let _cleanup = Cleanup(&env, &running);
+    let out = image(&images, &["remove", "--force", "gone"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("WARNING") && said.contains("ch-720001"), "the jobs it breaks are named: {said}");
+    let script = running.script("after", "echo still here\n");
+    let out = running.hook(&env, "ch", &["run", script.to_str().unwrap(), "build_script"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(2), "a system failure, not the job's: {log}");
+    assert!(log.contains("/bin/bash is missing") && log.contains("image gone"), "{log}");
+    assert!(running.hook(&env, "ch", &["cleanup"]).status.success(), "cleanup works on a job whose image is gone");
+}

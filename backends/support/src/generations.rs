@@ -258,7 +258,8 @@ impl Images {
     }
 
     /// Removes image `name`; refused while a job uses it, unless `force`.
-    pub fn remove(&self, lock: &ImageLock, force: bool) -> io::Result<()> {
+    /// Returns what used it (forced): those jobs' next stages find no shell.
+    pub fn remove(&self, lock: &ImageLock, force: bool) -> io::Result<Vec<String>> {
         let info = self.info(&lock.name)?;
         if !info.users.is_empty() && !force {
             return Err(io::Error::new(
@@ -272,7 +273,7 @@ impl Images {
         }
         fs::remove_dir_all(self.image_dir(&lock.name)?)?;
         let _ = fs::remove_file(self.dir.join(format!(".{}.lock", lock.name)));
-        Ok(())
+        Ok(info.users)
     }
 
     /// Removes generations that are neither current nor in use, and drafts

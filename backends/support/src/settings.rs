@@ -145,6 +145,20 @@ impl ImageSettings<'_> {
     }
 }
 
+/// The failure of a stage whose shell could not be started (`what`, e.g.
+/// "failed to start the stage in container X"): a shell missing from the
+/// job's root of image `image` is named with its likely cause.
+pub fn stage_start(what: String, image: &str) -> impl FnOnce(std::io::Error) -> Failure + use<> {
+    let image = image.to_owned();
+    move |e| match e.kind() {
+        std::io::ErrorKind::NotFound => Failure::system(format!(
+            "{what}: the job's shell /bin/bash is missing from its root; was image {image} removed while the job \
+             ran (berth image remove --force)? The job cannot go on"
+        )),
+        _ => Failure::system_with(what, e),
+    }
+}
+
 /// Maps an I/O error to a system failure that says what failed (`.map_err(sys("..."))`).
 pub fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Failure {
     let what = what.into();

@@ -105,8 +105,10 @@ fn enter_and_run(
         };
         container::install(&mut cmd, entry);
         let _ = std::io::stdout().flush();
-        process::run(&mut cmd, cancel, STAGE_GRACE)
-            .map_err(sys(format!("failed to start the stage in container {}", container.machine)))
+        process::run(&mut cmd, cancel, STAGE_GRACE).map_err(berth_backend_support::settings::stage_start(
+            format!("failed to start the stage in container {}", container.machine),
+            &container.image,
+        ))
     });
     // Whatever the stage left running ends with it.
     if let Err(e) = cgroup.finish(Duration::from_secs(5)) {
