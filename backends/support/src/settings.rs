@@ -147,11 +147,12 @@ impl ImageSettings<'_> {
 
 /// The failure of a stage whose shell could not be started (`what`, e.g.
 /// "failed to start the stage in container X"): a shell missing from the
-/// job's root of image `image` is named with its likely cause.
-pub fn stage_start(what: String, image: &str) -> impl FnOnce(std::io::Error) -> Failure + use<> {
+/// job's root (`shell`, the host path of its `/bin/bash`) of image `image`
+/// is named with its likely cause.
+pub fn stage_start(what: String, image: &str, shell: PathBuf) -> impl FnOnce(std::io::Error) -> Failure + use<> {
     let image = image.to_owned();
     move |e| match e.kind() {
-        std::io::ErrorKind::NotFound => Failure::system(format!(
+        std::io::ErrorKind::NotFound if !shell.exists() => Failure::system(format!(
             "{what}: the job's shell /bin/bash is missing from its root; was image {image} removed while the job \
              ran (berth image remove --force)? The job cannot go on"
         )),
@@ -188,6 +189,20 @@ mod tests {
         for bad in ["mycache", "/", "/a/../etc", "/a/./b", "/a//b", "/a/", "/a:b", "/a,b", "/a\\b"] {
             let err = job_cache_dir(&runner(Some(bad))).unwrap_err().to_string();
             assert!(err.contains("runners.r.cache_dir") && err.contains("absolute path"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_stage_whose_shell_is_gone_says_so_and_other_start_errors_stay_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gone, there) = (dir.path().join("gone/bin/bash"), dir.path().join("bash"));
+        std::fs::write(&there, "").unwrap();
+        let not_found = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let said = stage_start("failed to start".into(), "deb", gone.clone())(not_found()).to_string();
+        assert!(said.contains("/bin/bash is missing") && said.contains("image deb"), "{said}");
+        for (shell, e) in [(there, not_found()), (gone, std::io::Error::from(std::io::ErrorKind::PermissionDenied))] {
+            let said = stage_start("failed to start".into(), "deb", shell)(e).to_string();
+            assert!(said.starts_with("failed to start") && !said.contains("missing"), "{said}");
         }
     }
 

@@ -108,6 +108,7 @@ fn enter_and_run(
         process::run(&mut cmd, cancel, STAGE_GRACE).map_err(berth_backend_support::settings::stage_start(
             format!("failed to start the stage in container {}", container.machine),
             &container.image,
+            super::root_dir(&container_dir(state)).join("bin/bash"),
         ))
     });
     // Whatever the stage left running ends with it.

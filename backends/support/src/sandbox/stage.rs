@@ -80,8 +80,11 @@ impl Sandbox {
     pub fn run(&self, stage: &Stage, cmd: &mut Command, cancel: &Cancel, what: &str) -> Result<(), Failure> {
         cmd.env_clear().env("PATH", PATH).env("HOME", &stage.record.home).env("LANG", "C.UTF-8").stdin(Stdio::null());
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        let ended = process::run(cmd, cancel, Duration::from_secs(2))
-            .map_err(crate::settings::stage_start(format!("failed to run {what}"), &stage.record.image))?;
+        let ended = process::run(cmd, cancel, Duration::from_secs(2)).map_err(crate::settings::stage_start(
+            format!("failed to run {what}"),
+            &stage.record.image,
+            stage.paths.root.join("bin/bash"),
+        ))?;
         let _ = fs::remove_file(&stage.copy);
         match ended {
             Ended::Exited(0) => Ok(()),
