@@ -74,6 +74,9 @@ fn masked_variables_stay_out_of_the_log() {
         let transcript = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         assert!(!transcript.contains("glpat-very-secret-123"));
     }
+    // The job log says where its transcript is, without -v.
+    let named = log.lines().find_map(|l| l.strip_prefix("Transcript of this job: ")).unwrap_or_default();
+    assert!(named.starts_with(logs.to_str().unwrap()) && std::path::Path::new(named).is_file(), "{log}");
 }
 
 #[test]

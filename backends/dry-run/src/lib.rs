@@ -3,7 +3,9 @@
 //! For pipeline debugging. For every hook it writes to the job log, readably,
 //! what it received (the job, its image and variables in prepare; the decoded
 //! stage script in run) and appends the same as one JSON line to a transcript,
-//! `<transcript_dir>/<job key>.jsonl`, which outlives the job. Masked values and
+//! `<transcript_dir>/<job key>.jsonl`, which outlives the job (prepare names
+//! it in the job log, and removes the runner's oldest beyond
+//! `transcript_keep`, default 100). Masked values and
 //! the job token are replaced by `[MASKED]` everywhere, in the forms a stage
 //! script quotes them too.
 //!
@@ -85,7 +87,15 @@ pub struct Settings {
     /// and its delimiter line. The transcript always has the full body.
     #[serde(default)]
     pub full_scripts: bool,
+    /// How many transcripts of this runner `transcript_dir` keeps: prepare
+    /// removes the oldest beyond this number (a transcript with the job's
+    /// sources is a few hundred KB). 0 keeps all. Default: 100.
+    #[serde(default)]
+    pub transcript_keep: Option<u32>,
 }
+
+/// Transcripts a runner keeps when `transcript_keep` is not set.
+const DEFAULT_TRANSCRIPT_KEEP: u32 = 100;
 
 /// How a simulated failure fails (`settings.fail_kind`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -128,6 +138,7 @@ pub struct DryRun {
     builds_dir: String,
     cache_dir: String,
     full_scripts: bool,
+    transcript_keep: u32,
     log: JobLog,
 }
 
@@ -210,6 +221,7 @@ impl NewBackend for DryRun {
             builds_dir: runner.builds_dir.clone().unwrap_or_else(|| DEFAULT_BUILDS_DIR.to_owned()),
             cache_dir: runner.cache_dir.clone().unwrap_or_else(|| DEFAULT_CACHE_DIR.to_owned()),
             full_scripts: settings.full_scripts,
+            transcript_keep: settings.transcript_keep.unwrap_or(DEFAULT_TRANSCRIPT_KEEP),
             log: JobLog::default(),
         })
     }
@@ -249,8 +261,14 @@ impl Backend for DryRun {
         if let Some(simulated) = simulated {
             text.push_str(&report::simulated(PREPARE, simulated));
         }
+        let transcript = self.transcript(job.key());
+        text.push_str(&format!("Transcript of this job: {}\n", transcript.path().display()));
         self.log.write(&mask, &text);
-        self.record(&self.transcript(job.key()), &mask, transcript::prepare_record(job, simulated))?;
+        for old in transcript::prune(&self.transcript_dir, job.key().runner(), self.transcript_keep, transcript.path())
+        {
+            tracing::debug!(removed = %old.display(), "an old transcript (settings.transcript_keep)");
+        }
+        self.record(&transcript, &mask, transcript::prepare_record(job, simulated))?;
         simulated.map_or(Ok(()), |simulated| Err(simulated.failure(PREPARE)))
     }
 

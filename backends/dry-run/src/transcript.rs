@@ -48,6 +48,39 @@ impl Transcript {
     }
 }
 
+/// Removes the oldest transcripts of runner `runner` in `dir` so that, with
+/// `current` (the job's, which is kept), at most `keep` remain; 0 keeps all.
+/// Only regular files named `<runner>-<job id>.jsonl` count. Returns what
+/// was removed.
+pub(crate) fn prune(dir: &Path, runner: &str, keep: u32, current: &Path) -> Vec<PathBuf> {
+    if keep == 0 {
+        return Vec::new();
+    }
+    let prefix = format!("{runner}-");
+    let ours = |name: &str| {
+        name.strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".jsonl"))
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut found: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(ours) && e.path() != current)
+        .filter_map(|e| {
+            let meta = std::fs::symlink_metadata(e.path()).ok().filter(|m| m.is_file())?;
+            Some((meta.modified().ok()?, e.path()))
+        })
+        .collect();
+    let others = keep as usize - 1;
+    if found.len() <= others {
+        return Vec::new();
+    }
+    found.sort();
+    let excess = found.len() - others;
+    found.into_iter().take(excess).map(|(_, path)| path).filter(|path| std::fs::remove_file(path).is_ok()).collect()
+}
+
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -144,5 +177,38 @@ fn mask_strings(value: &mut Value, mask: &Mask) {
             }
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest_transcripts_of_the_runner_and_nothing_else_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let write = |name: &str, age_s: u64| {
+            let path = d.join(name);
+            std::fs::write(&path, "{}\n").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - Duration::from_secs(age_s)).unwrap();
+            path
+        };
+        let old: Vec<PathBuf> = (1..=4).map(|n| write(&format!("r-{n}.jsonl"), 100 - n)).collect();
+        let others = [write("r2-1.jsonl", 1000), write("r-x.jsonl", 1000), write("notes.txt", 1000)];
+        let current = write("r-9.jsonl", 0);
+        std::os::unix::fs::symlink(&old[0], d.join("r-7.jsonl")).unwrap();
+        // keep 3: this job's and the two newest others (r-4, r-3).
+        let removed = prune(d, "r", 3, &current);
+        assert_eq!(removed, [old[0].clone(), old[1].clone()]);
+        assert!(old[2].exists() && old[3].exists() && current.exists());
+        assert!(others.iter().all(|p| p.exists()), "other runners' files and other names stay");
+        assert!(d.join("r-7.jsonl").symlink_metadata().is_ok(), "a link is not a transcript");
+        // 0 keeps all.
+        assert!(prune(d, "r", 0, &current).is_empty());
+        assert!(old[2].exists());
     }
 }
