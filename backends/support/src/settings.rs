@@ -27,11 +27,13 @@ impl Bind {
     }
 }
 
+/// What mount options and nspawn arguments use as separators: never in a path berth passes on.
+const SEPARATORS: [char; 4] = [':', ',', '\\', '\n'];
+
 /// Refuses a path setting that is relative or holds a character that mount
 /// options and nspawn arguments use as separators (`:`, `,`, `\`).
 pub fn check_path(setting: &str, path: &Path) -> Result<(), Failure> {
-    let text = path.to_string_lossy();
-    if !path.is_absolute() || text.contains([':', ',', '\\', '\n']) {
+    if !path.is_absolute() || path.to_string_lossy().contains(SEPARATORS) {
         return Err(Failure::system(format!(
             "settings.{setting}: {} must be an absolute path without ':', ',' or '\\'",
             path.display()
@@ -117,8 +119,7 @@ pub fn job_cache_dir(runner: &RunnerInfo) -> Result<PathBuf, Failure> {
     // Plain: `..` refused, and nothing Path would normalise away (`.`, `//`, a trailing `/`).
     let plain = path.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)))
         && path.components().collect::<PathBuf>().as_os_str() == path.as_os_str();
-    let text = path.to_string_lossy();
-    if !path.is_absolute() || !plain || path.parent().is_none() || text.contains([':', ',', '\\', '\n']) {
+    if !path.is_absolute() || !plain || path.parent().is_none() || dir.contains(SEPARATORS) {
         return Err(Failure::system(format!(
             "runners.{}.cache_dir: {dir:?} must be an absolute path below / without '.', '..', ':', ',' or '\\' \
              (where jobs see their cache, e.g. \"/cache\")",

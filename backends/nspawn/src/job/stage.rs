@@ -47,12 +47,14 @@ pub(super) fn learn(backend: &Nspawn, dir: &Path, container: &Container) {
     }
 }
 
-/// Runs a stage by entering the container (see the module doc), unless the
-/// container has no profile (`None`: the caller goes through systemd).
+/// Runs a stage by entering the container (see the module doc) whose init
+/// is `pid` (checked by the caller), unless the container has no profile
+/// (`None`: the caller goes through systemd).
 fn run_entered(
     backend: &Nspawn,
     state: &JobState,
     container: &Container,
+    pid: i32,
     body: &[u8],
     cancel: &Cancel,
 ) -> Option<Result<(), Failure>> {
@@ -61,20 +63,20 @@ fn run_entered(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(Err(Failure::system_with("failed to read the container's profile", e))),
     };
-    Some(enter_and_run(backend, state, container, profile, body, cancel))
+    Some(enter_and_run(backend, state, container, pid, profile, body, cancel))
 }
 
 fn enter_and_run(
     backend: &Nspawn,
     state: &JobState,
     container: &Container,
+    pid: i32,
     profile: Profile,
     body: &[u8],
     cancel: &Cancel,
 ) -> Result<(), Failure> {
     let host = &backend.host;
     let gone = || Failure::system(format!("the job's container {} is no longer running", container.machine));
-    let (pid, _pidfd) = leader(&**host, container).ok_or_else(gone)?;
     let namespaces = Namespaces::open(pid, container.users.is_some()).map_err(|_| gone())?;
     // Opened while the pidfd's process still ran with the recorded start
     // time: the namespaces are its.
@@ -202,14 +204,15 @@ pub(crate) fn run(
         .load(RECORD)?
         .ok_or_else(|| Failure::system("the job's container was never booted (prepare did not finish)"))?;
     let host = &backend.host;
-    if leader(&**host, &container).is_none() {
+    // Held while the namespaces are opened: the pid stays the init's.
+    let Some((pid, _pidfd)) = leader(&**host, &container) else {
         return Err(Failure::system(format!(
             "the job's container {} is no longer running (killed, or the host rebooted)",
             container.machine
         )));
-    }
+    };
     let body = fs::read(script).map_err(sys(format!("failed to read the stage script {}", script.display())))?;
-    if let Some(done) = run_entered(backend, state, &container, &body, cancel) {
+    if let Some(done) = run_entered(backend, state, &container, pid, &body, cancel) {
         return done;
     }
     let seq = std::process::id();
