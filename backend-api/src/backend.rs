@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{Cancel, Description, Failure, JobContext, JobKey, JobState};
+use crate::{Cancel, Description, Failure, Finding, JobContext, JobKey, JobState};
 
 /// The runner a backend instance serves, as configured in berth's TOML.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +125,24 @@ pub trait Backend {
     fn reap_orphans(&self, known: &[JobKey]) -> Result<Vec<String>, Failure> {
         let _ = known;
         Ok(Vec::new())
+    }
+
+    /// What [`Backend::reap_orphans`] would remove now, removing nothing
+    /// (`berth reap --dry-run`), one line per thing. `None`, the default,
+    /// says the backend cannot tell, and `berth reap --dry-run` says so.
+    fn orphans(&self, known: &[JobKey]) -> Result<Option<Vec<String>>, Failure> {
+        let _ = known;
+        Ok(None)
+    }
+
+    /// Checks what this backend needs of the host for this runner's settings
+    /// (tools, kernel features, directories, images, free space), one
+    /// [`Finding`] per thing checked, each with its fix. `berth doctor` prints
+    /// them, and `berth gitlab-config` refuses a runner with an error. Never
+    /// called by the hooks, so it may take a moment (run a `--version`). The
+    /// default checks nothing.
+    fn check(&self) -> Vec<Finding> {
+        Vec::new()
     }
 }
 

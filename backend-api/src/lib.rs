@@ -15,6 +15,8 @@
 //! - [`StateDir`] / [`JobState`]: a locked per-job state area, so what prepare
 //!   made is found again by run, cleanup and reap;
 //! - [`Cancel`]: a pollable cancellation signal (SIGTERM from the runner);
+//! - [`Finding`]: what [`Backend::check`] finds of the host and the runner's
+//!   settings (`berth doctor`), each ok, a warning or an error, with the fix;
 //! - [`Description`]: what a backend is and what it supports, used by
 //!   `berth config` (the driver line) and by the conformance suite;
 //! - [`script`]: the stage-script format the runner writes, [`process`]:
@@ -28,6 +30,7 @@
 
 mod backend;
 mod cancel;
+mod check;
 mod context;
 mod describe;
 mod failure;
@@ -41,6 +44,7 @@ mod tree;
 
 pub use backend::{child_path, Backend, ConfigOutput, NewBackend, RunnerInfo, LOGS_DIR};
 pub use cancel::{Cancel, CancelTrigger};
+pub use check::{Finding, Level};
 pub use context::{
     ContextError, JobContext, JobImage, JobInfo, JobKey, JobResponse, ResponseVariable, RunnerLimits, Step, Variable,
 };

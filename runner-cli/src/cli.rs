@@ -44,7 +44,12 @@ pub enum Command {
     Conformance(ConformanceArgs),
     /// Describe the runner's backend (name, version, capabilities).
     Describe(DescribeArgs),
-    /// List the built-in backends.
+    /// Check whether this host can run the runners' jobs: configuration, host, backends.
+    ///
+    /// Each line is ok, a warning or an error with its fix; the exit status is
+    /// 1 when there is an error. Without --runner, every runner of the file.
+    Doctor(DoctorArgs),
+    /// List the built-in backends, and the backend of each configured runner.
     Backends,
     /// Remove environments of jobs that are gone (crashed runner, reboot, killed hook),
     /// and image generations no job uses any more.
@@ -128,10 +133,20 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct GitlabConfigArgs {
     /// Path of the berth executable gitlab-runner should call (default: this one).
     #[arg(long)]
     pub berth: Option<PathBuf>,
+    /// Print the block even when the runner's checks find errors (see `berth doctor`).
+    #[arg(long)]
+    pub skip_checks: bool,
     /// The runner's `name` in gitlab-runner's config.toml (default: the berth runner's name).
     #[arg(long)]
     pub name: Option<String>,

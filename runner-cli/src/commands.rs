@@ -40,21 +40,46 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Installs the stderr subscriber when `BERTH_LOG` is set, or with `default`
-/// (an env-filter directive; empty: none, keeping hook start-up cheap).
+/// Installs the diagnostics subscriber when `BERTH_LOG` is set, or with
+/// `default` (an env-filter directive; empty: none, keeping hook start-up
+/// cheap). When stderr is the journal (a systemd service such as
+/// `berth-reap.service`), lines go to journald natively, with the fields of
+/// their spans and events (`BERTH_JOB`, `BERTH_RUNNER`, ...); else to stderr
+/// as text, coloured only on a terminal.
 pub fn init_tracing(default: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = match std::env::var("BERTH_LOG") {
         Ok(filter) => filter,
         Err(_) if default.is_empty() => return,
         Err(_) => default.to_owned(),
     };
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    if stderr_is_journal() {
+        if let Ok(journal) = tracing_journald::layer() {
+            let journal = journal.with_field_prefix(Some("BERTH".into())).with_syslog_identifier("berth".into());
+            let _ = tracing_subscriber::registry().with(filter).with(journal).try_init();
+            return;
+        }
+    }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // The runner's log (journald) is no terminal: colour codes would be noise there.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+/// Whether stderr is connected to the journal: `JOURNAL_STREAM` (set by
+/// systemd for a service's output) names its device and inode
+/// (systemd.exec(5)). A hook of gitlab-runner inherits the variable with a
+/// pipe as stderr, and writes text there for the runner's log.
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else { return false };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 fn hook(cli: &Cli) -> ExitCode {
@@ -66,6 +91,8 @@ fn hook(cli: &Cli) -> ExitCode {
         let runner = config::load(&cli.config, cli.runner.as_deref())?;
         let backend = registry::load(&runner)?;
         let job = JobContext::from_env(&runner.name)?;
+        // Every diagnostic of the hook carries the job (a field in journald, a prefix in text).
+        let _job = tracing::info_span!("job", job = job.key().id(), runner = %runner.name).entered();
         exit_file = job.build_exit_code_file().map(Path::to_owned);
         match &cli.command {
             Command::Config => println!("{}", hooks::config(&runner, backend.as_ref(), &job)?),
@@ -97,20 +124,69 @@ fn tool(cli: &Cli) -> Result<Done, Error> {
     match &cli.command {
         Command::GitlabConfig(args) => Ok(gitlab_config(cli, args)?),
         Command::Describe(args) => Ok(describe(cli, args)?),
+        Command::Doctor(args) => Ok(crate::doctor::main(cli, args)?),
         Command::Backends => {
             for builtin in registry::BUILT_IN.iter().filter(|b| !b.test_fixture) {
                 println!("{:<10} {}", builtin.name, builtin.summary);
             }
+            configured_backends(cli);
             Ok(Done::Success)
         }
-        Command::Reap(args) => {
-            let (runner, backend) = load(cli)?;
-            hooks::reap(&runner, backend.as_ref(), args.grace, args.dry_run)?;
-            Ok(Done::Success)
-        }
+        Command::Reap(args) => reap(cli, args),
         Command::Conformance(args) => Ok(conformance(cli, args)?),
         Command::Image(args) => Ok(crate::image::main(cli, args)?),
         _ => unreachable!("hooks and exec are dispatched in main"),
+    }
+}
+
+/// `berth reap`: the runner of `--runner`, else every runner of the file
+/// (what a host-wide timer runs), each in turn; one that fails does not keep
+/// the others from being reaped.
+fn reap(cli: &Cli, args: &crate::cli::ReapArgs) -> Result<Done, Error> {
+    let runners = match &cli.runner {
+        Some(_) => vec![config::load(&cli.config, cli.runner.as_deref())],
+        None => config::load_all(&cli.config)?,
+    };
+    let count = runners.len();
+    let mut failed = Vec::new();
+    for runner in runners {
+        let reaped = runner.map_err(Error::from).and_then(|runner| {
+            let backend = registry::load(&runner)?;
+            hooks::reap(&runner, backend.as_ref(), args.grace, args.dry_run)
+        });
+        // One runner's failure is the command's when it is the only one.
+        match reaped {
+            Ok(()) => {}
+            Err(e) if count == 1 => return Err(e),
+            Err(e) => {
+                eprintln!("error: {}", e.report());
+                failed.push(e);
+            }
+        }
+    }
+    match failed.len() {
+        0 => Ok(Done::Success),
+        n => Err(anyhow::anyhow!("reap failed for {n} of {count} runners (see above)").into()),
+    }
+}
+
+/// Under `berth backends`: the backend of each runner of the configuration
+/// (or of `--runner`), when there is a configuration to read.
+fn configured_backends(cli: &Cli) {
+    let runners = match &cli.runner {
+        Some(name) => vec![config::load(&cli.config, Some(name))],
+        None => config::load_all(&cli.config).unwrap_or_default(),
+    };
+    let runners: Vec<Runner> = runners.into_iter().flatten().collect();
+    if runners.is_empty() {
+        return;
+    }
+    println!("\nrunners of {}:", cli.config.display());
+    for runner in runners {
+        match &runner.backend {
+            config::BackendChoice::BuiltIn(name) => println!("{:<10} backend {name}", runner.name),
+            config::BackendChoice::Plugin(path) => println!("{:<10} plugin {}", runner.name, path.display()),
+        }
     }
 }
 
@@ -129,6 +205,14 @@ fn describe(cli: &Cli, args: &DescribeArgs) -> Result<Done> {
             "supports:    executes scripts: {}, cancel: {}, reap: {}, images: {}, concurrent jobs: {}, contains root: {}",
             caps.executes_scripts, caps.cancel, caps.reap, caps.images, caps.concurrent_jobs, caps.contains_root
         );
+        let findings = crate::doctor::checks(backend.as_ref(), &runner);
+        let count = |level| findings.iter().filter(|f| f.level == level).count();
+        let (errors, warnings) = (count(berth_backend_api::Level::Error), count(berth_backend_api::Level::Warning));
+        if errors + warnings > 0 {
+            let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+            let (errors, warnings) = (plural(errors, "error"), plural(warnings, "warning"));
+            println!("host:        {errors}, {warnings}: see `berth --runner {} doctor`", runner.name);
+        }
     }
     Ok(Done::Success)
 }
@@ -144,7 +228,16 @@ fn toml_string(text: &str) -> String {
 fn gitlab_config(cli: &Cli, args: &GitlabConfigArgs) -> Result<Done> {
     // The runner's backend is built as a job's would be: a block for a runner
     // whose settings are wrong would fail every job once pasted.
-    let (runner, _backend) = load(cli)?;
+    let (runner, backend) = load(cli)?;
+    // So are a host and settings on which every job would fail at prepare.
+    let errors = crate::doctor::errors(&backend.check());
+    if !errors.is_empty() && !args.skip_checks {
+        bail!(
+            "runner {} would fail its jobs on this host:\n  {}\nfix them (`berth --runner {0} doctor` shows every check), or pass --skip-checks to print the block anyway",
+            runner.name,
+            errors.join("\n  ")
+        );
+    }
     let berth = match &args.berth {
         // gitlab-runner runs hooks from its own directory: a relative path would not be found.
         Some(path) => absolute(path),

@@ -125,6 +125,18 @@ pub fn write_adhoc(dir: &Path, state_dir: &Path, name: &str, runner: toml::Table
     Ok(path)
 }
 
+/// Reads `path` and resolves every runner it defines, in name order (each
+/// validated, or its error).
+pub fn load_all(path: &Path) -> Result<Vec<Result<Runner, ConfigError>>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+    let raw: RawFile = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+    if raw.runners.is_empty() {
+        return Err(ConfigError::NoRunners { path: path.to_owned() });
+    }
+    Ok(raw.runners.keys().map(|name| parse(&text, path, Some(name.get_ref()))).collect())
+}
+
 /// Reads `path` and resolves the runner `name` (or the only one).
 pub fn load(path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;

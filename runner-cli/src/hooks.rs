@@ -106,9 +106,11 @@ pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bo
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut known = Vec::new();
     let mut removed = 0;
+    let _reap = tracing::info_span!("reap", runner = %runner.name).entered();
     for key in states.list()?.into_iter().filter(|k| k.runner() == runner.name) {
+        let _job = tracing::info_span!("job", job = key.id()).entered();
         let Some(state) = states.try_open(&key)? else {
-            info!(job = %key, "busy: a hook is using it");
+            info!("busy: a hook is using it");
             known.push(key);
             continue;
         };
@@ -133,13 +135,21 @@ pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bo
             }
             Err(e) => {
                 let e = e.report();
-                warn!(job = %key, "reap failed: {e}");
+                warn!("reap failed: {e}");
                 eprintln!("failed to remove {key}: {e}");
                 known.push(key);
             }
         }
     }
-    if !dry_run {
+    if dry_run {
+        match backend.orphans(&known)? {
+            Some(lines) => lines.iter().for_each(|line| println!("would remove {line}")),
+            None => println!(
+                "(backend {} cannot tell what else `berth reap` would remove: environments whose job state is gone, and what it keeps for jobs)",
+                backend.describe().name
+            ),
+        }
+    } else {
         for line in backend.reap_orphans(&known)? {
             println!("removed {line}");
             removed += 1;

@@ -238,6 +238,32 @@ fn reap_removes_jobs_whose_runner_is_gone_and_keeps_running_ones() {
     assert!(live.hook(&env, "host", &["cleanup"]).status.success());
 }
 
+/// `berth reap` without --runner (what the package's timer runs) reaps
+/// every runner of the file; the runner-side log names the runner and job.
+#[test]
+fn reap_without_a_runner_reaps_every_runner_of_the_file() {
+    let env = Env::new(&format!("{HOST}{DRY_RUN}"));
+    let (host, demo) = (env.job("on-host"), env.job_with_id("on-demo", 48151700));
+    assert!(host.hook(&env, "host", &["prepare"]).status.success());
+    assert!(demo.hook(&env, "demo", &["prepare"]).status.success());
+    std::fs::remove_dir_all(&host.tmp).unwrap();
+    std::fs::remove_dir_all(&demo.tmp).unwrap();
+    let out = std::process::Command::new(BERTH)
+        .arg("--config")
+        .arg(env.config())
+        .args(["reap", "--grace", "0"])
+        .env("BERTH_ALLOW_TEST_BACKENDS", "1")
+        .env("BERTH_LOG", "info")
+        .env_remove("BERTH_RUNNER")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("removed host-48151623") && said.contains("removed demo-48151700"), "{said}");
+    assert!(said.contains("reap{runner=host}") && said.contains("reap{runner=demo}"), "{said}");
+    assert!(!env.state().join("jobs/host-48151623").exists() && !env.state().join("jobs/demo-48151700").exists());
+}
+
 #[test]
 fn the_runner_side_log_has_no_colour_codes_when_it_is_not_a_terminal() {
     let env = Env::new(DRY_RUN);
@@ -247,6 +273,7 @@ fn the_runner_side_log_has_no_colour_codes_when_it_is_not_a_terminal() {
     assert!(out.status.success(), "{}", text(&out));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("cleanup"), "cleanup logs to the runner's log: {log}");
+    assert!(log.contains("job{job=48151623 runner=demo}"), "the runner's log names the job and runner: {log}");
     assert!(!log.contains('\x1b'), "colour codes in a log that is no terminal: {log:?}");
     let out = env.berth("demo").arg("reap").output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -288,4 +315,50 @@ fn a_settings_value_a_backend_refuses_is_named_with_file_key_and_line() {
     let want =
         format!("invalid configuration {}, line 6: key `runners.ch.settings.memory_max`: ", env.config().display());
     assert!(message.contains(&want) && message.contains("\"4 gigs\" is not an amount of memory"), "{message}");
+}
+
+/// A runner whose settings are valid but whose host would fail every job at
+/// prepare: gitlab-config refuses it with the fixes, unless told to skip the
+/// checks, and doctor names every problem with its fix and exits 1.
+#[test]
+fn gitlab_config_and_doctor_refuse_a_runner_its_host_would_fail_at_prepare() {
+    let env = Env::new(
+        "[runners.ns]\nbackend = \"nspawn\"\n[runners.ns.settings]\nmode = \"systemd\"\nimages_dir = \"/nonexistent/images\"\n\
+         [runners.demo]\nbackend = \"dry-run\"\n",
+    );
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    let out = env.berth("ns").args(["gitlab-config", "--berth", "/usr/bin/berth"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(out.stdout.is_empty(), "no block for a runner that would fail: {}", text(&out));
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("runner ns would fail its jobs on this host"), "{message}");
+    assert!(message.contains("/nonexistent/images does not exist") && message.contains("image create"), "{message}");
+    assert_eq!(message.contains("PID 1 of this host is not systemd"), !systemd, "{message}");
+    let forced =
+        env.berth("ns").args(["gitlab-config", "--berth", "/usr/bin/berth", "--skip-checks"]).output().unwrap();
+    assert!(forced.status.success() && text(&forced).contains("[[runners]]"), "{}", text(&forced));
+
+    // Every runner of the file, without --runner.
+    let mut all = std::process::Command::new(BERTH);
+    all.arg("--config").arg(env.config()).args(["doctor", "--json"]);
+    let out = all.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "errors make doctor exit 1: {}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runners: Vec<&str> =
+        report["runners"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(runners, ["demo", "ns"]);
+    let findings = &report["runners"][1]["findings"];
+    let of = |check: &str| findings.as_array().unwrap().iter().find(|f| f["check"] == check).cloned();
+    let images = of("images_dir").expect("images_dir checked");
+    assert_eq!(images["level"], "error");
+    assert!(images["fix"].as_str().unwrap().contains("berth --runner ns image create"), "{images}");
+    assert_eq!(of("host mode").unwrap()["level"], if systemd { "ok" } else { "error" });
+    assert_eq!(of("systemd-nspawn").map(|f| f["level"].clone()), Some(serde_json::json!("ok")), "{findings}");
+    assert!(report["errors"].as_u64().unwrap() >= 1);
+
+    // A runner without problems passes, and its table says so.
+    let out = env.berth("demo").arg("doctor").output().unwrap();
+    let shown = text(&out);
+    assert!(shown.contains("runner demo (backend dry-run)") && !shown.contains("runner ns"), "{shown}");
+    assert!(out.status.success() && shown.contains("0 errors"), "{shown}");
 }

@@ -83,8 +83,12 @@ fn an_update_does_not_change_a_running_jobs_view_and_old_generations_are_pruned_
     for job in [&running, &next] {
         assert!(job.hook(&env, "ch", &["cleanup"]).status.success());
     }
+    // A dry run names the generation reap would remove, and keeps it.
+    let out = env.berth("ch").args(["reap", "--grace", "0", "--dry-run"]).output().unwrap();
+    assert!(text(&out).contains("would remove image deb: old generation 1"), "{}", text(&out));
+    assert!(images.join("deb/generations/1").exists(), "a dry run removes nothing");
     let out = env.berth("ch").args(["reap", "--grace", "0"]).output().unwrap();
-    assert!(text(&out).contains("image deb: old generation 1"), "{}", text(&out));
+    assert!(text(&out).contains("removed image deb: old generation 1"), "{}", text(&out));
     assert!(!images.join("deb/generations/1").exists());
     assert!(images.join("deb/generations/2").exists());
     let out = image(&images, &["remove", "deb"]);

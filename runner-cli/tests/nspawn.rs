@@ -255,6 +255,31 @@ fn systemd_mode_passes_the_conformance_suite_in_a_test_host() {
     assert!(mapped_base(&log).is_some_and(|b| b >= 0x7000_0000), "{log}");
     // The same host with warm containers: one test host boot for both.
     crate::pool::in_a_test_host(&|program| host.command(program), &etc, &state, &config);
+    // Run as a service (what berth-reap.service does), berth logs to
+    // journald natively: its lines carry the runner as a field, no colour.
+    let out = host
+        .command("systemd-run")
+        .args(["--wait", "--quiet", "--collect", "-p", "StandardError=journal", "-E", "BERTH_LOG=info"])
+        .args(["/usr/local/bin/berth", "--runner", "ns", "reap"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out =
+            host.command("journalctl").args(["-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=berth"]).output().unwrap();
+        let entries: Vec<serde_json::Value> =
+            text(&out).lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+        let done = entries.iter().find(|e| e["MESSAGE"].as_str().is_some_and(|m| m.contains("reap done")));
+        if let Some(done) = done {
+            assert_eq!(done["BERTH_RUNNER"], "ns", "{done}");
+            assert_eq!(done["BERTH_REMOVED"], "0", "{done}");
+            assert!(!done["MESSAGE"].as_str().unwrap().contains('\x1b'), "{done}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no `reap done` entry of berth in the test host's journal:\n{}", text(&out));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -106,6 +106,16 @@ fn empty_the_pool(env: &Env, runner_toml: &str, name: &str) -> String {
         format!("state_dir = {:?}\n{runner_toml}", env.state().display().to_string()).replace("pool_size = 2", ""),
     )
     .unwrap();
+    // A dry run names the warm containers the reap will remove, and keeps them.
+    let before = slots_of(&env.state(), name);
+    let out = env.berth(name).args(["reap", "--grace", "0", "--dry-run"]).output().unwrap();
+    let said = text(&out);
+    assert!(out.status.success() && !before.is_empty(), "{said}");
+    for (_, container) in &before {
+        let machine = container["machine"].as_str().unwrap();
+        assert!(said.contains(&format!("would remove warm container {machine} of image bookworm")), "{said}");
+    }
+    assert!(before.iter().all(|(slot, _)| slot.join("container.json").exists()), "a dry run removes nothing");
     reap_empties(&env.state(), name, &mut || env.berth(name).args(["reap", "--grace", "0"]).output().unwrap())
 }
 

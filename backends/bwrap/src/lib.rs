@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use berth_backend_api::{
-    Backend, Cancel, ConfigOutput, Description, Failure, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
+    Backend, Cancel, ConfigOutput, Description, Failure, Finding, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
 };
 use berth_backend_support::sandbox::{self, Sandbox, Stage, GITLAB_RUNNER, KEEP_CAPS};
 use berth_backend_support::settings::sys;
@@ -192,6 +192,16 @@ impl Backend for Bwrap {
 
     fn reap_orphans(&self, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
         Ok(self.sandbox.reap_orphans())
+    }
+
+    fn orphans(&self, _known: &[JobKey]) -> Result<Option<Vec<String>>, Failure> {
+        Ok(Some(self.sandbox.orphans()))
+    }
+
+    fn check(&self) -> Vec<Finding> {
+        let mut out = vec![berth_backend_support::check::tool("bwrap", "bubblewrap", "it runs every job's stages")];
+        out.extend(self.sandbox.check());
+        out
     }
 
     fn cleanup(&self, state: &JobState) -> Result<(), Failure> {

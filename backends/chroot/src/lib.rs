@@ -23,7 +23,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use berth_backend_api::{
-    Backend, Cancel, ConfigOutput, Description, Failure, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
+    Backend, Cancel, ConfigOutput, Description, Failure, Finding, JobContext, JobKey, JobState, NewBackend, RunnerInfo,
 };
 use berth_backend_support::host::Host;
 use berth_backend_support::mounts;
@@ -136,6 +136,14 @@ impl Backend for Chroot {
 
     fn reap_orphans(&self, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
         Ok(self.sandbox.reap_orphans())
+    }
+
+    fn orphans(&self, _known: &[JobKey]) -> Result<Option<Vec<String>>, Failure> {
+        Ok(Some(self.sandbox.orphans()))
+    }
+
+    fn check(&self) -> Vec<Finding> {
+        self.sandbox.check()
     }
 }
 

@@ -36,8 +36,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use berth_backend_api::{
-    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobState, NewBackend,
-    RunnerInfo,
+    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobKey, JobState,
+    NewBackend, RunnerInfo,
 };
 use serde::Deserialize;
 
@@ -305,6 +305,11 @@ impl Backend for DryRun {
     /// Records the call; there is nothing to remove and the transcript is
     /// kept. Always succeeds: a transcript that cannot be written is only
     /// logged, as cleanup must succeed for any job, prepared or not.
+    /// Nothing of a dry run outlives its job state but its transcript, which is kept.
+    fn orphans(&self, _known: &[JobKey]) -> Result<Option<Vec<String>>, Failure> {
+        Ok(Some(Vec::new()))
+    }
+
     fn cleanup(&self, state: &JobState) -> Result<(), Failure> {
         let transcript = self.transcript(state.key());
         let record = transcript::cleanup_record(state.key(), state.record().is_some());

@@ -31,16 +31,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use berth_backend_api::{
-    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobKey, JobState,
-    NewBackend, RunnerInfo,
+    Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Finding, Isolation, JobContext, JobKey,
+    JobState, NewBackend, RunnerInfo,
 };
 
 use crate::settings::{Mode, Settings};
-use berth_backend_support::cgroup;
 use berth_backend_support::host::{Host, System};
 use berth_backend_support::image::ImageStore;
 use berth_backend_support::limits::Limits;
 use berth_backend_support::settings::{ImageSettings, ImageSetup};
+use berth_backend_support::{cgroup, check};
 
 /// Where the job's builds dir is inside the container.
 const BUILDS_DIR: &str = "/builds";
@@ -149,6 +149,37 @@ impl Nspawn {
     }
 }
 
+impl Nspawn {
+    /// [`Backend::check`]: what this runner's jobs need of the host.
+    fn host_check(&self) -> Vec<Finding> {
+        let runner = &self.runner.name;
+        let mut out = Vec::new();
+        out.push(match (self.settings.mode, self.mode) {
+            (Mode::Systemd, _) if !systemd_is_pid1() => Finding::error(
+                "host mode",
+                "settings.mode = \"systemd\", but PID 1 of this host is not systemd: every prepare would fail",
+                "set settings.mode = \"auto\" (standalone mode is used where systemd is not PID 1)",
+            ),
+            (_, Mode::Systemd) => Finding::ok("host mode", "systemd (containers run as units of the host's systemd)"),
+            _ => Finding::ok("host mode", "standalone (PID 1 is not systemd: berth supervises containers itself)"),
+        });
+        out.push(check::tool("systemd-nspawn", "systemd-container", "it runs every job's container"));
+        if self.mode == Mode::Systemd {
+            out.push(check::tool("systemd-run", "systemd", "it starts containers as units"));
+        }
+        out.extend(check::runner(&check::Runner {
+            name: runner,
+            images: &self.images,
+            state_dir: &self.runner.state_dir,
+            limits: &self.limits,
+            limit_settings: &self.settings.limits(),
+            private_users: self.private_users(),
+            gitlab_runner: self.gitlab_runner.as_deref(),
+        }));
+        out
+    }
+}
+
 impl Backend for Nspawn {
     fn describe(&self) -> Description {
         Description::new(
@@ -195,6 +226,14 @@ impl Backend for Nspawn {
     }
 
     fn reap_orphans(&self, known: &[JobKey]) -> Result<Vec<String>, Failure> {
-        job::reap_orphans(self, known)
+        job::reap_orphans(self, known, false)
+    }
+
+    fn orphans(&self, known: &[JobKey]) -> Result<Option<Vec<String>>, Failure> {
+        job::reap_orphans(self, known, true).map(Some)
+    }
+
+    fn check(&self) -> Vec<Finding> {
+        self.host_check()
     }
 }

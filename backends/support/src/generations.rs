@@ -279,6 +279,15 @@ impl Images {
     /// Removes generations that are neither current nor in use, and drafts
     /// left by builds that died. Returns one line per removal.
     pub fn prune(&self) -> Vec<String> {
+        self.sweep(false)
+    }
+
+    /// What [`Images::prune`] would remove now, removing nothing.
+    pub fn prunable(&self) -> Vec<String> {
+        self.sweep(true)
+    }
+
+    fn sweep(&self, dry_run: bool) -> Vec<String> {
         let mut removed = Vec::new();
         for name in self.names() {
             let Ok(lock) = self.try_lock(&name) else { continue };
@@ -297,7 +306,7 @@ impl Images {
                 if old && !users_of(&path.canonicalize().unwrap_or(path.clone())).is_empty() {
                     continue;
                 }
-                if fs::remove_dir_all(&path).is_ok() {
+                if dry_run || fs::remove_dir_all(&path).is_ok() {
                     removed.push(format!(
                         "image {name}: {} {file}",
                         if stale_draft { "unfinished build" } else { "old generation" }

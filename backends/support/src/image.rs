@@ -74,6 +74,11 @@ impl ImageStore {
         &self.dir
     }
 
+    /// The image of jobs without `image:` (`default_image`), if set.
+    pub fn default_image(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
     fn is_allowed(&self, name: &str) -> bool {
         self.allowed.is_empty() || self.allowed.iter().any(|p| p.matches(name))
     }

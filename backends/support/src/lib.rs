@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod cgroup;
+pub mod check;
 pub mod claims;
 pub mod container;
 pub mod diskfs;

@@ -145,9 +145,18 @@ impl Allocator {
     /// Releases the ranges of owners under `jobs_dir` that no longer exist
     /// (their job's state is gone); says what it released.
     pub fn reclaim(&self, jobs_dir: &Path) -> Vec<String> {
+        self.sweep(jobs_dir, false)
+    }
+
+    /// What [`Allocator::reclaim`] would release now, releasing nothing.
+    pub fn reclaimable(&self, jobs_dir: &Path) -> Vec<String> {
+        self.sweep(jobs_dir, true)
+    }
+
+    fn sweep(&self, jobs_dir: &Path, dry_run: bool) -> Vec<String> {
         let mut released = Vec::new();
         for (name, owner) in self.claims.orphans("", jobs_dir) {
-            if self.claims.release(&name, &owner).is_ok() {
+            if dry_run || self.claims.release(&name, &owner).is_ok() {
                 released.push(format!("uid range {name} of {} (its job is gone)", owner.display()));
             }
         }

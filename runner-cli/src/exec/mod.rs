@@ -21,6 +21,12 @@ use crate::exit::Done;
 
 /// `berth exec`: how the job ended, or why it could not run.
 pub fn main(cli: &Cli, args: &ExecArgs) -> Result<Done, crate::Error> {
+    if let (Some(backend), Some(runner)) = (&args.backend, &cli.runner) {
+        return Err(anyhow::anyhow!(
+            "--backend {backend} makes a runner of its own, and --runner (or BERTH_RUNNER) names {runner}: give one of them"
+        )
+        .into());
+    }
     Ok(exec(cli, args)?)
 }
 

@@ -309,13 +309,27 @@ fn destroy(backend: &Nspawn, slot: &Path, container: Option<&Container>) -> Resu
 /// `berth reap`: the warm containers no job may take (every one when
 /// `pool_size` is 0 or the image is no longer offered; those of an older
 /// generation; those whose init is gone; those a dead filler left booting),
-/// and the names of warm containers whose slot or job is gone.
-pub(super) fn reap(backend: &Nspawn) -> Vec<String> {
+/// and the names of warm containers whose slot or job is gone. `dry_run`:
+/// only says what it would remove.
+pub(super) fn reap(backend: &Nspawn, dry_run: bool) -> Vec<String> {
     let mut removed = Vec::new();
     for entry in fs::read_dir(runner_dir(backend)).into_iter().flatten().flatten() {
         let Some(name) = entry.file_name().to_str().map(str::to_owned).filter(|n| valid_name(n)) else { continue };
         let pool = Pool { dir: entry.path() };
         let image = (backend.settings.pool_size > 0).then(|| backend.images.resolve(Some(&name)).ok()).flatten();
+        if dry_run {
+            // A pool that stays and is being filled now is left to the next reap, as below.
+            if image.is_some() && !matches!(pool.lock(FILL, false), Ok(Some(_))) {
+                continue;
+            }
+            for (slot, container) in pool.slots() {
+                if !image.as_ref().is_some_and(|image| usable(backend, &slot, container.as_ref(), image)) {
+                    let machine = container.as_ref().map_or_else(String::new, |c| c.machine.clone());
+                    removed.push(format!("warm container {machine} of image {name} ({})", slot.display()));
+                }
+            }
+            continue;
+        }
         let stop = pool.dir.join(STOP);
         let filling = match image {
             // A running filler keeps a pool that stays; the next reap sees to it.
@@ -352,12 +366,20 @@ pub(super) fn reap(backend: &Nspawn) -> Vec<String> {
     for (machine, owner) in claims.list(&prefix) {
         let numbered = machine[prefix.len()..].bytes().all(|b| b.is_ascii_digit());
         let ours = owner.starts_with(runner_dir(backend)) || owner.starts_with(backend.runner.state_dir.join("jobs"));
-        if numbered && ours && !owner.exists() && kill_by_names(&backend.host, &machine, &format!("{machine}.service"))
-        {
-            let _ = claims.release(&machine, &owner);
+        if !(numbered && ours && !owner.exists()) {
+            continue;
+        }
+        if dry_run || kill_by_names(&backend.host, &machine, &format!("{machine}.service")) {
+            if !dry_run {
+                let _ = claims.release(&machine, &owner);
+            }
             removed.push(format!("warm container {machine} (its slot {} is gone)", owner.display()));
         }
     }
-    removed.extend(Allocator::host().reclaim(&runner_dir(backend)));
+    if dry_run {
+        removed.extend(Allocator::host().reclaimable(&runner_dir(backend)));
+    } else {
+        removed.extend(Allocator::host().reclaim(&runner_dir(backend)));
+    }
     removed
 }

@@ -212,7 +212,8 @@ pub(super) fn kill_by_names(host: &Arc<dyn Host>, machine: &str, unit: &str) -> 
     proc::wait_gone_on(&**host, &pids, Duration::from_secs(10)) && cgroup.remove().is_ok()
 }
 
-pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
+/// Removes what jobs whose state is gone left behind (`dry_run`: only says what).
+pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey], dry_run: bool) -> Result<Vec<String>, Failure> {
     let jobs = backend.runner.state_dir.join("jobs");
     let prefix = format!("berth-{}-", backend.runner.name);
     let mut removed = Vec::new();
@@ -221,12 +222,14 @@ pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<St
     // directory of this state dir.
     let claims = Claims::host(MACHINES);
     for (machine, owner, key) in claims.orphans_of(&backend.runner) {
-        if kill_by_names(&backend.host, &machine, &unit_name(&key)) {
+        if dry_run {
+            removed.push(format!("container {machine} (its job's state {} is gone)", owner.display()));
+        } else if kill_by_names(&backend.host, &machine, &unit_name(&key)) {
             let _ = claims.release(&machine, &owner);
             removed.push(format!("container {machine} (its job's state {} is gone)", owner.display()));
         }
     }
-    removed.extend(super::pool::reap(backend));
+    removed.extend(super::pool::reap(backend, dry_run));
     // Empty cgroups of jobs whose cleanup never ran (standalone mode). A young
     // one may belong to a prepare that has not started nspawn yet.
     for machine in JobCgroup::machines(&prefix, Duration::from_secs(60)) {
@@ -237,12 +240,18 @@ pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey]) -> Result<Vec<St
             && unclaimed
             && !jobs.join(key.to_string()).exists()
             && cgroup.pids().is_empty()
-            && cgroup.remove().is_ok()
+            && (dry_run || cgroup.remove().is_ok())
         {
             removed.push(format!("cgroup of container {machine} (no job state, no process)"));
         }
     }
-    removed.extend(Allocator::host().reclaim(&jobs));
-    removed.extend(berth_backend_support::generations::Images::new(backend.images.dir()).prune());
+    let images = berth_backend_support::generations::Images::new(backend.images.dir());
+    if dry_run {
+        removed.extend(Allocator::host().reclaimable(&jobs));
+        removed.extend(images.prunable());
+    } else {
+        removed.extend(Allocator::host().reclaim(&jobs));
+        removed.extend(images.prune());
+    }
     Ok(removed)
 }

@@ -360,6 +360,30 @@ impl Sandbox {
         out
     }
 
+    /// What the runner's jobs need of the host ([`berth_backend_api::Backend::check`]),
+    /// besides the backend's own tools.
+    pub fn check(&self) -> Vec<berth_backend_api::Finding> {
+        let mut out = crate::check::runner(&crate::check::Runner {
+            name: &self.runner.name,
+            images: &self.images,
+            state_dir: &self.runner.state_dir,
+            limits: &self.limits,
+            limit_settings: &self.settings.limits(),
+            private_users: self.private_users(),
+            gitlab_runner: self.gitlab_runner.as_deref(),
+        });
+        if self.settings.allow_host_root {
+            // Jobs run anyway, as root of the host: weaker, not broken.
+            for finding in out.iter_mut().filter(|f| f.check == "user namespaces" || f.check == "idmapped mounts") {
+                if finding.level == berth_backend_api::Level::Error {
+                    finding.level = berth_backend_api::Level::Warning;
+                    finding.detail.push_str(": jobs run as root of the host (allow_host_root = true)");
+                }
+            }
+        }
+        out
+    }
+
     /// The output of `config`, with [`Sandbox::unhonoured`] as warnings.
     pub fn config(&self) -> ConfigOutput {
         let mut output = ConfigOutput::with_dirs(BUILDS_DIR, self.cache_dir.to_string_lossy());

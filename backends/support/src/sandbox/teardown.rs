@@ -31,17 +31,35 @@ impl Sandbox {
     /// Sandboxes whose job's state is gone, uid ranges of such jobs, and
     /// image generations no job uses.
     pub fn reap_orphans(&self) -> Vec<String> {
+        self.sweep(false)
+    }
+
+    /// What [`Sandbox::reap_orphans`] would remove now, removing nothing.
+    pub fn orphans(&self) -> Vec<String> {
+        self.sweep(true)
+    }
+
+    fn sweep(&self, dry_run: bool) -> Vec<String> {
         let jobs = self.runner.state_dir.join("jobs");
         let mut removed = Vec::new();
         let claims = Claims::host(NAMES);
         for (name, owner, _) in claims.orphans_of(&self.runner) {
-            if kill_cgroup(&self.host, &name).is_ok() && remove_view(&*self.host, &name).is_ok() {
-                let _ = claims.release(&name, &owner);
+            if dry_run || (kill_cgroup(&self.host, &name).is_ok() && remove_view(&*self.host, &name).is_ok()) {
+                if !dry_run {
+                    let _ = claims.release(&name, &owner);
+                }
                 removed.push(format!("sandbox {name} (its job's state {} is gone)", owner.display()));
             }
         }
-        removed.extend(Allocator::host().reclaim(&jobs));
-        removed.extend(crate::generations::Images::new(self.images.dir()).prune());
+        let allocator = Allocator::host();
+        let images = crate::generations::Images::new(self.images.dir());
+        if dry_run {
+            removed.extend(allocator.reclaimable(&jobs));
+            removed.extend(images.prunable());
+        } else {
+            removed.extend(allocator.reclaim(&jobs));
+            removed.extend(images.prune());
+        }
         removed
     }
 }
