@@ -156,3 +156,26 @@ fn masked_values_are_hidden_in_the_jobs_own_output_too() {
         assert!(log.contains(shown), "{shown:?} missing:\n{log}");
     }
 }
+
+/// gitlab-runner hands prepare and run one writer for stdout and stderr (so
+/// one pipe): the job log keeps the order the job wrote its lines in.
+#[test]
+fn the_jobs_stdout_and_stderr_reach_the_log_in_the_order_they_were_written() {
+    let env = Env::new(HOST);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ci.yml");
+    std::fs::write(
+        &file,
+        "probe:\n  script:\n    - for i in 1 2 3 4 5; do echo out-$i; echo err-$i >&2; done\n    - echo after-the-loop\n",
+    )
+    .unwrap();
+    let out =
+        env.berth("host").args(["exec", "--no-sources", "--file", file.to_str().unwrap(), "probe"]).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("out-") || l.starts_with("err-")).collect();
+    let want: Vec<String> = (1..=5).flat_map(|i| [format!("out-{i}"), format!("err-{i}")]).collect();
+    assert_eq!(lines, want, "{log}");
+    let loop_end = log.find("err-5").unwrap();
+    assert!(log[loop_end..].contains("$ echo after-the-loop"), "the next command's echo comes after: {log}");
+}

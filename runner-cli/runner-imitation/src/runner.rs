@@ -421,9 +421,27 @@ impl Driver {
             .envs(self.env_for(job))
             .current_dir(job.tmpdir())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .process_group(0);
+        // prepare and run write the job log: gitlab-runner gives them one
+        // writer for both streams, so Go's os/exec hands the hook one pipe as
+        // stdout and stderr, and the log keeps the order they were written in.
+        // config's stdout is its answer and cleanup's streams go to two loggers.
+        let shared = match hook {
+            Hook::Prepare | Hook::Run => match nix::unistd::pipe() {
+                Ok((read, write)) => match write.try_clone() {
+                    Ok(write2) => {
+                        cmd.stdout(Stdio::from(write)).stderr(Stdio::from(write2));
+                        Some(std::fs::File::from(read))
+                    }
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            },
+            Hook::Config | Hook::Cleanup => None,
+        };
+        if shared.is_none() {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -440,7 +458,9 @@ impl Driver {
             }
         };
         let group = Pid::from_raw(child.id() as i32);
-        let readers = start_readers(&mut child, hook, log);
+        // This process's copies of the pipe's write end went with `cmd`.
+        drop(cmd);
+        let readers = start_readers(&mut child, shared, hook, log);
         let mut terminated = false;
         let deadline = timeout.map(|t| started + t);
         let status = match wait_child(&mut child, cancel, deadline) {
@@ -559,12 +579,17 @@ struct Readers {
     done: std::sync::mpsc::Receiver<()>,
 }
 
-fn start_readers(child: &mut Child, hook: Hook, log: &Arc<dyn Log>) -> Readers {
+/// Reads the hook's output: its one `shared` pipe (prepare, run), as stdout,
+/// else its stdout and stderr pipes.
+fn start_readers(child: &mut Child, shared: Option<std::fs::File>, hook: Hook, log: &Arc<dyn Log>) -> Readers {
     let (tx, done) = std::sync::mpsc::channel();
-    let pipes: Vec<(Stream, Box<dyn Read + Send>)> = vec![
-        (Stream::Stdout, Box::new(child.stdout.take().expect("piped stdout"))),
-        (Stream::Stderr, Box::new(child.stderr.take().expect("piped stderr"))),
-    ];
+    let pipes: Vec<(Stream, Box<dyn Read + Send>)> = match shared {
+        Some(pipe) => vec![(Stream::Stdout, Box::new(pipe))],
+        None => vec![
+            (Stream::Stdout, Box::new(child.stdout.take().expect("piped stdout"))),
+            (Stream::Stderr, Box::new(child.stderr.take().expect("piped stderr"))),
+        ],
+    };
     let threads = pipes
         .into_iter()
         .map(|(stream, mut pipe)| {
@@ -604,7 +629,7 @@ impl Readers {
         }
         let mut results = self.threads.into_iter().map(|t| t.join().unwrap_or_else(|_| (Vec::new(), Instant::now())));
         let (stdout, t1) = results.next().expect("stdout reader");
-        let (stderr, t2) = results.next().expect("stderr reader");
+        let (stderr, t2) = results.next().unwrap_or((Vec::new(), t1));
         (stdout, stderr, Some(t1.max(t2)))
     }
 }
