@@ -9,7 +9,7 @@ use berth_backend_api::{Capabilities, Description, Failure, Isolation, JobContex
 use berth_runner_imitation::runner::{Hook, HookExec};
 use clap::Parser;
 
-use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs};
+use crate::cli::{Cli, Command, ConformanceArgs, DescribeArgs, GitlabConfigArgs, ReapArgs};
 use crate::config::{self, Runner};
 use crate::error::Error;
 use crate::exit::{self, Codes, Done, Invocation};
@@ -103,15 +103,40 @@ fn tool(cli: &Cli) -> Result<Done, Error> {
             }
             Ok(Done::Success)
         }
-        Command::Reap(args) => {
-            let (runner, backend) = load(cli)?;
-            hooks::reap(&runner, backend.as_ref(), args.grace, args.dry_run)?;
-            Ok(Done::Success)
-        }
+        Command::Reap(args) => reap(cli, args),
         Command::Conformance(args) => Ok(conformance(cli, args)?),
         Command::Image(args) => Ok(crate::image::main(cli, args)?),
         _ => unreachable!("hooks and exec are dispatched in main"),
     }
+}
+
+/// `berth reap`: the runner given, or every runner of the file (what the
+/// package's timer runs); a runner that fails does not keep the others from
+/// being reaped.
+fn reap(cli: &Cli, args: &ReapArgs) -> Result<Done, Error> {
+    let names = match &cli.runner {
+        Some(name) => vec![name.clone()],
+        None => config::runner_names(&cli.config)?,
+    };
+    let mut failed = Vec::new();
+    for name in &names {
+        let result = config::load(&cli.config, Some(name))
+            .map_err(Error::from)
+            .and_then(|runner| Ok((registry::load(&runner)?, runner)))
+            .and_then(|(backend, runner)| hooks::reap(&runner, backend.as_ref(), args.grace, args.dry_run));
+        match result {
+            Ok(()) => {}
+            Err(e) if names.len() == 1 => return Err(e),
+            Err(e) => {
+                eprintln!("error: runner {name}: {}", e.report());
+                failed.push(name.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(anyhow::anyhow!("failed to reap runner(s) {}", failed.join(", ")).into());
+    }
+    Ok(Done::Success)
 }
 
 fn describe(cli: &Cli, args: &DescribeArgs) -> Result<Done> {

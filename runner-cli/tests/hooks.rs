@@ -1,6 +1,7 @@
 //! The four hooks called by hand, with the environment gitlab-runner sets.
 
 use std::path::Path;
+use std::process::Command;
 
 use crate::util::*;
 
@@ -288,4 +289,32 @@ fn a_settings_value_a_backend_refuses_is_named_with_file_key_and_line() {
     let want =
         format!("invalid configuration {}, line 6: key `runners.ch.settings.memory_max`: ", env.config().display());
     assert!(message.contains(&want) && message.contains("\"4 gigs\" is not an amount of memory"), "{message}");
+}
+
+#[test]
+fn reap_without_a_runner_reaps_every_runner_of_the_file_even_when_one_fails() {
+    let env = Env::new(&format!(
+        "{HOST}[runners.other]\nbackend = \"host-test\"\n[runners.broken]\nplugin = \"/nonexistent/libgone.so\"\n"
+    ));
+    let first = env.job("first");
+    let second = env.job("second");
+    assert!(first.hook(&env, "host", &["prepare"]).status.success());
+    assert!(second.hook(&env, "other", &["prepare"]).status.success());
+    std::fs::remove_dir_all(&first.tmp).unwrap();
+    std::fs::remove_dir_all(&second.tmp).unwrap();
+    let out = Command::new(BERTH)
+        .arg("--config")
+        .arg(env.config())
+        .args(["reap", "--grace", "0"])
+        .env("BERTH_ALLOW_TEST_BACKENDS", "1")
+        .env_remove("BERTH_RUNNER")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "a runner that cannot be reaped fails the command: {said}");
+    assert!(said.contains("runner broken") && said.contains("failed to reap runner(s) broken"), "{said}");
+    for key in ["host-48151623", "other-48151623"] {
+        assert!(said.contains(&format!("removed {key}")), "{said}");
+        assert!(!env.state().join("jobs").join(key).exists(), "{key} left: {said}");
+    }
 }
