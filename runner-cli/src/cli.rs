@@ -52,7 +52,8 @@ pub enum Command {
     /// List the built-in backends, and the backend of each configured runner.
     Backends,
     /// Remove environments of jobs that are gone (crashed runner, reboot, killed hook),
-    /// and image generations no job uses any more.
+    /// and image generations no job uses any more: of the runner given with `--runner`,
+    /// else of every runner of the file.
     Reap(ReapArgs),
     /// Build and maintain images (root filesystems) for the nspawn and chroot backends.
     Image(ImageArgs),

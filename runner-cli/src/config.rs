@@ -129,8 +129,7 @@ pub fn write_adhoc(dir: &Path, state_dir: &Path, name: &str, runner: toml::Table
 /// validated, or its error).
 pub fn load_all(path: &Path) -> Result<Vec<Result<Runner, ConfigError>>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-    let raw: RawFile = toml::from_str(&text)
-        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+    let raw = parse_raw(&text, path)?;
     if raw.runners.is_empty() {
         return Err(ConfigError::NoRunners { path: path.to_owned() });
     }
@@ -143,10 +142,14 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
     parse(&text, path, name)
 }
 
+fn parse_raw(text: &str, path: &Path) -> Result<RawFile, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })
+}
+
 /// Parses configuration `text` (read from `path`) and resolves runner `name`.
 pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
-    let raw: RawFile = toml::from_str(text)
-        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+    let raw = parse_raw(text, path)?;
     let key_err = |span: std::ops::Range<usize>, key: String, message: String| ConfigError::Key {
         path: path.to_owned(),
         line: line_of(text, span.start),

@@ -1,6 +1,7 @@
 //! The four hooks called by hand, with the environment gitlab-runner sets.
 
 use std::path::Path;
+use std::process::Command;
 
 use crate::util::*;
 
@@ -361,4 +362,32 @@ fn gitlab_config_and_doctor_refuse_a_runner_its_host_would_fail_at_prepare() {
     let shown = text(&out);
     assert!(shown.contains("runner demo (backend dry-run)") && !shown.contains("runner ns"), "{shown}");
     assert!(out.status.success() && shown.contains("0 errors"), "{shown}");
+}
+
+#[test]
+fn reap_without_a_runner_reaps_every_runner_of_the_file_even_when_one_fails() {
+    let env = Env::new(&format!(
+        "{HOST}[runners.other]\nbackend = \"host-test\"\n[runners.broken]\nplugin = \"/nonexistent/libgone.so\"\n"
+    ));
+    let first = env.job("first");
+    let second = env.job("second");
+    assert!(first.hook(&env, "host", &["prepare"]).status.success());
+    assert!(second.hook(&env, "other", &["prepare"]).status.success());
+    std::fs::remove_dir_all(&first.tmp).unwrap();
+    std::fs::remove_dir_all(&second.tmp).unwrap();
+    let out = Command::new(BERTH)
+        .arg("--config")
+        .arg(env.config())
+        .args(["reap", "--grace", "0"])
+        .env("BERTH_ALLOW_TEST_BACKENDS", "1")
+        .env_remove("BERTH_RUNNER")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "a runner that cannot be reaped fails the command: {said}");
+    assert!(said.contains("of runner broken") && said.contains("reap failed for 1 of 3 runners"), "{said}");
+    for key in ["host-48151623", "other-48151623"] {
+        assert!(said.contains(&format!("removed {key}")), "{said}");
+        assert!(!env.state().join("jobs").join(key).exists(), "{key} left: {said}");
+    }
 }

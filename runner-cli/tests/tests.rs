@@ -8,6 +8,7 @@ mod exec;
 mod hooks;
 mod images;
 mod nspawn;
+mod package;
 mod plugin;
 mod pool;
 mod sandbox;
