@@ -103,6 +103,19 @@ fn the_debian_package_installs_berth_with_a_working_reap_timer_and_purges_only_w
     // The plugin, where the example says, loads (owned by root, not writable by others).
     ok(&host, "printf '[runners.bwrap]\\nplugin = \"/usr/lib/berth/libberth_backend_bwrap.so\"\\n[runners.bwrap.settings]\\nimages_dir = \"/var/lib/berth/images\"\\n' > /root/bwrap.toml");
     assert!(ok(&host, "berth --config /root/bwrap.toml describe").contains("backend:     bwrap"));
+    // The installed berth checks its host: systemd as PID 1 and the package's
+    // dependencies are there; no image is built yet, which doctor names with its fix.
+    let doctor = sh(&host, "berth doctor --json");
+    let report: serde_json::Value =
+        serde_json::from_slice(&doctor.stdout).unwrap_or_else(|e| panic!("{e}: {doctor:?}"));
+    let nspawn = report["runners"].as_array().unwrap().iter().find(|r| r["name"] == "nspawn").unwrap();
+    let level = |check: &str| {
+        nspawn["findings"].as_array().unwrap().iter().find(|f| f["check"] == check).map(|f| f["level"].clone())
+    };
+    assert_eq!(level("host mode"), Some("ok".into()), "{nspawn}");
+    assert_eq!(level("systemd-nspawn"), Some("ok".into()), "{nspawn}");
+    assert_eq!(level("images").or_else(|| level("images_dir")), Some("error".into()), "{nspawn}");
+    assert_eq!(doctor.status.code(), Some(1), "an error makes doctor exit 1");
 
     // Man pages, one per command, and completions.
     for page in ["berth", "berth-reap", "berth-image-create", "berth-gitlab-config"] {
