@@ -93,10 +93,18 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
     if prerequisite(not_root.then(|| "not root: the leaked-mount case needs root".to_owned())) {
         cases.push(("leak-mount", "cleanup.idempotent"));
     }
+    cases.push(("host-builds", "stage.state-persists"));
     for (fault, check) in cases {
         let env = Env::new(&format!(
             "[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"{fault}\"\n"
         ));
+        // The host directory it writes: outside its state, but this test's own.
+        let host_builds = env.dir.path().join("host-builds");
+        if fault == "host-builds" {
+            let mut text = std::fs::read_to_string(env.config()).unwrap();
+            text.push_str(&format!("host_builds = {:?}\n", host_builds.display().to_string()));
+            std::fs::write(env.config(), text).unwrap();
+        }
         // leak-process is caught only if prepare spawned its leak before the
         // suite killed it (150 ms in): on a loaded machine, a round can miss.
         let mut results = verdicts(&suite(&env, "broken", &["--check", check]));
@@ -110,6 +118,10 @@ fn every_deliberately_broken_backend_is_caught_by_its_check() {
         match results.iter().find(|(id, _, _)| id == check) {
             Some((_, verdict, detail)) if verdict == "fail" => {
                 eprintln!("{fault}: caught by {check}: {}", detail.lines().next().unwrap_or(""));
+                if fault == "host-builds" {
+                    let written = format!("{} (written outside the backend's state", host_builds.display());
+                    assert!(detail.contains(&written), "{detail}");
+                }
                 if fault == "leak-mount" {
                     assert!(detail.contains("mount /run/berth-leak-broken-"), "{detail}");
                     // Undo what the broken backend left.
@@ -317,7 +329,7 @@ fn assert_wrong_script_caught(code: Option<i32>, report: &serde_json::Value) {
         }
     }
     let detail = |id: &str| results.iter().find(|(i, _, _)| i == id).unwrap().2.clone();
-    assert!(detail("exit.codes").contains("from_file: false"), "{}", detail("exit.codes"));
+    assert!(detail("exit.codes").contains("(no BUILD_EXIT_CODE_FILE written)"), "{}", detail("exit.codes"));
     assert!(detail("exit.codes-from-env").contains("instead of 77"), "{}", detail("exit.codes-from-env"));
     assert_eq!(code, Some(1), "a failed MUST check fails the command");
 }

@@ -55,6 +55,11 @@ pub enum Fault {
     LeakMount,
     /// prepare panics (a plugin must turn that into a system failure).
     PanicInPrepare,
+    /// config names a host directory ([`Settings::host_builds`], default
+    /// `/builds`) as the builds directory, as a host-level backend that
+    /// forgets to map it does: jobs write the host's files, outside the
+    /// backend's state.
+    HostBuilds,
 }
 
 /// `[runners.NAME.settings]` of the fixture.
@@ -66,6 +71,8 @@ pub struct Settings {
     pub root: Option<PathBuf>,
     /// A deliberate defect.
     pub fault: Option<Fault>,
+    /// The host directory of [`Fault::HostBuilds`] (default `/builds`).
+    pub host_builds: Option<PathBuf>,
 }
 
 /// The fixture backend.
@@ -73,6 +80,7 @@ pub struct Settings {
 pub struct HostTest {
     root: PathBuf,
     fault: Option<Fault>,
+    host_builds: PathBuf,
 }
 
 impl NewBackend for HostTest {
@@ -82,6 +90,7 @@ impl NewBackend for HostTest {
         Ok(HostTest {
             root: settings.root.unwrap_or_else(|| runner.state_dir.join("host-test")),
             fault: settings.fault,
+            host_builds: settings.host_builds.unwrap_or_else(|| PathBuf::from("/builds")),
         })
     }
 }
@@ -123,6 +132,9 @@ impl Backend for HostTest {
     }
 
     fn config(&self, job: &JobContext) -> Result<ConfigOutput, Failure> {
+        if self.fault == Some(Fault::HostBuilds) {
+            return Ok(ConfigOutput::with_dirs(self.host_builds.display().to_string(), "/cache"));
+        }
         let builds = self.builds(job);
         Ok(ConfigOutput::with_dirs(builds.display().to_string(), self.root.join("cache").display().to_string()))
     }

@@ -36,7 +36,7 @@ fn cancel(target: &Target) -> CheckOutcome {
     let stopped = started.elapsed();
     let _ = fire.join();
     if result.ok() || result.output().contains("berth-not-cancelled") {
-        return Err(Finding::Fail(format!("the stage ran to its end despite SIGTERM: {:?}", result.exit)));
+        return Err(Finding::Fail(format!("the stage ran to its end despite SIGTERM: {}", result.exit)));
     }
     if stopped > Duration::from_secs(5) {
         return Err(Finding::Fail(format!(

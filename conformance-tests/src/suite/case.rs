@@ -1,7 +1,8 @@
 //! One job driven hook by hook, as the checks use it, and what every case
 //! ends with: the leak check.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +71,7 @@ impl<'a> Case<'a> {
         let result =
             self.driver.call(&self.job, Hook::Prepare, &[], Some(self.driver.timeouts.prepare), None, &self.log);
         if !result.ok() {
-            return Err(Finding::Fail(format!("prepare failed: {:?}\n{}", result.exit, tail(&result.output()))));
+            return Err(Finding::Fail(format!("prepare ended in a {}\n{}", result.exit, tail(&result.output()))));
         }
         Ok(result)
     }
@@ -82,7 +83,7 @@ impl<'a> Case<'a> {
     pub(super) fn run_ok(&mut self, stage: &str, body: &str) -> Result<HookResult, Finding> {
         let result = self.run(stage, body);
         if !result.ok() {
-            return Err(Finding::Fail(format!("run {stage} failed: {:?}\n{}", result.exit, tail(&result.output()))));
+            return Err(Finding::Fail(format!("run {stage} ended in a {}\n{}", result.exit, tail(&result.output()))));
         }
         Ok(result)
     }
@@ -95,7 +96,7 @@ impl<'a> Case<'a> {
     pub(super) fn finish(mut self) -> CheckOutcome {
         let result = self.cleanup();
         if !result.ok() {
-            return Err(Finding::Fail(format!("cleanup failed: {:?}\n{}", result.exit, tail(&result.output()))));
+            return Err(Finding::Fail(format!("cleanup ended in a {}\n{}", result.exit, tail(&result.output()))));
         }
         leak_check(self.target, self.id())
     }
@@ -137,9 +138,98 @@ pub(super) fn leak_check(target: &Target, id: u64) -> CheckOutcome {
     }
 }
 
+/// A host directory outside the backend's state (`root`), and what was
+/// below it before the suite's first case (`None`: it did not exist).
+#[derive(Debug)]
+pub(super) struct Watched {
+    root: PathBuf,
+    before: Option<BTreeSet<PathBuf>>,
+}
+
+/// How deep and how much of a watched directory is remembered: enough for
+/// `<builds_dir>/<namespace>/<project>/...`, bounded on a busy host.
+const WATCH_DEPTH: usize = 4;
+const WATCH_ENTRIES: usize = 20_000;
+
+/// The host directories a job must leave alone, as they are now: the builds
+/// directory the driver's config names (a backend that runs jobs on the host
+/// writes there unless it maps it into its state) and the usual paths jobs
+/// see, `/builds` and `/cache`, each unless it is inside the state
+/// directory. (The cache directory a config names is not watched: a cache
+/// is meant to outlive its jobs.)
+pub(super) fn watch(target: &Target) -> Vec<Watched> {
+    let mut roots = vec![PathBuf::from("/builds"), PathBuf::from("/cache")];
+    if let Ok(mut case) = Case::new(target) {
+        if case.config().is_ok() {
+            let config = &case.job.config;
+            roots.extend(config.builds_dir.iter().map(PathBuf::from));
+        }
+        let _ = case.cleanup();
+    }
+    roots.sort();
+    roots.dedup();
+    roots
+        .into_iter()
+        .filter(|root| root.is_absolute() && root.parent().is_some())
+        .filter(|root| target.state_dir.as_ref().is_none_or(|state| !root.starts_with(state)))
+        .map(|root| {
+            let before = root.exists().then(|| entries(&root));
+            Watched { root, before }
+        })
+        .collect()
+}
+
+/// What is below `root`, [`WATCH_DEPTH`] levels deep, at most [`WATCH_ENTRIES`].
+fn entries(root: &Path) -> BTreeSet<PathBuf> {
+    fn visit(dir: &Path, depth: usize, out: &mut BTreeSet<PathBuf>) {
+        let Ok(read) = std::fs::read_dir(dir) else { return };
+        for entry in read.flatten() {
+            if out.len() >= WATCH_ENTRIES {
+                return;
+            }
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            out.insert(path.clone());
+            if is_dir && depth + 1 < WATCH_DEPTH {
+                visit(&path, depth + 1, out);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    visit(root, 0, &mut out);
+    out
+}
+
+/// What was made below the watched directories since the suite began (the
+/// topmost new paths), or the directory itself when it did not exist.
+fn written_outside(watched: &[Watched]) -> Vec<String> {
+    let mut found = Vec::new();
+    for Watched { root, before } in watched {
+        match before {
+            None if root.exists() => found.push(root.clone()),
+            None => {}
+            Some(before) => {
+                let now = entries(root);
+                let mut new: Vec<&PathBuf> = now.difference(before).collect();
+                new.retain(|path| !path.ancestors().skip(1).any(|a| now.contains(a) && !before.contains(a)));
+                found.extend(new.into_iter().cloned());
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|path| {
+            format!("{} (written outside the backend's state: a job must not change the host's files)", path.display())
+        })
+        .collect()
+}
+
 /// What of the job named by `needle` is there now.
 fn leaks(target: &Target, needle: &str) -> Vec<String> {
     let mut leaks = Vec::new();
+    if let Some(watched) = target.outside.get() {
+        leaks.extend(written_outside(watched));
+    }
     if let Some(root) = &target.state_dir {
         let logs = root.join(berth_backend_api::LOGS_DIR);
         walk(root, &mut |path| {
@@ -196,9 +286,9 @@ pub(super) fn read_small_file(path: &Path) -> Option<Vec<u8>> {
 pub(super) fn expect_exit(result: &HookResult, want: &Exit, what: &str) -> CheckOutcome {
     if &result.exit != want {
         return Err(Finding::Fail(format!(
-            "{what}: expected {want:?}, got {:?} (exit status {:?})\n{}",
+            "{what}: expected a {want}, got a {} ({})\n{}",
             result.exit,
-            result.status,
+            result.status.map_or_else(|| "killed".to_owned(), |s| format!("exit status {s}")),
             tail(&result.output())
         )));
     }

@@ -45,7 +45,9 @@ fn concurrent_isolation(target: &Target) -> CheckOutcome {
         Exit::Build { code: 1, .. } => return Err("a job saw another job's file in /tmp".into()),
         Exit::Build { code: 3, .. } => return Err("a job saw another job's files under its builds dir".into()),
         Exit::Build { code: 4, .. } => return Err("a job saw another job's processes".into()),
-        other => return Err(Finding::Fail(format!("the probe stage failed: {other:?}\n{}", tail(&b_result.output())))),
+        other => {
+            return Err(Finding::Fail(format!("the probe stage ended in a {other}\n{}", tail(&b_result.output()))))
+        }
     }
     b.finish()?;
     a.finish()

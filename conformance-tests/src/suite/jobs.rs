@@ -30,10 +30,11 @@ fn whole_job(target: &Target, spec: &JobSpec) -> Result<berth_runner_imitation::
     let interrupts = Interrupts::none().map_err(|e| e.to_string())?;
     let log: Arc<dyn Log> = Arc::new(Quiet);
     let report = target.driver.run_job(spec, &interrupts, &log);
-    leak_check(target, spec.response.id)?;
+    // A failed cleanup is the finding, not what it failed to remove.
     if let Some((_, cleanup)) = report.calls.iter().rev().find(|(_, r)| r.hook == Hook::Cleanup) {
         expect_exit(cleanup, &Exit::Success, "cleanup at the end of the job")?;
     }
+    leak_check(target, spec.response.id)?;
     Ok(report)
 }
 
@@ -49,7 +50,7 @@ pub(super) const JOB_SUCCESS: Check = Check {
 fn job_success(target: &Target) -> CheckOutcome {
     let report = whole_job(target, &job_spec(&["echo berth-job-ran"], &[]))?;
     if report.outcome != Outcome::Succeeded {
-        return Err(Finding::Fail(format!("a job whose script succeeds ended as {:?}", report.outcome)));
+        return Err(Finding::Fail(format!("a job whose script succeeds ended with `{}`", report.outcome.verdict())));
     }
     let stages = report.stages();
     if stages != ["prepare_script", "get_sources", "build_script"] {
@@ -74,7 +75,7 @@ pub(super) const JOB_FAILURE: Check = Check {
 fn job_failure(target: &Target) -> CheckOutcome {
     let report = whole_job(target, &job_spec(&["exit 42"], &["echo \"berth-after-$CI_JOB_STATUS\""]))?;
     if report.outcome != (Outcome::Failed { code: 42, allowed: false }) {
-        return Err(Finding::Fail(format!("a job whose script exits 42 ended as {:?}", report.outcome)));
+        return Err(Finding::Fail(format!("a job whose script exits 42 ended with `{}`", report.outcome.verdict())));
     }
     if !report.calls.iter().any(|(stage, r)| stage == "after_script" && r.output().contains("berth-after-failed")) {
         return Err("after_script did not run with CI_JOB_STATUS=failed after the script failed".into());

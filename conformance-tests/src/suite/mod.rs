@@ -21,6 +21,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use berth_backend_api::{Description, Isolation};
@@ -194,6 +195,9 @@ pub struct Target {
     pub description: Description,
     /// The state directory to check for leaks, if known.
     pub state_dir: Option<PathBuf>,
+    /// The host directories outside the state a job must leave as it found
+    /// them, as the suite found them before its first case.
+    outside: Arc<OnceLock<Vec<case::Watched>>>,
 }
 
 impl Target {
@@ -214,7 +218,7 @@ impl Target {
             log_release: Duration::from_secs(3),
             retry_delay: Duration::from_millis(100),
         };
-        Target { driver, description, state_dir }
+        Target { driver, description, state_dir, outside: Arc::default() }
     }
 
     /// With `hook` started as `exec` says instead of `program args... HOOK`
@@ -309,6 +313,7 @@ pub fn run(target: &Target, filter: &Filter) -> Result<Report, String> {
             return Err(format!("unknown check {id:?}; `berth conformance --list` lists them"));
         }
     }
+    target.outside.get_or_init(|| case::watch(target));
     let mut results = Vec::new();
     for check in CHECKS {
         if (!filter.only.is_empty() && !filter.only.iter().any(|id| id == check.id))

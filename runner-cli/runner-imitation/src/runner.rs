@@ -136,6 +136,23 @@ pub enum Exit {
     System(String),
 }
 
+impl std::fmt::Display for Exit {
+    /// As a report says it: `success`, `build failure, exit code 3`,
+    /// `system failure: <why, verbatim>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Success => f.write_str("success"),
+            Exit::Build { code, from_file: true } => {
+                write!(f, "build failure, exit code {code} (from BUILD_EXIT_CODE_FILE)")
+            }
+            Exit::Build { code, from_file: false } => {
+                write!(f, "build failure, exit code {code} (no BUILD_EXIT_CODE_FILE written)")
+            }
+            Exit::System(why) => write!(f, "system failure: {why}"),
+        }
+    }
+}
+
 /// What one hook call did.
 #[derive(Debug, Clone)]
 pub struct HookResult {
