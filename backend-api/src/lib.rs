@@ -13,7 +13,8 @@
 //! - [`Failure`]: the result classes, which map 1:1 onto the protocol's exit
 //!   codes (a failed script, a job-caused refusal, a system fault, a cancel);
 //! - [`StateDir`] / [`JobState`]: a locked per-job state area, so what prepare
-//!   made is found again by run, cleanup and reap;
+//!   made is found again by run, cleanup and reap; [`JobStatus`] and
+//!   [`Stage`], what `berth ps` shows of a job, read without the lock;
 //! - [`Cancel`]: a pollable cancellation signal (SIGTERM from the runner);
 //! - [`Description`]: what a backend is and what it supports, used by
 //!   `berth config` (the driver line) and by the conformance suite;
@@ -36,6 +37,7 @@ pub mod process;
 mod redact;
 pub mod script;
 mod state;
+mod status;
 pub mod testing;
 mod tree;
 
@@ -48,4 +50,5 @@ pub use describe::{Capabilities, Description, Isolation};
 pub use failure::Failure;
 pub use redact::{Redactor, MASK};
 pub use state::{JobRecord, JobState, StateDir, StateError};
+pub use status::{JobPeek, JobStatus, Stage};
 pub use tree::{remove_tree, MAX_OPEN_DIRS};

@@ -131,6 +131,17 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
     parse(&text, path, name)
 }
 
+/// Loads every runner of the configuration file at `path`, in name order.
+pub fn load_all(path: &Path) -> Result<Vec<Runner>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+    let raw: RawFile = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+    if raw.runners.is_empty() {
+        return Err(ConfigError::NoRunners { path: path.to_owned() });
+    }
+    raw.runners.keys().map(|name| parse(&text, path, Some(name.get_ref()))).collect()
+}
+
 /// Parses configuration `text` (read from `path`) and resolves runner `name`.
 pub fn parse(text: &str, path: &Path, name: Option<&str>) -> Result<Runner, ConfigError> {
     let raw: RawFile = toml::from_str(text)

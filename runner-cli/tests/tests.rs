@@ -10,6 +10,7 @@ mod images;
 mod nspawn;
 mod plugin;
 mod pool;
+mod ps;
 mod sandbox;
 mod stages;
 mod testhost;
