@@ -13,7 +13,8 @@
 //! - [`Failure`]: the result classes, which map 1:1 onto the protocol's exit
 //!   codes (a failed script, a job-caused refusal, a system fault, a cancel);
 //! - [`StateDir`] / [`JobState`]: a locked per-job state area, so what prepare
-//!   made is found again by run, cleanup and reap;
+//!   made is found again by run, cleanup and reap; [`JobStatus`] and
+//!   [`Stage`], what `berth ps` shows of a job, read without the lock;
 //! - [`Cancel`]: a pollable cancellation signal (SIGTERM from the runner);
 //! - [`Finding`]: what [`Backend::check`] finds of the host and the runner's
 //!   settings (`berth doctor`), each ok, a warning or an error, with the fix;
@@ -39,6 +40,7 @@ pub mod process;
 mod redact;
 pub mod script;
 mod state;
+mod status;
 pub mod testing;
 mod tree;
 
@@ -52,4 +54,5 @@ pub use describe::{Capabilities, Description, Isolation};
 pub use failure::Failure;
 pub use redact::{Redactor, MASK};
 pub use state::{JobRecord, JobState, StateDir, StateError};
+pub use status::{JobPeek, JobStatus, Stage};
 pub use tree::{remove_tree, MAX_OPEN_DIRS};

@@ -57,6 +57,16 @@ pub enum Command {
     Reap(ReapArgs),
     /// Build and maintain images (root filesystems) for the nspawn and chroot backends.
     Image(ImageArgs),
+    /// List the jobs this host runs now (every runner of the file, or --runner's),
+    /// warm containers, and leftovers waiting for `berth reap`.
+    Ps(PsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// As JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -135,6 +135,7 @@ fn tool(cli: &Cli) -> Result<Done, Error> {
         Command::Reap(args) => reap(cli, args),
         Command::Conformance(args) => Ok(conformance(cli, args)?),
         Command::Image(args) => Ok(crate::image::main(cli, args)?),
+        Command::Ps(args) => crate::ps::main(cli, args),
         _ => unreachable!("hooks and exec are dispatched in main"),
     }
 }

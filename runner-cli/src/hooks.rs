@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use berth_backend_api::{Backend, Cancel, ConfigOutput, JobContext, JobRecord, StateDir};
+use berth_backend_api::{Backend, Cancel, ConfigOutput, JobContext, JobRecord, JobState, StateDir};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -66,6 +66,7 @@ pub fn prepare(runner: &Runner, backend: &dyn Backend, job: &JobContext, cancel:
         .timeout_secs(job.timeout());
     let state = states.create(record)?;
     info!(job = %job.key(), "prepare");
+    note_stage(&state, "prepare");
     backend.prepare(job, &state, cancel)?;
     Ok(())
 }
@@ -82,8 +83,17 @@ pub fn run(
     let states = StateDir::new(&runner.state_dir);
     let state = states.open(job.key())?;
     info!(job = %job.key(), stage, "run");
+    note_stage(&state, stage);
     backend.run(job, &state, script, stage, cancel)?;
     Ok(())
+}
+
+/// Records the step a hook starts, for `berth ps`; what `ps` shows is not
+/// worth failing a job for.
+fn note_stage(state: &JobState, name: &str) {
+    if let Err(e) = state.set_stage(name) {
+        warn!(job = %state.key(), stage = name, "failed to record the stage for `berth ps`: {e}");
+    }
 }
 
 /// `berth cleanup`: idempotent; works for a job never or half prepared.
@@ -91,6 +101,9 @@ pub fn cleanup(runner: &Runner, backend: &dyn Backend, job: &JobContext) -> Resu
     let states = StateDir::new(&runner.state_dir);
     let state = states.open_for_cleanup(job.key())?;
     info!(job = %job.key(), prepared = state.record().is_some(), "cleanup");
+    if state.record().is_some() {
+        note_stage(&state, "cleanup");
+    }
     backend.cleanup(&state)?;
     // A backend may hand the removal of what is left (its layers, the state)
     // to a background process holding the job's lock.
@@ -127,6 +140,9 @@ pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bo
             known.push(key);
             continue;
         }
+        if state.record().is_some() {
+            note_stage(&state, "cleanup");
+        }
         let cleaned = backend.cleanup(&state).map_err(Error::from);
         match cleaned.and_then(|()| if state.handed_over() { Ok(()) } else { Ok(state.remove()?) }) {
             Ok(()) => {
@@ -159,8 +175,9 @@ pub fn reap(runner: &Runner, backend: &dyn Backend, grace: Duration, dry_run: bo
     Ok(())
 }
 
-/// Why a job whose state is unlocked counts as gone, or `None` while it may run.
-fn gone(record: &JobRecord, now: u64, grace: Duration) -> Option<String> {
+/// Why a job whose state is unlocked counts as gone, or `None` while it may
+/// run (`berth ps` asks with no grace: what reap removes once its grace passed).
+pub(crate) fn gone(record: &JobRecord, now: u64, grace: Duration) -> Option<String> {
     let age = now.saturating_sub(record.created_unix);
     if age < grace.as_secs() {
         return None;
@@ -229,6 +246,23 @@ mod tests {
         assert!(states.list().unwrap().is_empty(), "cleanup removes the state");
         cleanup(&s.runner, &backend, &s.job).unwrap();
         assert_eq!(backend.calls(), ["prepare", "run step_script", "run build_script", "cleanup", "cleanup"]);
+    }
+
+    #[test]
+    fn each_hook_records_the_step_it_starts_for_ps() {
+        let s = setup("");
+        let backend = FakeBackend::default();
+        let states = StateDir::new(&s.runner.state_dir);
+        let stage = || states.peek_all().unwrap().pop().and_then(|p| p.stage).map(|s| s.name);
+        prepare(&s.runner, &backend, &s.job, &never()).unwrap();
+        assert_eq!(stage().as_deref(), Some("prepare"));
+        run(&s.runner, &backend, &s.job, &s.dir.path().join("script"), "step_script", &never()).unwrap();
+        assert_eq!(stage().as_deref(), Some("step_script"));
+        let lock = states.open(s.job.key()).unwrap();
+        assert_eq!(states.peek_all().unwrap()[0].locked, Some(true), "a hook holds the job: ps says it runs");
+        drop(lock);
+        cleanup(&s.runner, &backend, &s.job).unwrap();
+        assert!(states.peek_all().unwrap().is_empty());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod exit;
 pub mod hooks;
 pub mod image;
 pub mod plugin;
+pub mod ps;
 pub mod registry;
 
 pub use error::Error;

@@ -6,10 +6,7 @@ use std::path::Path;
 use crate::util::*;
 
 fn runner(images: &Path, extra: &str) -> String {
-    format!(
-        "[runners.ch]\nbackend = \"chroot\"\n[runners.ch.settings]\nimages_dir = {:?}\ndefault_image = \"bookworm\"\n{extra}",
-        images.display().to_string()
-    )
+    image_runner(images, "ch", "chroot", extra)
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod nspawn;
 mod package;
 mod plugin;
 mod pool;
+mod ps;
 mod sandbox;
 mod stages;
 mod testhost;

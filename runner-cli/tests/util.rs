@@ -177,6 +177,15 @@ pub fn real_containers() -> Option<PathBuf> {
     prerequisite(missing.map(|reason| format!("cannot test real containers: {reason}"))).then_some(images)
 }
 
+/// Runner `name` of `backend` on the images in `images` (`default_image`
+/// bookworm), with `extra` lines of settings.
+pub fn image_runner(images: &Path, name: &str, backend: &str, extra: &str) -> String {
+    format!(
+        "[runners.{name}]\nbackend = \"{backend}\"\n[runners.{name}.settings]\nimages_dir = {:?}\ndefault_image = \"bookworm\"\n{extra}",
+        images.display().to_string()
+    )
+}
+
 /// The results of a conformance report (`--json`) that did not pass, as
 /// `id verdict: detail` lines; a backend that does not claim to contain root
 /// skips the containment section, which is not counted.

@@ -27,6 +27,8 @@ mod job;
 mod notify;
 pub mod settings;
 
+pub use job::pool::{warm_containers, WarmContainer};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

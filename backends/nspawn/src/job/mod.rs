@@ -37,13 +37,14 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use berth_backend_api::{Cancel, Failure, JobContext, JobKey, JobState};
+use berth_backend_api::{Cancel, Failure, JobContext, JobKey, JobState, JobStatus};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::settings::Mode;
 use crate::{machine_name, Nspawn};
 use berth_backend_support::cache;
+use berth_backend_support::cgroup::memory;
 use berth_backend_support::claims::Claims;
 use berth_backend_support::host::{Cmd, Host};
 use berth_backend_support::image::Image;
@@ -227,6 +228,7 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
                 started.elapsed().as_secs_f64()
             );
             info!(job = %job.key(), machine = container.machine, image = container.image, "took a warm container");
+            state.set_status(&status_of(&*backend.host, &container))?;
             return Ok(());
         }
     }
@@ -250,6 +252,7 @@ pub(crate) fn prepare(backend: &Nspawn, job: &JobContext, state: &JobState, canc
         println!("{}", berth_backend_support::rootfs::GITLAB_RUNNER_MISSING);
     }
     boot(backend, &home, &mut container, cancel)?;
+    state.set_status(&status_of(&*backend.host, &container))?;
     let mode = match container.mode {
         ModeName::Systemd => "systemd",
         ModeName::Standalone => "standalone",
@@ -280,6 +283,13 @@ fn leader(host: &dyn Host, container: &Container) -> Option<(i32, OwnedFd)> {
     let (pid, start) = (container.leader?, container.leader_start?);
     let fd = host.pidfd(pid)?;
     host.process(pid).is_some_and(|p| p.start_time == start && p.alive()).then_some((pid, fd))
+}
+
+/// What `berth ps` shows of a container: its image and generation, its
+/// machine, and the cgroup that accounts its memory (found from its init).
+fn status_of(host: &dyn Host, container: &Container) -> JobStatus {
+    let cgroup = leader(host, container).and_then(|(pid, _pidfd)| memory::dir_of(pid));
+    JobStatus::new().image(&container.image, container.generation).machine(&container.machine).cgroup(cgroup)
 }
 
 /// Runs a host command to its end, capturing its output.

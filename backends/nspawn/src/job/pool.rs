@@ -36,14 +36,16 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use berth_backend_api::{Cancel, Failure, JobContext, JobState};
+use berth_backend_api::{Cancel, Failure, JobContext, JobKey, JobState, JobStatus};
 use nix::fcntl::{Flock, FlockArg};
 use tracing::warn;
 
 use super::teardown::{kill_by_names, remove_files, stop};
 use super::{container_dir, layer, leader, load_record, Container, Home, MACHINES, RECORD};
 use crate::Nspawn;
+use berth_backend_support::cgroup::memory;
 use berth_backend_support::claims::Claims;
+use berth_backend_support::host::System;
 use berth_backend_support::image::{valid_name, Image};
 use berth_backend_support::settings::sys;
 use berth_backend_support::userns::{self, Allocator};
@@ -58,9 +60,13 @@ struct Pool {
     dir: PathBuf,
 }
 
-/// Every runner's pools: `<state_dir>/pool/<runner>`.
+/// A runner's pools: `<state_dir>/pool/<runner>`.
 fn runner_dir(backend: &Nspawn) -> PathBuf {
-    backend.runner.state_dir.join("pool").join(&backend.runner.name)
+    pools_dir(&backend.runner.state_dir, &backend.runner.name)
+}
+
+fn pools_dir(state_dir: &Path, runner: &str) -> PathBuf {
+    state_dir.join("pool").join(runner)
 }
 
 impl Pool {
@@ -123,6 +129,62 @@ fn usable(backend: &Nspawn, slot: &Path, container: Option<&Container>, image: &
             && leader(&*backend.host, c).is_some()
             && super::root_dir(slot).join(cache_dir).is_dir()
     })
+}
+
+/// A warm container, as `berth ps` shows it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WarmContainer {
+    /// Its image and generation, machine, and the cgroup that accounts its
+    /// memory (while its init runs).
+    pub status: JobStatus,
+    /// Its slot directory.
+    pub slot: PathBuf,
+    /// It finished booting and no job took it.
+    pub ready: bool,
+    /// Its init runs (the recorded pid with its start time).
+    pub running: bool,
+    /// When its record was last written (the boot began, or it became
+    /// ready), in seconds since the Unix epoch.
+    pub since_unix: Option<u64>,
+}
+
+/// The warm containers of runner `runner` whose state is in `state_dir`,
+/// read without any of the pool's locks; a slot without a readable record
+/// (one a filler begins to boot) has an empty status.
+pub fn warm_containers(state_dir: &Path, runner: &str) -> Vec<WarmContainer> {
+    if JobKey::new(runner, 0).is_err() {
+        return Vec::new();
+    }
+    let mut images: Vec<(String, PathBuf)> = fs::read_dir(pools_dir(state_dir, runner))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str().filter(|n| valid_name(n))?.to_owned(), e.path())))
+        .filter(|(_, dir)| dir.is_dir())
+        .collect();
+    images.sort();
+    let mut warm = Vec::new();
+    for (_, dir) in images {
+        for (slot, container) in (Pool { dir }).slots() {
+            let since_unix = fs::metadata(slot.join(RECORD))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            let (status, ready, running) = match &container {
+                Some(c) => {
+                    let init = leader(&System, c);
+                    let status = JobStatus::new().image(&c.image, c.generation).machine(&c.machine);
+                    let cgroup = init.as_ref().and_then(|(pid, _)| memory::dir_of(*pid));
+                    (status.cgroup(cgroup), c.ready, init.is_some())
+                }
+                None => (JobStatus::new(), false, false),
+            };
+            warm.push(WarmContainer { status, slot, ready, running, since_unix });
+        }
+    }
+    warm
 }
 
 /// Takes a warm container of `image` for the job, if one is ready: it is

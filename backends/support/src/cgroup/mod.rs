@@ -28,6 +28,7 @@ use std::time::Duration;
 use nix::unistd::AccessFlags;
 
 mod fork;
+pub mod memory;
 mod stage;
 pub(crate) use fork::fork_into;
 pub use stage::{Joiner, StageCgroup};

@@ -52,7 +52,7 @@ impl std::fmt::Debug for StageCgroup {
 /// One line of `/proc/PID/cgroup`: the hierarchy's mount point (under the
 /// host's cgroup root) and the process's cgroup in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Membership {
+pub(super) enum Membership {
     /// The cgroup2 hierarchy.
     V2(PathBuf),
     /// The named `systemd` hierarchy (v1, no controller).
@@ -61,7 +61,7 @@ enum Membership {
     Controller(String, PathBuf),
 }
 
-fn memberships(text: &str) -> Vec<Membership> {
+pub(super) fn memberships(text: &str) -> Vec<Membership> {
     text.lines()
         .filter_map(|line| {
             let mut parts = line.splitn(3, ':');

@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use berth_backend_api::{Cancel, Failure, JobContext, JobState};
+use berth_backend_api::{Cancel, Failure, JobContext, JobState, JobStatus};
 use nix::mount::MsFlags;
 use tracing::{info, warn};
 
@@ -127,6 +127,10 @@ impl Sandbox {
         if cancel.is_cancelled() {
             return Err(Failure::Cancelled);
         }
+        let memory = record.cgroup.as_ref().and_then(|_| group.memory_dir());
+        state.set_status(
+            &JobStatus::new().image(&image.name, image.generation).root(Paths::of(state).root).cgroup(memory),
+        )?;
         let how = match self.settings.layer {
             Layer::Overlay => "overlay",
             Layer::Copy => "copied",
