@@ -156,3 +156,60 @@ fn masked_values_are_hidden_in_the_jobs_own_output_too() {
         assert!(log.contains(shown), "{shown:?} missing:\n{log}");
     }
 }
+
+/// A pipeline file in a scratch directory, run with `berth exec --backend dry-run --no-sources`.
+fn dry_run_exec(pipeline: &str, args: &[&str]) -> (std::process::Output, String) {
+    let env = Env::new("");
+    let file = env.dir.path().join(".gitlab-ci.yml");
+    std::fs::write(&file, pipeline).unwrap();
+    let out = std::process::Command::new(BERTH)
+        .arg("--config")
+        .arg(env.config())
+        .env_remove("BERTH_RUNNER")
+        .env_remove("BERTH_LOG")
+        .env("XDG_STATE_HOME", env.state())
+        .args(["exec", "--backend", "dry-run", "--retry-delay-ms", "50", "--no-sources", "--file"])
+        .arg(&file)
+        .args(args)
+        .output()
+        .unwrap();
+    let log = text(&out);
+    (out, log)
+}
+
+/// gitlab-runner expands variables in variable values and in the image name
+/// (https://docs.gitlab.com/ci/variables/#use-cicd-variables-in-other-variables,
+/// https://docs.gitlab.com/ci/variables/where_variables_can_be_used/).
+#[test]
+fn variables_and_the_image_are_expanded_as_the_runner_does() {
+    let pipeline = r#"
+variables:
+  IMG: alpine
+  GOPATH: $CI_PROJECT_DIR/.GOPATH
+  PRICE: "5$$ and $NOPE."
+  KEEP:
+    value: $IMG literally
+    expand: false
+j:
+  image: ${IMG}:$TAG
+  variables:
+    IMG: debian
+  script: [echo $GOPATH]
+"#;
+    let (out, log) = dry_run_exec(pipeline, &["--var", "TAG=3.20", "j"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    for line in [
+        "Image: debian:3.20",
+        "  CI_JOB_IMAGE=debian:3.20",
+        "  GOPATH=/builds/local/",
+        "  PRICE=5$ and .",
+        "  KEEP=$IMG literally",
+    ] {
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+    assert!(log.contains("/.GOPATH\n"), "{log}");
+    // An image naming only undefined variables falls back to the runner's default.
+    let (out, log) = dry_run_exec("j:\n  image: $UNSET\n  script: [echo]\n", &["j"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("WARNING: the job's image `$UNSET` expands to nothing"), "{log}");
+}

@@ -5,6 +5,7 @@ use serde_norway::Value;
 
 use crate::duration::parse_duration;
 use crate::yaml::{kind, scalar_string};
+use crate::Variable;
 
 /// Deepest nesting of lists accepted in `script`, `before_script` and `after_script`.
 const MAX_SCRIPT_NESTING: usize = 10;
@@ -80,8 +81,8 @@ pub(crate) fn commands(value: &Value) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// A `variables:` hash as name/value pairs, in order.
-pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> {
+/// A `variables:` hash as variables, in order.
+pub(crate) fn variables(value: &Value) -> Result<Vec<Variable>, String> {
     let Value::Mapping(mapping) = value else {
         return Err(format!("must be a hash of NAME: value, not {}", kind(value)));
     };
@@ -92,6 +93,7 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> 
             Value::Number(n) => n.to_string(),
             other => return Err(format!("a variable name is {}; use a string", kind(other))),
         };
+        let mut expand = true;
         let value = match value {
             Value::Mapping(fields) => {
                 if let Some(key) = fields
@@ -103,6 +105,15 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> 
                          the known keys are value, description, expand and options",
                         scalar_string(key).unwrap_or_else(|| kind(key).to_owned())
                     ));
+                }
+                // `expand: false` reaches the runner as `raw`
+                // (https://docs.gitlab.com/ci/yaml/#variablesexpand).
+                match fields.get("expand") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Bool(value)) => expand = *value,
+                    Some(other) => {
+                        return Err(format!("`expand` of variable `{name}` is {}; use true or false", kind(other)))
+                    }
                 }
                 match fields.get("value") {
                     None | Some(Value::Null) => String::new(),
@@ -118,7 +129,7 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> 
                 )
             })?,
         };
-        out.push((name, value));
+        out.push(Variable { name, value, expand });
     }
     Ok(out)
 }
@@ -298,25 +309,27 @@ j:
     JOB: 1e3
   script: x
 "#;
-        assert_eq!(
-            job(text, "j").variables,
-            vars(&[
-                ("STR", "text"),
-                ("INT", "overridden"),
-                ("FLOAT", "1.1"),
-                ("NEG", "-3"),
-                ("BOOL", "true"),
-                ("OFF", "false"),
-                ("QUOTED", "007"),
-                ("OCTAL", "15"),
-                ("DESCRIBED", "v1"),
-                ("RAW", "$NOT_EXPANDED"),
-                ("NUMVALUE", "5"),
-                ("ONLYDOC", ""),
-                ("1234", "numeric name"),
-                ("JOB", "1000.0"),
-            ])
-        );
+        let mut want = vars(&[
+            ("STR", "text"),
+            ("INT", "overridden"),
+            ("FLOAT", "1.1"),
+            ("NEG", "-3"),
+            ("BOOL", "true"),
+            ("OFF", "false"),
+            ("QUOTED", "007"),
+            ("OCTAL", "15"),
+            ("DESCRIBED", "v1"),
+            ("RAW", "$NOT_EXPANDED"),
+            ("NUMVALUE", "5"),
+            ("ONLYDOC", ""),
+            ("1234", "numeric name"),
+            ("JOB", "1000.0"),
+        ]);
+        // `expand: false` (https://docs.gitlab.com/ci/yaml/#variablesexpand).
+        want[9].expand = false;
+        assert_eq!(job(text, "j").variables, want);
+        let e = error("j:\n  variables: {V: {value: x, expand: maybe}}\n  script: x\n", "j");
+        assert!(e.to_string().contains("`expand` of variable `V` is a string"), "{e}");
     }
 
     #[test]

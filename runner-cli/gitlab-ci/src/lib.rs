@@ -73,8 +73,9 @@ pub struct PipelineJob {
     pub image: Option<String>,
     /// Top-level `variables:` first, then the job's; a job variable replaces
     /// a global one of the same name in place. `{value: x, ...}` gives `x`;
-    /// numbers and booleans are written as YAML writes them.
-    pub variables: Vec<(String, String)>,
+    /// numbers and booleans are written as YAML writes them. Values are as
+    /// written: the runner expands them when the job starts.
+    pub variables: Vec<Variable>,
     /// The job's `before_script:`, else `default:before_script`, else the legacy global one.
     pub before_script: Vec<String>,
     /// The job's `script:`, nested lists flattened; never empty.
@@ -89,6 +90,25 @@ pub struct PipelineJob {
     /// The exit codes of `allow_failure: {exit_codes: ...}`: the job may fail
     /// with these codes only.
     pub allow_failure_exit_codes: Vec<i32>,
+}
+
+/// A variable of the job, as the pipeline file defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variable {
+    /// The name.
+    pub name: String,
+    /// The value, unexpanded.
+    pub value: String,
+    /// Whether the runner expands `$NAME` references in the value: false for
+    /// `expand: false`, which reaches the runner as a `raw` variable.
+    pub expand: bool,
+}
+
+impl Variable {
+    /// A variable that is expanded, as most are.
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Variable { name: name.into(), value: value.into(), expand: true }
+    }
 }
 
 /// Reads the pipeline file at `path` and resolves its job `job`.
@@ -130,7 +150,7 @@ pub fn job_names(text: &str, path: &Path) -> Result<Vec<String>, PipelineError> 
 mod test_support {
     use std::path::Path;
 
-    use crate::{parse, PipelineError, PipelineJob};
+    use crate::{parse, PipelineError, PipelineJob, Variable};
 
     pub(crate) fn path() -> &'static Path {
         Path::new("ci.yml")
@@ -151,8 +171,8 @@ mod test_support {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    pub(crate) fn vars(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pub(crate) fn vars(items: &[(&str, &str)]) -> Vec<Variable> {
+        items.iter().map(|(k, v)| Variable::new(*k, *v)).collect()
     }
 }
 

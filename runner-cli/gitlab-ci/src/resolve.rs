@@ -8,7 +8,7 @@ use serde_norway::{Mapping, Value};
 
 use crate::keywords::{allow_failure, commands, image_name, timeout, variables, Inherit};
 use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string};
-use crate::{PipelineError, PipelineJob};
+use crate::{PipelineError, PipelineJob, Variable};
 
 /// Deepest `extends` chain accepted below a job, as in GitLab.
 pub const MAX_EXTENDS_DEPTH: usize = 11;
@@ -445,20 +445,20 @@ impl<'a> Resolver<'a> {
             };
 
         let global_variables = self.global("variables", name, "variables (top-level)")?;
-        let mut all_variables: Vec<(String, String)> = match global_variables {
+        let mut all_variables: Vec<Variable> = match global_variables {
             None => Vec::new(),
             Some(value) => variables(&value)
                 .map_err(|message| self.invalid(name, "variables (top-level)", message))?
                 .into_iter()
-                .filter(|(variable, _)| inherit_variables.allows(variable))
+                .filter(|variable| inherit_variables.allows(&variable.name))
                 .collect(),
         };
         if let Some(value) = self.field(&own, "variables", name, "variables")? {
             let job_variables = variables(&value).map_err(|message| self.invalid(name, "variables", message))?;
-            for (variable, value) in job_variables {
-                match all_variables.iter_mut().find(|(existing, _)| *existing == variable) {
-                    Some(slot) => slot.1 = value,
-                    None => all_variables.push((variable, value)),
+            for variable in job_variables {
+                match all_variables.iter_mut().find(|existing| existing.name == variable.name) {
+                    Some(slot) => *slot = variable,
+                    None => all_variables.push(variable),
                 }
             }
         }

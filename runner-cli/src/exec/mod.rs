@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, Redactor, ResponseVariable, Step};
 use berth_runner_imitation::job::{Interrupts, JobSpec};
 use berth_runner_imitation::runner::{Driver, Hook, Log, Stream};
+use berth_runner_imitation::variables::expand_image;
 
 use crate::cli::{Cli, ExecArgs};
 use crate::config;
@@ -232,15 +233,19 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         ("CI_RUNNER_VERSION", format!("berth-exec {}", env!("CARGO_PKG_VERSION"))),
     ];
     if let Some(image) = &job.image {
+        // As GitLab sends it; the runner expands it with the other variables.
         vars.push(("CI_JOB_IMAGE", image.clone()));
-        response.image = Some(JobImage::new(image.clone()));
     }
     if let Some((_, dir)) = &sources {
         vars.extend(sources::git_variables(dir));
     }
+    // Lowest precedence first: the runner takes the last of a name
+    // (https://docs.gitlab.com/ci/variables/#cicd-variable-precedence).
     response.variables = vars.into_iter().map(|(k, v)| ResponseVariable::new(k, v)).collect();
-    for (key, value) in &job.variables {
-        response.variables.push(ResponseVariable::new(key.clone(), value.clone()));
+    for variable in &job.variables {
+        let mut given = ResponseVariable::new(variable.name.clone(), variable.value.clone());
+        given.raw = !variable.expand;
+        response.variables.push(given);
     }
     for text in &args.vars {
         let (key, value) = split_var(text)?;
@@ -249,6 +254,19 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     for text in &args.masked_vars {
         let (key, value) = split_var(text)?;
         response.variables.push(ResponseVariable::new(key, value).masked());
+    }
+    // Said in the log when the image names variables that are not defined.
+    let mut image_note = None;
+    if let Some(image) = &job.image {
+        let expanded = expand_image(image, &response.variables);
+        if expanded.trim().is_empty() {
+            image_note = Some(format!(
+                "WARNING: the job's image `{image}` expands to nothing, so the runner's default image is used; \
+                 define the variables it names (in the file or with --var NAME=VALUE)"
+            ));
+        } else {
+            response.image = Some(JobImage::new(expanded));
+        }
     }
     let mut script = job.before_script.clone();
     script.extend(job.script.iter().cloned());
@@ -281,7 +299,7 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         args.file.display(),
         runner.name
     ));
-    if let Some(note) = &sources_note {
+    for note in [&sources_note, &image_note].into_iter().flatten() {
         log.runner(note);
     }
     let interrupts = interrupts()?;
