@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::resolve::MAX_EXTENDS_DEPTH;
-use crate::yaml::RESERVED_KEYWORDS;
+use crate::yaml::{Position, RESERVED_KEYWORDS};
 
 /// Why a pipeline file or one of its jobs could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -17,13 +17,16 @@ pub enum PipelineError {
         /// What the filesystem said.
         source: std::io::Error,
     },
-    /// The pipeline file is not valid YAML.
-    #[error("failed to parse {} as YAML{}: fix the YAML syntax there", .path.display(), location_suffix(.source))]
+    /// The pipeline file is not YAML as GitLab loads it: a syntax error, an
+    /// alias bomb, a value GitLab's loader refuses.
+    #[error("{}:{at}: {message}", .path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// What the YAML parser said.
-        source: serde_norway::Error,
+        /// Where in the file.
+        at: Position,
+        /// What is wrong and how to fix it.
+        message: String,
     },
     /// The file is YAML, but not shaped like a pipeline (not a hash, several
     /// documents, a bad merge key).
@@ -47,10 +50,12 @@ pub enum PipelineError {
         includes: bool,
     },
     /// A value has the wrong shape.
-    #[error("{}: job `{job}`: {}", .path.display(), invalid_detail(.key, .message))]
+    #[error("{}{}: job `{job}`: {}", .path.display(), at_suffix(.at), invalid_detail(.key, .message))]
     Invalid {
         /// The file.
         path: PathBuf,
+        /// Where the keyword (else the job) is written, when known.
+        at: Option<Position>,
         /// The job being resolved.
         job: String,
         /// The keyword holding the value, like `script` or `default:image`;
@@ -126,11 +131,8 @@ pub enum PipelineError {
     },
 }
 
-fn location_suffix(error: &serde_norway::Error) -> String {
-    match error.location() {
-        Some(at) => format!(" at line {}, column {}", at.line(), at.column()),
-        None => String::new(),
-    }
+fn at_suffix(at: &Option<Position>) -> String {
+    at.map(|at| format!(":{at}")).unwrap_or_default()
 }
 
 fn invalid_detail(key: &str, message: &str) -> String {
@@ -187,12 +189,21 @@ mod tests {
     fn invalid_names_the_keyword_unless_the_job_itself_is_wrong() {
         let invalid = |key: &str| PipelineError::Invalid {
             path: path(),
+            at: None,
             job: "j".into(),
             key: key.into(),
             message: "fix it".into(),
         };
         assert_eq!(invalid("script").to_string(), "ci.yml: job `j`: invalid `script`: fix it");
         assert_eq!(invalid("").to_string(), "ci.yml: job `j`: fix it");
+        let placed = PipelineError::Invalid {
+            path: path(),
+            at: Some(Position { line: 3, column: 5 }),
+            job: "j".into(),
+            key: "image".into(),
+            message: "fix it".into(),
+        };
+        assert_eq!(placed.to_string(), "ci.yml:3:5: job `j`: invalid `image`: fix it");
     }
 
     #[test]

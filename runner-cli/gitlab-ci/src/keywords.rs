@@ -91,6 +91,11 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<Variable>, String> {
         let name = match name {
             Value::String(name) => name.clone(),
             Value::Number(n) => n.to_string(),
+            Value::Bool(_) => {
+                return Err("a variable name is a boolean (YAML reads `on`, `off`, `yes`, `no`, `true` and \
+                     `false` so, as GitLab does); quote it"
+                    .to_owned())
+            }
             other => return Err(format!("a variable name is {}; use a string", kind(other))),
         };
         let mut expand = true;
@@ -290,9 +295,13 @@ variables:
   FLOAT: 1.10
   NEG: -3
   BOOL: true
-  OFF: false
+  OFF_: off
   QUOTED: "007"
   OCTAL: 0o17
+  MODE: 0755
+  BIG: 100_000_000_000_000_000_000.0
+  SMALL: 0.00001
+  SEP: 1_000
   DESCRIBED:
     value: v1
     description: shown in the run pipeline form
@@ -315,18 +324,22 @@ j:
             ("FLOAT", "1.1"),
             ("NEG", "-3"),
             ("BOOL", "true"),
-            ("OFF", "false"),
+            ("OFF_", "false"),
             ("QUOTED", "007"),
-            ("OCTAL", "15"),
+            ("OCTAL", "0o17"),
+            ("MODE", "493"),
+            ("BIG", "1.0e+20"),
+            ("SMALL", "1.0e-05"),
+            ("SEP", "1000"),
             ("DESCRIBED", "v1"),
             ("RAW", "$NOT_EXPANDED"),
             ("NUMVALUE", "5"),
             ("ONLYDOC", ""),
             ("1234", "numeric name"),
-            ("JOB", "1000.0"),
+            ("JOB", "1e3"),
         ]);
         // `expand: false` (https://docs.gitlab.com/ci/yaml/#variablesexpand).
-        want[9].expand = false;
+        want[13].expand = false;
         assert_eq!(job(text, "j").variables, want);
         let e = error("j:\n  variables: {V: {value: x, expand: maybe}}\n  script: x\n", "j");
         assert!(e.to_string().contains("`expand` of variable `V` is a string"), "{e}");
@@ -341,6 +354,12 @@ j:
         assert!(e.to_string().contains("variable `L` is a list"), "{e}");
         let e = error("j:\n  variables: {V: {value: x, bogus: 1}}\n  script: x\n", "j");
         assert!(e.to_string().contains("unknown key `bogus`"), "{e}");
+        let e = error("variables:\n  ON: 1\nj:\n  script: x\n", "j");
+        assert!(
+            e.to_string()
+                .contains("ci.yml:1:1: job `j`: invalid `variables (top-level)`: a variable name is a boolean"),
+            "{e}"
+        );
         let e = error("variables: [A]\nj:\n  script: x\n", "j");
         assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "variables (top-level)"), "{e:?}");
     }

@@ -58,6 +58,7 @@ use std::path::Path;
 
 pub use error::PipelineError;
 pub use resolve::MAX_EXTENDS_DEPTH;
+pub use yaml::Position;
 
 use resolve::Resolver;
 
@@ -90,6 +91,18 @@ pub struct PipelineJob {
     /// The exit codes of `allow_failure: {exit_codes: ...}`: the job may fail
     /// with these codes only.
     pub allow_failure_exit_codes: Vec<i32>,
+    /// What loading the file had to say (repeated keys, ...), each naming the
+    /// file and position: accepted as GitLab accepts them, but worth a word.
+    pub warnings: Vec<String>,
+}
+
+/// The runnable jobs of a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobList {
+    /// The jobs' names, in file order.
+    pub jobs: Vec<String>,
+    /// What loading the file had to say, as [`PipelineJob::warnings`].
+    pub warnings: Vec<String>,
 }
 
 /// A variable of the job, as the pipeline file defines it.
@@ -141,8 +154,9 @@ pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, Pipeline
 /// # Errors
 ///
 /// When the text is not YAML or its top level is not a hash.
-pub fn job_names(text: &str, path: &Path) -> Result<Vec<String>, PipelineError> {
-    Ok(Resolver::new(text, path)?.job_names())
+pub fn job_names(text: &str, path: &Path) -> Result<JobList, PipelineError> {
+    let mut resolver = Resolver::new(text, path)?;
+    Ok(JobList { jobs: resolver.job_names(), warnings: resolver.warnings.clone() })
 }
 
 /// What the tests of every layer share: a file name and job lookups.
@@ -194,5 +208,75 @@ mod tests {
         let e = missing.unwrap_err();
         assert!(matches!(e, PipelineError::Read { .. }), "{e:?}");
         assert!(e.to_string().contains("absent.yml: check that it exists"), "{e}");
+    }
+}
+
+/// Property tests of the whole interpreter: any text gives a job or an
+/// error, never a panic, a hang or unbounded memory.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use crate::test_support::path;
+    use crate::{job_names, parse, PipelineError};
+
+    /// YAML-ish text built from the pieces pipelines are made of.
+    fn pipeline_text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("j:\n".to_owned()),
+            Just(".t: &t\n".to_owned()),
+            Just("  script: x\n".to_owned()),
+            Just("  <<: *t\n".to_owned()),
+            Just("  extends: .t\n".to_owned()),
+            Just("  image: $I\n".to_owned()),
+            Just("  variables: {A: 0755, B: yes}\n".to_owned()),
+            Just("  script: !reference [.t, script]\n".to_owned()),
+            Just("  parallel: 3\n".to_owned()),
+            Just("a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\n".to_owned()),
+            Just("c: [*b, *b, *b, *b, *b, *b]\n".to_owned()),
+            Just("- \n".to_owned()),
+            Just("  [{\n".to_owned()),
+            Just("---\n".to_owned()),
+            "[a-z:\\[\\]{}&*!<>|, \n-]{0,12}",
+        ];
+        prop::collection::vec(piece, 0..16).prop_map(|pieces| pieces.concat())
+    }
+
+    fn check(text: &str) {
+        for job in ["j", "a"] {
+            match parse(text, path(), job) {
+                Ok(_) => {}
+                Err(PipelineError::Parse { at, .. }) => assert!(at.line >= 1 || text.is_empty()),
+                Err(e) => assert!(!e.to_string().is_empty()),
+            }
+        }
+        let _ = job_names(text, path());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #[test]
+        fn generated_pipelines_resolve_or_fail_cleanly(text in pipeline_text()) {
+            check(&text);
+        }
+
+        #[test]
+        fn arbitrary_text_resolves_or_fails_cleanly(text in "\\PC{0,200}") {
+            check(&text);
+        }
+
+        /// Alias chains of any depth and width stop within the byte budget.
+        #[test]
+        fn alias_bombs_are_bounded(width in 2usize..12, levels in 1usize..14) {
+            let mut text = format!("l0: &l0 [{}]\n", vec!["xxxxxxxx"; width].join(", "));
+            for level in 1..levels {
+                let prev = level - 1;
+                text.push_str(&format!("l{level}: &l{level} [{}]\n", vec![format!("*l{prev}"); width].join(", ")));
+            }
+            text.push_str("j:\n  script: x\n");
+            let started = std::time::Instant::now();
+            check(&text);
+            prop_assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_norway::{Mapping, Value};
 
 use crate::keywords::{allow_failure, commands, image_name, timeout, variables, Inherit};
-use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string};
+use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string, Document, Position};
 use crate::{PipelineError, PipelineJob, Variable};
 
 /// Deepest `extends` chain accepted below a job, as in GitLab.
@@ -37,6 +37,10 @@ fn deep_merge(base: &mut Mapping, over: &Mapping) {
 pub(crate) struct Resolver<'a> {
     path: &'a Path,
     root: Mapping,
+    /// Where the file's keys are.
+    positions: HashMap<String, Position>,
+    /// What loading the file had to say.
+    pub(crate) warnings: Vec<String>,
     includes: bool,
     /// Entries with `extends` merged, and how many levels of `extends` lie below them.
     extended: HashMap<String, (Value, usize)>,
@@ -44,14 +48,26 @@ pub(crate) struct Resolver<'a> {
 
 impl<'a> Resolver<'a> {
     pub(crate) fn new(text: &str, path: &'a Path) -> Result<Self, PipelineError> {
-        let root = parse_document(text, path)?;
+        let Document { root, positions, warnings } = parse_document(text, path)?;
         let includes = root.contains_key("include");
-        Ok(Resolver { path, root, includes, extended: HashMap::new() })
+        Ok(Resolver { path, root, positions, warnings, includes, extended: HashMap::new() })
+    }
+
+    /// Where the keyword `key` (a label like `image`, `default:image` or
+    /// `variables (top-level)`) of `job` is written; else the job.
+    fn position(&self, job: &str, key: &str) -> Option<Position> {
+        let place = match key.strip_suffix(" (top-level)") {
+            Some(global) => global.to_owned(),
+            None if key.starts_with("default:") => key.to_owned(),
+            None => format!("{job}:{key}"),
+        };
+        [place, job.to_owned()].iter().find_map(|k| self.positions.get(k).copied())
     }
 
     fn invalid(&self, job: &str, key: &str, message: impl Into<String>) -> PipelineError {
         PipelineError::Invalid {
             path: self.path.to_owned(),
+            at: self.position(job, key),
             job: job.to_owned(),
             key: key.to_owned(),
             message: message.into(),
@@ -474,6 +490,7 @@ impl<'a> Resolver<'a> {
             timeout_secs,
             allow_failure,
             allow_failure_exit_codes,
+            warnings: self.warnings.clone(),
         })
     }
 }

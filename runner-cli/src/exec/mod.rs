@@ -163,7 +163,11 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     if args.list {
         let text =
             std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
-        for name in gitlab_ci::job_names(&text, &args.file)? {
+        let list = gitlab_ci::job_names(&text, &args.file)?;
+        for warning in &list.warnings {
+            eprintln!("WARNING: {warning}");
+        }
+        for name in list.jobs {
             println!("{name}");
         }
         return Ok(Done::Success);
@@ -299,6 +303,9 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         args.file.display(),
         runner.name
     ));
+    for warning in &job.warnings {
+        log.runner(&format!("WARNING: {warning}"));
+    }
     for note in [&sources_note, &image_note].into_iter().flatten() {
         log.runner(note);
     }

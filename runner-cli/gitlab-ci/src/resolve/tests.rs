@@ -17,6 +17,7 @@ fn minimal_job_gets_defaults() {
             timeout_secs: None,
             allow_failure: false,
             allow_failure_exit_codes: Vec::new(),
+            warnings: Vec::new(),
         }
     );
 }
@@ -67,7 +68,7 @@ fn missing_or_empty_script_is_an_error() {
     }
     assert_eq!(
         e.to_string(),
-        "ci.yml: job `j`: invalid `script`: the job has no `script:`; \
+        "ci.yml:1:1: job `j`: invalid `script`: the job has no `script:`; \
              add one (or `extends:` a template that has one)"
     );
     let e = error("j:\n  script: []\n", "j");
@@ -451,8 +452,8 @@ pages:
 
 #[test]
 fn job_names_lists_runnable_jobs_in_file_order() {
-    assert_eq!(job_names(MANY_JOBS, path()).unwrap(), strings(&["build", "test", "pages"]));
-    assert_eq!(job_names("", path()).unwrap(), Vec::<String>::new());
+    assert_eq!(job_names(MANY_JOBS, path()).unwrap().jobs, strings(&["build", "test", "pages"]));
+    assert_eq!(job_names("", path()).unwrap().jobs, Vec::<String>::new());
 }
 
 #[test]
@@ -497,5 +498,8 @@ fn trigger_jobs_cannot_run() {
 fn a_job_must_be_a_hash() {
     let e = error("j: make\n", "j");
     assert!(matches!(&e, PipelineError::Invalid { key, .. } if key.is_empty()), "{e:?}");
-    assert_eq!(e.to_string(), "ci.yml: job `j`: the job is a string, but a job is a hash of keywords like `script:`");
+    assert_eq!(
+        e.to_string(),
+        "ci.yml:1:1: job `j`: the job is a string, but a job is a hash of keywords like `script:`"
+    );
 }
