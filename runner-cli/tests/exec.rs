@@ -213,3 +213,41 @@ j:
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("WARNING: the job's image `$UNSET` expands to nothing"), "{log}");
 }
+
+/// `parallel: matrix:` jobs are listed and run by GitLab's names, with their
+/// matrix variables feeding the image (https://docs.gitlab.com/ci/yaml/#parallelmatrix).
+#[test]
+fn matrix_jobs_are_listed_and_run_by_their_gitlab_names() {
+    let pipeline = r#"
+test:linux:
+  image: $DISTRO
+  parallel:
+    matrix:
+      - HASH: [linux-sha1, linux-sha256]
+        DISTRO: ubuntu:rolling
+        CC: clang
+  script: [echo "$HASH"]
+shard:
+  parallel: 2
+  script: [echo]
+"#;
+    let (out, log) = dry_run_exec(pipeline, &["--list"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(),
+        [
+            "test:linux: [linux-sha1, ubuntu:rolling, clang]",
+            "test:linux: [linux-sha256, ubuntu:rolling, clang]",
+            "shard 1/2",
+            "shard 2/2"
+        ]
+    );
+    let (out, log) = dry_run_exec(pipeline, &["test:linux: [linux-sha256, ubuntu:rolling, clang]"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    for line in ["Image: ubuntu:rolling", "  HASH=linux-sha256", "  CI_NODE_INDEX=2", "  CI_NODE_TOTAL=2"] {
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+    let (out, log) = dry_run_exec(pipeline, &["shard 2/2"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("  CI_NODE_INDEX=2") && log.contains("  CI_NODE_TOTAL=2"), "{log}");
+}

@@ -195,6 +195,98 @@ pub(crate) fn allow_failure(value: &Value) -> Result<(bool, Vec<i32>), String> {
     }
 }
 
+/// Most jobs one `parallel:` may make (GitLab's limit).
+pub(crate) const MAX_PARALLEL: usize = 200;
+
+/// One job `parallel:` makes of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Instance {
+    /// The job's name as GitLab names it.
+    pub(crate) name: String,
+    /// `CI_NODE_INDEX`, from 1.
+    pub(crate) index: usize,
+    /// `CI_NODE_TOTAL`.
+    pub(crate) total: usize,
+    /// The matrix variables of this combination.
+    pub(crate) variables: Vec<Variable>,
+}
+
+/// The jobs `parallel:` makes of the job `job`, named as GitLab names them
+/// (https://docs.gitlab.com/ci/yaml/#parallel, #parallelmatrix): `job 1/3`
+/// for `parallel: 3`; `job: [a, b]` for a matrix combination, its values in
+/// the order of the matrix entry (GitLab's `Normalizer::MatrixStrategy`).
+pub(crate) fn parallel(job: &str, value: &Value) -> Result<Vec<Instance>, String> {
+    match value {
+        Value::Number(n) => {
+            let total = n
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| (1..=MAX_PARALLEL).contains(n))
+                .ok_or_else(|| format!("must be a number from 1 to {MAX_PARALLEL}, not {n}"))?;
+            Ok((1..=total)
+                .map(|index| Instance { name: format!("{job} {index}/{total}"), index, total, variables: Vec::new() })
+                .collect())
+        }
+        Value::Mapping(fields) => {
+            if let Some(key) = fields.keys().find(|key| key.as_str() != Some("matrix")) {
+                return Err(format!(
+                    "the only key of a `parallel` hash is `matrix`, not `{}`",
+                    scalar_string(key).unwrap_or_else(|| kind(key).to_owned())
+                ));
+            }
+            let Some(Value::Sequence(entries)) = fields.get("matrix") else {
+                return Err("`matrix` must be a list of hashes of VARIABLE: [values]".to_owned());
+            };
+            let mut combinations: Vec<Vec<Variable>> = Vec::new();
+            for entry in entries {
+                let Value::Mapping(entry) = entry else {
+                    return Err(format!("a `matrix` entry is {}; use a hash of VARIABLE: [values]", kind(entry)));
+                };
+                let mut product: Vec<Vec<Variable>> = vec![Vec::new()];
+                for (name, values) in entry {
+                    let name = scalar_string(name).ok_or("a matrix variable name must be a string")?;
+                    let values: Vec<String> = match values {
+                        Value::Sequence(items) => items.iter().map(scalar_string).collect::<Option<_>>(),
+                        other => scalar_string(other).map(|v| vec![v]),
+                    }
+                    .ok_or_else(|| format!("matrix variable `{name}` must be a value or a list of values"))?;
+                    if values.is_empty() {
+                        return Err(format!("matrix variable `{name}` has no values"));
+                    }
+                    product = product
+                        .into_iter()
+                        .flat_map(|done| {
+                            let name = &name;
+                            values.iter().map(move |value| {
+                                let mut next = done.clone();
+                                next.push(Variable::new(name.clone(), value.clone()));
+                                next
+                            })
+                        })
+                        .collect();
+                    if product.len() + combinations.len() > MAX_PARALLEL {
+                        return Err(format!("the matrix makes more than {MAX_PARALLEL} jobs, GitLab's limit"));
+                    }
+                }
+                combinations.extend(product);
+            }
+            if combinations.is_empty() {
+                return Err("`matrix` is empty".to_owned());
+            }
+            let total = combinations.len();
+            Ok(combinations
+                .into_iter()
+                .enumerate()
+                .map(|(at, variables)| {
+                    let values: Vec<&str> = variables.iter().map(|v| v.value.as_str()).collect();
+                    Instance { name: format!("{job}: [{}]", values.join(", ")), index: at + 1, total, variables }
+                })
+                .collect())
+        }
+        other => Err(format!("must be a number or `{{matrix: [...]}}`, not {}", kind(other))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

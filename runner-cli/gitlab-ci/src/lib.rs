@@ -91,6 +91,10 @@ pub struct PipelineJob {
     /// The exit codes of `allow_failure: {exit_codes: ...}`: the job may fail
     /// with these codes only.
     pub allow_failure_exit_codes: Vec<i32>,
+    /// For a job `parallel:` makes: its `CI_NODE_INDEX` (from 1) and
+    /// `CI_NODE_TOTAL`. Its matrix variables are in `variables`, after (and
+    /// replacing) the job's own.
+    pub node: Option<(usize, usize)>,
     /// What loading the file had to say (repeated keys, ...), each naming the
     /// file and position: accepted as GitLab accepts them, but worth a word.
     pub warnings: Vec<String>,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_norway::{Mapping, Value};
 
-use crate::keywords::{allow_failure, commands, image_name, timeout, variables, Inherit};
+use crate::keywords::{allow_failure, commands, image_name, parallel, timeout, variables, Inherit, Instance};
 use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string, Document, Position};
 use crate::{PipelineError, PipelineJob, Variable};
 
@@ -74,7 +74,8 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    pub(crate) fn job_names(&mut self) -> Vec<String> {
+    /// The visible, non-trigger jobs of the file, in file order.
+    fn runnable(&mut self) -> Vec<String> {
         let candidates: Vec<String> = self
             .root
             .iter()
@@ -90,6 +91,28 @@ impl<'a> Resolver<'a> {
                 _ => true,
             })
             .collect()
+    }
+
+    /// The jobs `parallel:` makes of `name`; `None` without `parallel:`.
+    fn instances(&mut self, name: &str) -> Result<Option<Vec<Instance>>, PipelineError> {
+        let Value::Mapping(own) = self.extend(name, &mut vec![name.to_owned()])? else { return Ok(None) };
+        match self.field(&own, "parallel", name, "parallel")? {
+            None => Ok(None),
+            Some(value) => parallel(name, &value).map(Some).map_err(|message| self.invalid(name, "parallel", message)),
+        }
+    }
+
+    /// The names of the jobs GitLab would create: a job with `parallel:`
+    /// gives its instances instead of itself.
+    pub(crate) fn job_names(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        for name in self.runnable() {
+            match self.instances(&name) {
+                Ok(Some(instances)) => names.extend(instances.into_iter().map(|i| i.name)),
+                _ => names.push(name),
+            }
+        }
+        names
     }
 
     /// The entry `name` with its `extends` merged in; `chain` holds the
@@ -345,15 +368,48 @@ impl<'a> Resolver<'a> {
         Ok(None)
     }
 
+    /// The job named `name`: a job of the file, or one `parallel:` makes.
     pub(crate) fn job(&mut self, name: &str) -> Result<PipelineJob, PipelineError> {
-        if !is_visible_job(name) || !self.root.contains_key(name) {
-            return Err(PipelineError::NoSuchJob {
-                path: self.path.to_owned(),
-                job: name.to_owned(),
-                available: self.job_names(),
-                includes: self.includes,
-            });
+        let no_such_job = |this: &mut Self| PipelineError::NoSuchJob {
+            path: this.path.to_owned(),
+            job: name.to_owned(),
+            available: this.job_names(),
+            includes: this.includes,
+        };
+        if is_visible_job(name) && self.root.contains_key(name) {
+            if self.instances(name)?.is_some() {
+                // GitLab creates only the instances.
+                return Err(no_such_job(self));
+            }
+            return self.resolve(name);
         }
+        for base in self.runnable() {
+            let instances = match self.instances(&base) {
+                Ok(Some(instances)) => instances,
+                // A bad `parallel:` is worth saying when the name is one it would make.
+                Err(e) if name.starts_with(&format!("{base} ")) || name.starts_with(&format!("{base}: ")) => {
+                    return Err(e)
+                }
+                _ => continue,
+            };
+            if let Some(instance) = instances.into_iter().find(|i| i.name == name) {
+                let mut job = self.resolve(&base)?;
+                job.name = instance.name;
+                job.node = Some((instance.index, instance.total));
+                for variable in instance.variables {
+                    match job.variables.iter_mut().find(|existing| existing.name == variable.name) {
+                        Some(slot) => *slot = variable,
+                        None => job.variables.push(variable),
+                    }
+                }
+                return Ok(job);
+            }
+        }
+        Err(no_such_job(self))
+    }
+
+    /// The job `name` of the file, resolved.
+    fn resolve(&mut self, name: &str) -> Result<PipelineJob, PipelineError> {
         let own = match self.extend(name, &mut vec![name.to_owned()])? {
             Value::Mapping(own) => own,
             other => {
@@ -490,6 +546,7 @@ impl<'a> Resolver<'a> {
             timeout_secs,
             allow_failure,
             allow_failure_exit_codes,
+            node: None,
             warnings: self.warnings.clone(),
         })
     }

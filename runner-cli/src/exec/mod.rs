@@ -235,7 +235,12 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         ("CI_JOB_TIMEOUT", timeout.to_string()),
         ("CI_SHARED_ENVIRONMENT", "true".into()),
         ("CI_RUNNER_VERSION", format!("berth-exec {}", env!("CARGO_PKG_VERSION"))),
+        // GitLab sets CI_NODE_TOTAL for every job, CI_NODE_INDEX for those `parallel:` makes.
+        ("CI_NODE_TOTAL", job.node.map_or(1, |(_, total)| total).to_string()),
     ];
+    if let Some((index, _)) = job.node {
+        vars.push(("CI_NODE_INDEX", index.to_string()));
+    }
     if let Some(image) = &job.image {
         // As GitLab sends it; the runner expands it with the other variables.
         vars.push(("CI_JOB_IMAGE", image.clone()));

@@ -17,6 +17,7 @@ fn minimal_job_gets_defaults() {
             timeout_secs: None,
             allow_failure: false,
             allow_failure_exit_codes: Vec::new(),
+            node: None,
             warnings: Vec::new(),
         }
     );
@@ -502,4 +503,64 @@ fn a_job_must_be_a_hash() {
         e.to_string(),
         "ci.yml:1:1: job `j`: the job is a string, but a job is a hash of keywords like `script:`"
     );
+}
+
+/// https://docs.gitlab.com/ci/yaml/#parallel: `parallel: N` makes jobs
+/// `name 1/N` ... `name N/N`, and only those.
+#[test]
+fn parallel_n_makes_numbered_jobs() {
+    let text = "test:\n  parallel: 3\n  script: x\nlint:\n  script: y\n";
+    assert_eq!(job_names(text, path()).unwrap().jobs, strings(&["test 1/3", "test 2/3", "test 3/3", "lint"]));
+    let second = job(text, "test 2/3");
+    assert_eq!((second.name.as_str(), second.node), ("test 2/3", Some((2, 3))));
+    assert_eq!(job(text, "lint").node, None);
+    let e = error(text, "test");
+    assert!(e.to_string().contains("run one of: test 1/3, test 2/3, test 3/3, lint"), "{e}");
+    for bad in ["0", "201", "two", "{matrix: []}", "{other: 1}"] {
+        let e = error(&format!("t:\n  parallel: {bad}\n  script: x\n"), "t 1/1");
+        assert!(
+            matches!(&e, PipelineError::Invalid { key, .. } if key == "parallel") || e.to_string().contains("no job"),
+            "{bad}: {e}"
+        );
+    }
+    let e = error("t:\n  parallel: 0\n  script: x\n", "t");
+    assert!(e.to_string().contains("ci.yml:2:3: job `t`: invalid `parallel`: must be a number from 1 to 200"), "{e}");
+}
+
+/// https://docs.gitlab.com/ci/yaml/#parallelmatrix: one job per combination
+/// of each entry, entries in order, named `job: [v1, v2]` with the values in
+/// the entry's order (GitLab's `Normalizer::MatrixStrategy#name`); the matrix
+/// variables replace the job's own; they come through `extends` too.
+#[test]
+fn parallel_matrix_makes_one_job_per_combination() {
+    let text = r#"
+.matrix:
+  parallel:
+    matrix:
+      - PROVIDER: aws
+        STACK: [monitoring, app1]
+      - PROVIDER: [gcp, vultr]
+        STACK: data
+test:linux:
+  extends: .matrix
+  image: $PROVIDER-image
+  variables: {STACK: own, KEEP: k}
+  script: x
+"#;
+    assert_eq!(
+        job_names(text, path()).unwrap().jobs,
+        strings(&[
+            "test:linux: [aws, monitoring]",
+            "test:linux: [aws, app1]",
+            "test:linux: [gcp, data]",
+            "test:linux: [vultr, data]"
+        ])
+    );
+    let j = job(text, "test:linux: [gcp, data]");
+    assert_eq!(j.node, Some((3, 4)));
+    assert_eq!(j.variables, vars(&[("STACK", "data"), ("KEEP", "k"), ("PROVIDER", "gcp")]));
+    assert_eq!(j.image.as_deref(), Some("$PROVIDER-image"), "expanded by the runner, not here");
+    let big = "t:\n  parallel:\n    matrix:\n      - A: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]\n        B: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]\n  script: x\n";
+    let e = error(big, "t: [1, 1]");
+    assert!(e.to_string().contains("more than 200 jobs"), "{e}");
 }
