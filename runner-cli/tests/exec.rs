@@ -251,3 +251,45 @@ shard:
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("  CI_NODE_INDEX=2") && log.contains("  CI_NODE_TOTAL=2"), "{log}");
 }
+
+/// `include: local:` files come from the project's root; `--list` says which
+/// jobs come from them and which includes are not read
+/// (https://docs.gitlab.com/ci/yaml/includes/).
+#[test]
+fn local_includes_are_read_and_listed() {
+    let env = Env::new("");
+    let project = env.dir.path().join("project");
+    std::fs::create_dir_all(project.join("ci")).unwrap();
+    std::fs::write(project.join("ci/jobs.yml"), ".tmpl:\n  image: $BASE\nfrom-include:\n  script: [echo included]\n")
+        .unwrap();
+    std::fs::write(
+        project.join(".gitlab-ci.yml"),
+        "include:\n  - local: ci/jobs.yml\n  - template: Jobs/Build.gitlab-ci.yml\nvariables:\n  BASE: alpine\nmain:\n  extends: .tmpl\n  script: [echo main]\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BERTH)
+            .arg("--config")
+            .arg(env.config())
+            .env_remove("BERTH_RUNNER")
+            .env_remove("BERTH_LOG")
+            .env("XDG_STATE_HOME", env.state())
+            .args(["exec", "--backend", "dry-run", "--retry-delay-ms", "50", "--sources"])
+            .arg(&project)
+            .arg("--file")
+            .arg(project.join(".gitlab-ci.yml"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--list"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), ["from-include", "main"]);
+    assert!(log.contains("job \"from-include\" comes from `include: local: ci/jobs.yml`"), "{log}");
+    assert!(log.contains("not read") && log.contains("template: Jobs/Build.gitlab-ci.yml"), "{log}");
+    let out = run(&["main"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("Image: alpine"), "{log}");
+}

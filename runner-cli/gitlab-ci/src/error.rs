@@ -145,7 +145,8 @@ fn invalid_detail(key: &str, message: &str) -> String {
 
 fn include_hint(includes: &bool) -> &'static str {
     if *includes {
-        " (this file uses `include:`, and `berth exec` does not read included files)"
+        " (it may come from an `include:` that `berth exec` does not read: remote, project, template and \
+         component includes are not fetched; copy the file into the project and include it with `local:`)"
     } else {
         ""
     }
@@ -166,8 +167,8 @@ fn no_such_job_message(path: &Path, job: &str, available: &[String], includes: &
     }
     if *includes {
         message.push_str(
-            "; jobs from `include:` files are not read by `berth exec`, \
-             so only jobs defined in this file can run",
+            "; it may come from an `include:` that `berth exec` does not read (only `include: local:` \
+             files are read; `berth exec --list` names the others)",
         );
     }
     message
@@ -226,7 +227,8 @@ mod tests {
         assert_eq!(
             missing(true).to_string(),
             "ci.yml: `.a` extends `.gone`, which is not defined in this file; define it or fix the name \
-             (this file uses `include:`, and `berth exec` does not read included files)"
+             (it may come from an `include:` that `berth exec` does not read: remote, project, template and \
+             component includes are not fetched; copy the file into the project and include it with `local:`)"
         );
     }
 
@@ -259,8 +261,8 @@ mod tests {
         assert_eq!(
             no_such_job("stages", &[], true),
             "ci.yml: there is no job `stages` to run (`stages` is a global keyword, not a job); \
-             the file defines no runnable jobs; jobs from `include:` files are not read by `berth exec`, \
-             so only jobs defined in this file can run"
+             the file defines no runnable jobs; it may come from an `include:` that `berth exec` does not read \
+             (only `include: local:` files are read; `berth exec --list` names the others)"
         );
     }
 

@@ -50,6 +50,7 @@
 
 mod duration;
 mod error;
+mod include;
 mod keywords;
 mod resolve;
 mod yaml;
@@ -105,6 +106,11 @@ pub struct PipelineJob {
 pub struct JobList {
     /// The jobs' names, in file order.
     pub jobs: Vec<String>,
+    /// The jobs defined in an `include:local` file, with that file.
+    pub included: Vec<(String, String)>,
+    /// The includes not read (remote, project, template, component, or a
+    /// local one that could not be), described with the file holding them.
+    pub unread_includes: Vec<String>,
     /// What loading the file had to say, as [`PipelineJob::warnings`].
     pub warnings: Vec<String>,
 }
@@ -134,8 +140,29 @@ impl Variable {
 ///
 /// [`PipelineError::Read`] when the file cannot be read, else as [`parse`].
 pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
+    load_in(path, None, job)
+}
+
+/// Like [`load`], reading `include:local` files from `project`, the
+/// project's directory (`include:local` paths are relative to its root).
+///
+/// # Errors
+///
+/// As [`load`], and when an `include:local` file cannot be read or parsed.
+pub fn load_in(path: &Path, project: Option<&Path>, job: &str) -> Result<PipelineJob, PipelineError> {
     let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
-    parse(&text, path, job)
+    Resolver::new(&text, path, project)?.job(job)
+}
+
+/// The runnable jobs of the pipeline file at `path`, reading `include:local`
+/// files from `project` as [`load_in`] does.
+///
+/// # Errors
+///
+/// As [`job_names`], and when the file or an included one cannot be read.
+pub fn list_in(path: &Path, project: Option<&Path>) -> Result<JobList, PipelineError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
+    Resolver::new(&text, path, project)?.list()
 }
 
 /// Resolves the job `job` of the pipeline file `text`; `path` only names the file in errors.
@@ -146,7 +173,7 @@ pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
 /// runnable jobs, and when the job, what it extends or references, or the
 /// defaults it inherits hold a value of the wrong shape.
 pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
-    Resolver::new(text, path)?.job(job)
+    Resolver::new(text, path, None)?.job(job)
 }
 
 /// The runnable jobs of the pipeline file `text`, in file order.
@@ -159,8 +186,7 @@ pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, Pipeline
 ///
 /// When the text is not YAML or its top level is not a hash.
 pub fn job_names(text: &str, path: &Path) -> Result<JobList, PipelineError> {
-    let mut resolver = Resolver::new(text, path)?;
-    Ok(JobList { jobs: resolver.job_names(), warnings: resolver.warnings.clone() })
+    Resolver::new(text, path, None)?.list()
 }
 
 /// What the tests of every layer share: a file name and job lookups.

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use serde_norway::{Mapping, Value};
 
+use crate::include::merge_includes;
 use crate::keywords::{allow_failure, commands, image_name, parallel, timeout, variables, Inherit, Instance};
 use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string, Document, Position};
-use crate::{PipelineError, PipelineJob, Variable};
+use crate::{JobList, PipelineError, PipelineJob, Variable};
 
 /// Deepest `extends` chain accepted below a job, as in GitLab.
 pub const MAX_EXTENDS_DEPTH: usize = 11;
@@ -21,7 +22,7 @@ const DEFAULT_STAGE: &str = "test";
 
 /// Deep-merges `over` into `base`: hashes merge recursively, anything else
 /// in `over` replaces what `base` holds.
-fn deep_merge(base: &mut Mapping, over: &Mapping) {
+pub(crate) fn deep_merge(base: &mut Mapping, over: &Mapping) {
     for (key, value) in over {
         match (base.get_mut(key), value) {
             (Some(Value::Mapping(inner)), Value::Mapping(value)) => deep_merge(inner, value),
@@ -42,15 +43,30 @@ pub(crate) struct Resolver<'a> {
     /// What loading the file had to say.
     pub(crate) warnings: Vec<String>,
     includes: bool,
+    /// The top-level keys that come from included files, and which.
+    pub(crate) origins: HashMap<String, String>,
+    /// The includes not read.
+    pub(crate) unread: Vec<String>,
     /// Entries with `extends` merged, and how many levels of `extends` lie below them.
     extended: HashMap<String, (Value, usize)>,
 }
 
 impl<'a> Resolver<'a> {
-    pub(crate) fn new(text: &str, path: &'a Path) -> Result<Self, PipelineError> {
-        let Document { root, positions, warnings } = parse_document(text, path)?;
-        let includes = root.contains_key("include");
-        Ok(Resolver { path, root, positions, warnings, includes, extended: HashMap::new() })
+    pub(crate) fn new(text: &str, path: &'a Path, project: Option<&Path>) -> Result<Self, PipelineError> {
+        let Document { root, positions, mut warnings } = parse_document(text, path)?;
+        let merged = merge_includes(root, path, positions.get("include").copied(), project)?;
+        warnings.extend(merged.warnings);
+        let includes = !merged.unread.is_empty();
+        Ok(Resolver {
+            path,
+            root: merged.root,
+            positions,
+            warnings,
+            includes,
+            origins: merged.origins,
+            unread: merged.unread,
+            extended: HashMap::new(),
+        })
     }
 
     /// Where the keyword `key` (a label like `image`, `default:image` or
@@ -100,6 +116,17 @@ impl<'a> Resolver<'a> {
             None => Ok(None),
             Some(value) => parallel(name, &value).map(Some).map_err(|message| self.invalid(name, "parallel", message)),
         }
+    }
+
+    /// The jobs, where they come from, and what was not read.
+    pub(crate) fn list(&mut self) -> Result<JobList, PipelineError> {
+        let jobs = self.job_names();
+        let included = self
+            .runnable()
+            .into_iter()
+            .filter_map(|name| self.origins.get(&name).map(|file| (name, file.clone())))
+            .collect();
+        Ok(JobList { jobs, included, unread_includes: self.unread.clone(), warnings: self.warnings.clone() })
     }
 
     /// The names of the jobs GitLab would create: a job with `parallel:`
@@ -490,11 +517,17 @@ impl<'a> Resolver<'a> {
 
         let script = match self.field(&own, "script", name, "script")? {
             None => {
+                let hint = if self.includes {
+                    "; its template may be in an `include:` that `berth exec` does not read \
+                     (`berth exec --list` names them): copy it into the project and include it with `local:`"
+                } else {
+                    ""
+                };
                 return Err(self.invalid(
                     name,
                     "script",
-                    "the job has no `script:`; add one (or `extends:` a template that has one)",
-                ))
+                    format!("the job has no `script:`; add one (or `extends:` a template that has one){hint}"),
+                ));
             }
             Some(value) => commands(&value).map_err(|message| self.invalid(name, "script", message))?,
         };

@@ -159,20 +159,45 @@ fn local_state_dir() -> PathBuf {
     }
 }
 
+/// Where `include: local:` files are read from: the project's root (--sources,
+/// else the git work tree around the pipeline file, else its directory).
+fn project_dir(args: &ExecArgs) -> PathBuf {
+    args.sources.clone().or_else(|| sources::work_tree(&args.file).ok()).unwrap_or_else(|| {
+        args.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned()
+    })
+}
+
+/// `berth exec --list`: the jobs on stdout, one a line; where they come
+/// from and what was not read on stderr.
+fn list(args: &ExecArgs) -> Result<Done> {
+    let list = gitlab_ci::list_in(&args.file, Some(&project_dir(args)))?;
+    for warning in &list.warnings {
+        eprintln!("WARNING: {warning}");
+    }
+    for name in &list.jobs {
+        println!("{name}");
+    }
+    for (name, file) in &list.included {
+        eprintln!("note: job {name:?} comes from `include: local: {file}`");
+    }
+    if !list.unread_includes.is_empty() {
+        eprintln!(
+            "note: these includes are not read, so their jobs are not listed and templates from them are unknown \
+             (copy the files into the project and include them with `local:`): {}",
+            list.unread_includes.join(", ")
+        );
+    }
+    if list.jobs.is_empty() {
+        bail!("{} defines no runnable jobs", args.file.display());
+    }
+    Ok(Done::Success)
+}
+
 fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     if args.list {
-        let text =
-            std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
-        let list = gitlab_ci::job_names(&text, &args.file)?;
-        for warning in &list.warnings {
-            eprintln!("WARNING: {warning}");
-        }
-        for name in list.jobs {
-            println!("{name}");
-        }
-        return Ok(Done::Success);
+        return list(args);
     }
-    let job = gitlab_ci::load(&args.file, args.job.as_deref().unwrap_or_default())?;
+    let job = gitlab_ci::load_in(&args.file, Some(&project_dir(args)), args.job.as_deref().unwrap_or_default())?;
     // The runner: a configured one, or an ad-hoc one for --backend.
     let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
     let (config_path, runner) = match &args.backend {

@@ -166,7 +166,7 @@ fn extends_missing_names_the_template() {
     let with_include = format!("include: templates.yml\n{text}");
     let message = error(&with_include, "j").to_string();
     assert!(message.contains("`.a` extends `.gone`"), "{message}");
-    assert!(message.contains("does not read included files"), "{message}");
+    assert!(message.contains("an `include:` that `berth exec` does not read"), "{message}");
 }
 
 #[test]
@@ -183,7 +183,7 @@ fn extends_depth_is_limited_to_eleven() {
     // Also when the templates were extended (and cached) before the job.
     let mut text = chain(MAX_EXTENDS_DEPTH + 1);
     text.push_str("k:\n  script: !reference [.t11, script]\n");
-    let mut resolver = Resolver::new(&text, path()).unwrap();
+    let mut resolver = Resolver::new(&text, path(), None).unwrap();
     assert_eq!(resolver.job("k").unwrap().script, strings(&["deep"]));
     assert!(matches!(resolver.job("j"), Err(PipelineError::ExtendsTooDeep { .. })));
     match error(&chain(MAX_EXTENDS_DEPTH + 1), "j") {
@@ -297,7 +297,7 @@ fn bad_references() {
     let message = error(&format!("include: x.yml\n{text}"), "j").to_string();
     assert!(message.contains("`!reference [.nope, script]`"), "{message}");
     assert!(message.contains("not defined in this file"), "{message}");
-    assert!(message.contains("does not read included files"), "{message}");
+    assert!(message.contains("an `include:` that `berth exec` does not read"), "{message}");
 
     let e = error(".t:\n  image: x\nj:\n  script: !reference [.t, script]\n", "j");
     assert!(e.to_string().contains("`.t` has no such key"), "{e}");
@@ -485,7 +485,7 @@ fn no_such_job_mentions_includes() {
     assert_eq!(job(text, "lint").script, strings(&["lint"]));
     let message = error(text, "build").to_string();
     assert!(message.contains("run one of: lint"), "{message}");
-    assert!(message.contains("`include:` files are not read by `berth exec`"), "{message}");
+    assert!(message.contains("an `include:` that `berth exec` does not read"), "{message}");
 }
 
 #[test]
@@ -563,4 +563,42 @@ test:linux:
     let big = "t:\n  parallel:\n    matrix:\n      - A: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]\n        B: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]\n  script: x\n";
     let e = error(big, "t: [1, 1]");
     assert!(e.to_string().contains("more than 200 jobs"), "{e}");
+}
+
+/// https://docs.gitlab.com/ci/yaml/includes/: `include: local:` files are
+/// read from the project's root, each with its own anchors and includes;
+/// the including file is merged over them; other kinds are named, not fetched.
+#[test]
+fn local_includes_are_merged_and_other_kinds_named() {
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    std::fs::create_dir_all(dir.join("ci")).unwrap();
+    std::fs::write(
+        dir.join("ci/templates.yml"),
+        "include: ci/deeper.yml\n.base: &base\n  image: alpine\n  variables: {A: from-template, B: b}\nbuild:\n  <<: *base\n  script: make\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("ci/deeper.yml"), "lint:\n  script: lint\n").unwrap();
+    let main = "include:\n  - local: /ci/templates.yml\n  - remote: https://example.invalid/x.yml\n  - project: group/p\n    file: t.yml\nbuild:\n  variables: {A: main}\ntest:\n  extends: .base\n  script: test\n";
+    let file = dir.join(".gitlab-ci.yml");
+    std::fs::write(&file, main).unwrap();
+    let list = crate::list_in(&file, Some(dir)).unwrap();
+    assert_eq!(list.jobs, strings(&["lint", "build", "test"]));
+    assert_eq!(list.included, [("lint".to_owned(), "ci/deeper.yml".to_owned())]);
+    assert_eq!(list.unread_includes.len(), 2, "{:?}", list.unread_includes);
+    assert!(list.unread_includes[0].contains("remote: https://example.invalid/x.yml"), "{:?}", list.unread_includes);
+    let build = crate::load_in(&file, Some(dir), "build").unwrap();
+    assert_eq!(build.image.as_deref(), Some("alpine"));
+    assert_eq!(build.variables, vars(&[("A", "main"), ("B", "b")]));
+    assert_eq!(crate::load_in(&file, Some(dir), "test").unwrap().script, strings(&["test"]));
+    // Without a project directory, the local include is not read either.
+    let e = crate::load_in(&file, None, "test").unwrap_err();
+    assert!(e.to_string().contains("`.base`, which is not defined") && e.to_string().contains("`include:`"), "{e}");
+    // A job whose script lives in an unread include says so.
+    let e = error("include: {remote: 'https://x.invalid/t.yml'}\nj:\n  extends: []\n  stage: test\n", "j");
+    assert!(e.to_string().contains("its template may be in an `include:`"), "{e}");
+    // A missing local file is an error naming the include.
+    std::fs::write(&file, "include: gone.yml\nj:\n  script: x\n").unwrap();
+    let e = crate::load_in(&file, Some(dir), "j").unwrap_err();
+    assert!(e.to_string().contains(".gitlab-ci.yml:1:1: `include: local: gone.yml` cannot be read"), "{e}");
 }
