@@ -293,3 +293,33 @@ fn local_includes_are_read_and_listed() {
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("Image: alpine"), "{log}");
 }
+
+/// `rules:` decide whether GitLab would create the job, with the variables
+/// given; `--ignore-rules` runs it anyway (https://docs.gitlab.com/ci/yaml/#rules).
+#[test]
+fn rules_decide_whether_the_job_runs() {
+    let pipeline = r#"
+deploy:
+  rules:
+    - if: $CI_COMMIT_BRANCH == "main" && $CI_PIPELINE_SOURCE =~ /^(push|web)$/
+      variables: {TARGET: production}
+    - if: $CI_COMMIT_BRANCH =~ /^release-/
+      when: manual
+  variables: {TARGET: staging}
+  script: [echo "$TARGET"]
+"#;
+    let (out, log) =
+        dry_run_exec(pipeline, &["--var", "CI_COMMIT_BRANCH=main", "--var", "CI_PIPELINE_SOURCE=push", "deploy"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("Rules: GitLab would create this job: rule 1 (`if: $CI_COMMIT_BRANCH"), "{log}");
+    assert!(log.contains("  TARGET=production"), "{log}");
+    let (out, log) = dry_run_exec(pipeline, &["--var", "CI_COMMIT_BRANCH=feature", "deploy"]);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("GitLab would not create this job: no rule matches") && log.contains("--ignore-rules"),
+        "{log}"
+    );
+    let (out, log) = dry_run_exec(pipeline, &["--var", "CI_COMMIT_BRANCH=feature", "--ignore-rules", "deploy"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("  TARGET=staging"), "{log}");
+}

@@ -53,6 +53,7 @@ mod error;
 mod include;
 mod keywords;
 mod resolve;
+pub mod rules;
 mod yaml;
 
 use std::path::Path;
@@ -96,6 +97,8 @@ pub struct PipelineJob {
     /// `CI_NODE_TOTAL`. Its matrix variables are in `variables`, after (and
     /// replacing) the job's own.
     pub node: Option<(usize, usize)>,
+    /// The job's `rules:`, `None` without them: evaluate them with [`rules::decide`].
+    pub rules: Option<Vec<rules::Rule>>,
     /// What loading the file had to say (repeated keys, ...), each naming the
     /// file and position: accepted as GitLab accepts them, but worth a word.
     pub warnings: Vec<String>,

@@ -8,6 +8,7 @@ use serde_norway::{Mapping, Value};
 
 use crate::include::merge_includes;
 use crate::keywords::{allow_failure, commands, image_name, parallel, timeout, variables, Inherit, Instance};
+use crate::rules::parse_rules;
 use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string, Document, Position};
 use crate::{JobList, PipelineError, PipelineJob, Variable};
 
@@ -549,6 +550,11 @@ impl<'a> Resolver<'a> {
                 }
             };
 
+        let rules = match self.field(&own, "rules", name, "rules")? {
+            None => None,
+            Some(value) => Some(parse_rules(&value).map_err(|message| self.invalid(name, "rules", message))?),
+        };
+
         let global_variables = self.global("variables", name, "variables (top-level)")?;
         let mut all_variables: Vec<Variable> = match global_variables {
             None => Vec::new(),
@@ -580,6 +586,7 @@ impl<'a> Resolver<'a> {
             allow_failure,
             allow_failure_exit_codes,
             node: None,
+            rules,
             warnings: self.warnings.clone(),
         })
     }

@@ -281,14 +281,44 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         given.raw = !variable.expand;
         response.variables.push(given);
     }
+    let mut given = Vec::new();
     for text in &args.vars {
         let (key, value) = split_var(text)?;
-        response.variables.push(ResponseVariable::new(key, value));
+        given.push(ResponseVariable::new(key, value));
     }
     for text in &args.masked_vars {
         let (key, value) = split_var(text)?;
-        response.variables.push(ResponseVariable::new(key, value).masked());
+        given.push(ResponseVariable::new(key, value).masked());
     }
+    let rules_note = match &job.rules {
+        None => None,
+        Some(rules) => {
+            let known: Vec<&ResponseVariable> = response.variables.iter().chain(&given).collect();
+            let lookup = |name: &str| known.iter().rev().find(|v| v.key == name).map(|v| v.value.clone());
+            let decision = gitlab_ci::rules::decide(rules, &lookup)
+                .map_err(|e| anyhow::anyhow!("{}: job `{}`: invalid `rules`: {e}", args.file.display(), job.name))?;
+            let verdict = if decision.created { "would create" } else { "would not create" };
+            let note = format!("Rules: GitLab {verdict} this job: {}", decision.reason);
+            if !decision.created && !args.ignore_rules {
+                bail!(
+                    "{}: job `{}`: {note} (with the variables given: set them with --var NAME=VALUE, \
+                     or run it anyway with --ignore-rules)",
+                    args.file.display(),
+                    job.name
+                );
+            }
+            // The deciding rule's variables replace the job's (pipeline variables still win).
+            if let Some(rule) = decision.rule.filter(|_| decision.created).and_then(|at| rules.get(at - 1)) {
+                for variable in &rule.variables {
+                    let mut set = ResponseVariable::new(variable.name.clone(), variable.value.clone());
+                    set.raw = !variable.expand;
+                    response.variables.push(set);
+                }
+            }
+            Some(note)
+        }
+    };
+    response.variables.extend(given);
     // Said in the log when the image names variables that are not defined.
     let mut image_note = None;
     if let Some(image) = &job.image {
@@ -336,7 +366,7 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     for warning in &job.warnings {
         log.runner(&format!("WARNING: {warning}"));
     }
-    for note in [&sources_note, &image_note].into_iter().flatten() {
+    for note in [&rules_note, &sources_note, &image_note].into_iter().flatten() {
         log.runner(note);
     }
     let interrupts = interrupts()?;

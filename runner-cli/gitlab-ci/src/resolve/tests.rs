@@ -18,6 +18,7 @@ fn minimal_job_gets_defaults() {
             allow_failure: false,
             allow_failure_exit_codes: Vec::new(),
             node: None,
+            rules: None,
             warnings: Vec::new(),
         }
     );
