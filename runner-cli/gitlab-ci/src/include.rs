@@ -1,7 +1,7 @@
 //! `include:`: local files read from the project's directory and merged in
 //! GitLab's order; other kinds of include named, not fetched.
 //!
-//! https://docs.gitlab.com/ci/yaml/includes/: each file is loaded on its own
+//! <https://docs.gitlab.com/ci/yaml/includes/>: each file is loaded on its own
 //! (anchors do not cross files), its own `include:` first; the including
 //! file is deep-merged over what it includes (hashes merge, other values
 //! replace), later includes over earlier ones.
@@ -26,7 +26,7 @@ pub(crate) struct Merged {
     pub(crate) root: Mapping,
     /// The top-level keys that come from an included file, and which.
     pub(crate) origins: HashMap<String, String>,
-    /// The includes not read, described like `remote: https://...` (and where).
+    /// The includes not read, described like `remote: <https://...`> (and where).
     pub(crate) unread: Vec<String>,
     pub(crate) warnings: Vec<String>,
 }

@@ -212,7 +212,7 @@ pub(crate) struct Instance {
 }
 
 /// The jobs `parallel:` makes of the job `job`, named as GitLab names them
-/// (https://docs.gitlab.com/ci/yaml/#parallel, #parallelmatrix): `job 1/3`
+/// (<https://docs.gitlab.com/ci/yaml/#parallel>, #parallelmatrix): `job 1/3`
 /// for `parallel: 3`; `job: [a, b]` for a matrix combination, its values in
 /// the order of the matrix entry (GitLab's `Normalizer::MatrixStrategy`).
 pub(crate) fn parallel(job: &str, value: &Value) -> Result<Vec<Instance>, String> {

@@ -12,39 +12,59 @@
 //!
 //! The file is processed in GitLab's order:
 //!
-//! 1. YAML anchors, aliases and merge keys (`<<: *anchor`, also nested and
-//!    lists of anchors);
-//! 2. `extends:` (one name or a list, recursive, deep-merging hashes, at most
+//! 1. YAML, loaded as GitLab's Ruby loader (Psych) loads it: anchors,
+//!    aliases and merge keys (`<<: *a`, lists of them, several `<<` in one
+//!    hash, a `<<` after an explicit key overriding it), a repeated key
+//!    replacing the earlier value (with a warning), YAML 1.1 scalars (`0755`
+//!    is 493, `1_000` is 1000, `yes`/`on`/`off` are booleans, `1e3` is a
+//!    string), numbers written back as Ruby writes them; unquoted dates are
+//!    refused, as GitLab refuses them; nesting deeper than 100 levels and
+//!    aliases expanding past a few megabytes stop with the position;
+//! 2. `include: local:` files (with [`load_in`]/[`list_in`]), read from the
+//!    project's root, each loaded on its own with its own includes, the
+//!    including file deep-merged over them;
+//! 3. `extends:` (one name or a list, recursive, deep-merging hashes, at most
 //!    [`MAX_EXTENDS_DEPTH`] levels, cycles rejected);
-//! 3. `!reference [entry, key, ...]` tags, anywhere in the values used
+//! 4. `!reference [entry, key, ...]` tags, anywhere in the values used
 //!    (references may point at values holding references);
-//! 4. `default:` and the legacy global `image:`, `before_script:`,
-//!    `after_script:`, honouring `inherit:default` and `inherit:variables`.
+//! 5. `default:` and the legacy global `image:`, `before_script:`,
+//!    `after_script:`, honouring `inherit:default` and `inherit:variables`;
+//! 6. `parallel: N` and `parallel: matrix:`, which replace the job by the
+//!    jobs GitLab creates (`name 1/N`, `name: [v1, v2]`), each with its node
+//!    index and matrix variables.
 //!
 //! Then each keyword a local run needs is decoded: `script:` and its
 //! neighbours (nested lists flattened), `variables:` (plain or
-//! `{value: ...}`), `image:` (a name or `{name: ...}`), `timeout:` (GitLab's
-//! duration syntax, like `1h 30m`), `allow_failure:` (also
-//! `{exit_codes: ...}` and the `when: manual` default) and `stage:`.
+//! `{value: ..., expand: false}`), `image:` (a name or `{name: ...}`),
+//! `timeout:` (GitLab's duration syntax, like `1h 30m`), `allow_failure:`
+//! (also `{exit_codes: ...}` and the `when: manual` default), `stage:` and
+//! `rules:`, which [`rules::decide`] evaluates with the variables a caller
+//! gives (`if:` expressions, `when:`, `variables:`).
+//!
+//! Variable values and the image are kept as written: the runner expands
+//! them (`$VAR`, `${VAR}`) when the job starts, with its own variables.
 //!
 //! # What it refuses
 //!
-//! Not supported: `include:` (included files are not fetched: jobs and
-//! templates defined there are unknown, and error messages say so),
-//! `spec:inputs` interpolation (a `spec:` header document is skipped),
-//! evaluation of `rules`/`only`/`except`/`needs`, `services`, `cache`,
-//! `artifacts`, `parallel`, and variable expansion (values are kept verbatim).
-//! Keywords that do not affect a local run are ignored silently. A file of
-//! several YAML documents, YAML tags other than `!reference`, trigger jobs
-//! (which have no script), hidden jobs and values of the wrong shape are
-//! refused with a [`PipelineError`] naming the file, the job and the keyword,
-//! and saying how to fix it.
+//! Not read: `include:` of other kinds (remote, project, template,
+//! component) and local includes with wildcards or variables in their path:
+//! they are listed, and messages about what may be defined there say so.
+//! Not evaluated: `rules:changes`/`rules:exists` (taken to hold, and said),
+//! `rules` of an `include`, `only`/`except`, `workflow:rules`, `needs`.
+//! Not supported: `spec:inputs` interpolation (a `spec:` header document is
+//! skipped), `services`, `cache`, `artifacts`. Keywords that do not affect a
+//! local run are ignored silently. A file of several YAML documents, YAML
+//! tags other than `!reference`, trigger jobs (which have no script), hidden
+//! jobs and values of the wrong shape are refused with a [`PipelineError`]
+//! naming the file (with the line and column where known), the job and the
+//! keyword, and saying how to fix it.
 //!
 //! # Layers
 //!
-//! `yaml` (the document, anchors and merge keys), `resolve` (the job
-//! resolver), `keywords` (one decoder per keyword), `duration` (GitLab's
-//! duration syntax) and `error` (the messages).
+//! `yaml` (the loader: events to a tree, anchors, merge keys, scalars),
+//! `include` (local includes), `resolve` (the job resolver), `keywords` (one
+//! decoder per keyword), `rules` (`rules:` and their expressions), `duration`
+//! (GitLab's duration syntax) and `error` (the messages).
 
 #![deny(missing_docs)]
 

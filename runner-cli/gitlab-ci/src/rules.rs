@@ -1,9 +1,9 @@
 //! `rules:` evaluated as GitLab evaluates them when it creates a pipeline
-//! (https://docs.gitlab.com/ci/yaml/#rules, https://docs.gitlab.com/ci/jobs/job_rules/):
+//! (<https://docs.gitlab.com/ci/yaml/#rules>, <https://docs.gitlab.com/ci/jobs/job_rules/>):
 //! the first rule whose clauses all hold decides; `when: never` (or no
 //! matching rule) means the job is not created.
 //!
-//! `rules:if` expressions (https://docs.gitlab.com/ci/jobs/job_rules/#cicd-variable-expressions):
+//! `rules:if` expressions (<https://docs.gitlab.com/ci/jobs/job_rules/#cicd-variable-expressions>):
 //! `$VAR`, `"string"` or `'string'`, `null`, `/regex/flags`; `==`, `!=`,
 //! `=~`, `!~`; `&&` binding tighter than `||`; parentheses. An undefined
 //! variable is null; `$VAR` alone holds when it is defined and not empty;
@@ -326,7 +326,7 @@ mod tests {
         evaluate(expression, &lookup).unwrap_or_else(|e| panic!("{expression}: {e}"))
     }
 
-    /// https://docs.gitlab.com/ci/jobs/job_rules/#cicd-variable-expressions
+    /// <https://docs.gitlab.com/ci/jobs/job_rules/#cicd-variable-expressions>
     #[test]
     fn variable_expressions() {
         assert!(holds("$CI_COMMIT_BRANCH == \"main\""));
@@ -352,7 +352,7 @@ mod tests {
         }
     }
 
-    /// https://docs.gitlab.com/ci/yaml/#rules: the first matching rule decides.
+    /// <https://docs.gitlab.com/ci/yaml/#rules>: the first matching rule decides.
     #[test]
     fn the_first_matching_rule_decides() {
         let rules = parse_rules(

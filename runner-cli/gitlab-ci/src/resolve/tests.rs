@@ -506,7 +506,7 @@ fn a_job_must_be_a_hash() {
     );
 }
 
-/// https://docs.gitlab.com/ci/yaml/#parallel: `parallel: N` makes jobs
+/// <https://docs.gitlab.com/ci/yaml/#parallel>: `parallel: N` makes jobs
 /// `name 1/N` ... `name N/N`, and only those.
 #[test]
 fn parallel_n_makes_numbered_jobs() {
@@ -528,7 +528,7 @@ fn parallel_n_makes_numbered_jobs() {
     assert!(e.to_string().contains("ci.yml:2:3: job `t`: invalid `parallel`: must be a number from 1 to 200"), "{e}");
 }
 
-/// https://docs.gitlab.com/ci/yaml/#parallelmatrix: one job per combination
+/// <https://docs.gitlab.com/ci/yaml/#parallelmatrix>: one job per combination
 /// of each entry, entries in order, named `job: [v1, v2]` with the values in
 /// the entry's order (GitLab's `Normalizer::MatrixStrategy#name`); the matrix
 /// variables replace the job's own; they come through `extends` too.
@@ -566,7 +566,7 @@ test:linux:
     assert!(e.to_string().contains("more than 200 jobs"), "{e}");
 }
 
-/// https://docs.gitlab.com/ci/yaml/includes/: `include: local:` files are
+/// <https://docs.gitlab.com/ci/yaml/includes/>: `include: local:` files are
 /// read from the project's root, each with its own anchors and includes;
 /// the including file is merged over them; other kinds are named, not fetched.
 #[test]
