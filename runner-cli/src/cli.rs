@@ -193,6 +193,9 @@ pub struct ExecArgs {
     /// `timeout:`, else 1h).
     #[arg(long, value_parser = duration)]
     pub timeout: Option<Duration>,
+    /// Run the job even when its `rules:` say GitLab would not create it.
+    #[arg(long)]
+    pub ignore_rules: bool,
     /// Show cleanup's output (the runner keeps it for its own log).
     #[arg(long, short)]
     pub verbose: bool,

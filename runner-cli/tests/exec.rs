@@ -179,3 +179,170 @@ fn the_jobs_stdout_and_stderr_reach_the_log_in_the_order_they_were_written() {
     let loop_end = log.find("err-5").unwrap();
     assert!(log[loop_end..].contains("$ echo after-the-loop"), "the next command's echo comes after: {log}");
 }
+
+/// A pipeline file in a scratch directory, run with `berth exec --backend dry-run --no-sources`.
+fn dry_run_exec(pipeline: &str, args: &[&str]) -> (std::process::Output, String) {
+    let env = Env::new("");
+    let file = env.dir.path().join(".gitlab-ci.yml");
+    std::fs::write(&file, pipeline).unwrap();
+    let out = std::process::Command::new(BERTH)
+        .arg("--config")
+        .arg(env.config())
+        .env_remove("BERTH_RUNNER")
+        .env_remove("BERTH_LOG")
+        .env("XDG_STATE_HOME", env.state())
+        .args(["exec", "--backend", "dry-run", "--retry-delay-ms", "50", "--no-sources", "--file"])
+        .arg(&file)
+        .args(args)
+        .output()
+        .unwrap();
+    let log = text(&out);
+    (out, log)
+}
+
+/// gitlab-runner expands variables in variable values and in the image name
+/// (https://docs.gitlab.com/ci/variables/#use-cicd-variables-in-other-variables,
+/// https://docs.gitlab.com/ci/variables/where_variables_can_be_used/).
+#[test]
+fn variables_and_the_image_are_expanded_as_the_runner_does() {
+    let pipeline = r#"
+variables:
+  IMG: alpine
+  GOPATH: $CI_PROJECT_DIR/.GOPATH
+  PRICE: "5$$ and $NOPE."
+  KEEP:
+    value: $IMG literally
+    expand: false
+j:
+  image: ${IMG}:$TAG
+  variables:
+    IMG: debian
+  script: [echo $GOPATH]
+"#;
+    let (out, log) = dry_run_exec(pipeline, &["--var", "TAG=3.20", "j"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    for line in [
+        "Image: debian:3.20",
+        "  CI_JOB_IMAGE=debian:3.20",
+        "  GOPATH=/builds/local/",
+        "  PRICE=5$ and .",
+        "  KEEP=$IMG literally",
+    ] {
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+    assert!(log.contains("/.GOPATH\n"), "{log}");
+    // An image naming only undefined variables falls back to the runner's default.
+    let (out, log) = dry_run_exec("j:\n  image: $UNSET\n  script: [echo]\n", &["j"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("WARNING: the job's image `$UNSET` expands to nothing"), "{log}");
+}
+
+/// `parallel: matrix:` jobs are listed and run by GitLab's names, with their
+/// matrix variables feeding the image (https://docs.gitlab.com/ci/yaml/#parallelmatrix).
+#[test]
+fn matrix_jobs_are_listed_and_run_by_their_gitlab_names() {
+    let pipeline = r#"
+test:linux:
+  image: $DISTRO
+  parallel:
+    matrix:
+      - HASH: [linux-sha1, linux-sha256]
+        DISTRO: ubuntu:rolling
+        CC: clang
+  script: [echo "$HASH"]
+shard:
+  parallel: 2
+  script: [echo]
+"#;
+    let (out, log) = dry_run_exec(pipeline, &["--list"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(),
+        [
+            "test:linux: [linux-sha1, ubuntu:rolling, clang]",
+            "test:linux: [linux-sha256, ubuntu:rolling, clang]",
+            "shard 1/2",
+            "shard 2/2"
+        ]
+    );
+    let (out, log) = dry_run_exec(pipeline, &["test:linux: [linux-sha256, ubuntu:rolling, clang]"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    for line in ["Image: ubuntu:rolling", "  HASH=linux-sha256", "  CI_NODE_INDEX=2", "  CI_NODE_TOTAL=2"] {
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+    let (out, log) = dry_run_exec(pipeline, &["shard 2/2"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("  CI_NODE_INDEX=2") && log.contains("  CI_NODE_TOTAL=2"), "{log}");
+}
+
+/// `include: local:` files come from the project's root; `--list` says which
+/// jobs come from them and which includes are not read
+/// (https://docs.gitlab.com/ci/yaml/includes/).
+#[test]
+fn local_includes_are_read_and_listed() {
+    let env = Env::new("");
+    let project = env.dir.path().join("project");
+    std::fs::create_dir_all(project.join("ci")).unwrap();
+    std::fs::write(project.join("ci/jobs.yml"), ".tmpl:\n  image: $BASE\nfrom-include:\n  script: [echo included]\n")
+        .unwrap();
+    std::fs::write(
+        project.join(".gitlab-ci.yml"),
+        "include:\n  - local: ci/jobs.yml\n  - template: Jobs/Build.gitlab-ci.yml\nvariables:\n  BASE: alpine\nmain:\n  extends: .tmpl\n  script: [echo main]\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BERTH)
+            .arg("--config")
+            .arg(env.config())
+            .env_remove("BERTH_RUNNER")
+            .env_remove("BERTH_LOG")
+            .env("XDG_STATE_HOME", env.state())
+            .args(["exec", "--backend", "dry-run", "--retry-delay-ms", "50", "--sources"])
+            .arg(&project)
+            .arg("--file")
+            .arg(project.join(".gitlab-ci.yml"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--list"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), ["from-include", "main"]);
+    assert!(log.contains("job \"from-include\" comes from `include: local: ci/jobs.yml`"), "{log}");
+    assert!(log.contains("not read") && log.contains("template: Jobs/Build.gitlab-ci.yml"), "{log}");
+    let out = run(&["main"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("Image: alpine"), "{log}");
+}
+
+/// `rules:` decide whether GitLab would create the job, with the variables
+/// given; `--ignore-rules` runs it anyway (https://docs.gitlab.com/ci/yaml/#rules).
+#[test]
+fn rules_decide_whether_the_job_runs() {
+    let pipeline = r#"
+deploy:
+  rules:
+    - if: $CI_COMMIT_BRANCH == "main" && $CI_PIPELINE_SOURCE =~ /^(push|web)$/
+      variables: {TARGET: production}
+    - if: $CI_COMMIT_BRANCH =~ /^release-/
+      when: manual
+  variables: {TARGET: staging}
+  script: [echo "$TARGET"]
+"#;
+    let (out, log) =
+        dry_run_exec(pipeline, &["--var", "CI_COMMIT_BRANCH=main", "--var", "CI_PIPELINE_SOURCE=push", "deploy"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("Rules: GitLab would create this job: rule 1 (`if: $CI_COMMIT_BRANCH"), "{log}");
+    assert!(log.contains("  TARGET=production"), "{log}");
+    let (out, log) = dry_run_exec(pipeline, &["--var", "CI_COMMIT_BRANCH=feature", "deploy"]);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("GitLab would not create this job: no rule matches") && log.contains("--ignore-rules"),
+        "{log}"
+    );
+    let (out, log) = dry_run_exec(pipeline, &["--var", "CI_COMMIT_BRANCH=feature", "--ignore-rules", "deploy"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("  TARGET=staging"), "{log}");
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::resolve::MAX_EXTENDS_DEPTH;
-use crate::yaml::RESERVED_KEYWORDS;
+use crate::yaml::{Position, RESERVED_KEYWORDS};
 
 /// Why a pipeline file or one of its jobs could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -17,13 +17,16 @@ pub enum PipelineError {
         /// What the filesystem said.
         source: std::io::Error,
     },
-    /// The pipeline file is not valid YAML.
-    #[error("failed to parse {} as YAML{}: fix the YAML syntax there", .path.display(), location_suffix(.source))]
+    /// The pipeline file is not YAML as GitLab loads it: a syntax error, an
+    /// alias bomb, a value GitLab's loader refuses.
+    #[error("{}:{at}: {message}", .path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// What the YAML parser said.
-        source: serde_norway::Error,
+        /// Where in the file.
+        at: Position,
+        /// What is wrong and how to fix it.
+        message: String,
     },
     /// The file is YAML, but not shaped like a pipeline (not a hash, several
     /// documents, a bad merge key).
@@ -47,10 +50,12 @@ pub enum PipelineError {
         includes: bool,
     },
     /// A value has the wrong shape.
-    #[error("{}: job `{job}`: {}", .path.display(), invalid_detail(.key, .message))]
+    #[error("{}{}: job `{job}`: {}", .path.display(), at_suffix(.at), invalid_detail(.key, .message))]
     Invalid {
         /// The file.
         path: PathBuf,
+        /// Where the keyword (else the job) is written, when known.
+        at: Option<Position>,
         /// The job being resolved.
         job: String,
         /// The keyword holding the value, like `script` or `default:image`;
@@ -126,11 +131,8 @@ pub enum PipelineError {
     },
 }
 
-fn location_suffix(error: &serde_norway::Error) -> String {
-    match error.location() {
-        Some(at) => format!(" at line {}, column {}", at.line(), at.column()),
-        None => String::new(),
-    }
+fn at_suffix(at: &Option<Position>) -> String {
+    at.map(|at| format!(":{at}")).unwrap_or_default()
 }
 
 fn invalid_detail(key: &str, message: &str) -> String {
@@ -143,7 +145,8 @@ fn invalid_detail(key: &str, message: &str) -> String {
 
 fn include_hint(includes: &bool) -> &'static str {
     if *includes {
-        " (this file uses `include:`, and `berth exec` does not read included files)"
+        " (it may come from an `include:` that `berth exec` does not read: remote, project, template and \
+         component includes are not fetched; copy the file into the project and include it with `local:`)"
     } else {
         ""
     }
@@ -164,8 +167,8 @@ fn no_such_job_message(path: &Path, job: &str, available: &[String], includes: &
     }
     if *includes {
         message.push_str(
-            "; jobs from `include:` files are not read by `berth exec`, \
-             so only jobs defined in this file can run",
+            "; it may come from an `include:` that `berth exec` does not read (only `include: local:` \
+             files are read; `berth exec --list` names the others)",
         );
     }
     message
@@ -187,12 +190,21 @@ mod tests {
     fn invalid_names_the_keyword_unless_the_job_itself_is_wrong() {
         let invalid = |key: &str| PipelineError::Invalid {
             path: path(),
+            at: None,
             job: "j".into(),
             key: key.into(),
             message: "fix it".into(),
         };
         assert_eq!(invalid("script").to_string(), "ci.yml: job `j`: invalid `script`: fix it");
         assert_eq!(invalid("").to_string(), "ci.yml: job `j`: fix it");
+        let placed = PipelineError::Invalid {
+            path: path(),
+            at: Some(Position { line: 3, column: 5 }),
+            job: "j".into(),
+            key: "image".into(),
+            message: "fix it".into(),
+        };
+        assert_eq!(placed.to_string(), "ci.yml:3:5: job `j`: invalid `image`: fix it");
     }
 
     #[test]
@@ -215,7 +227,8 @@ mod tests {
         assert_eq!(
             missing(true).to_string(),
             "ci.yml: `.a` extends `.gone`, which is not defined in this file; define it or fix the name \
-             (this file uses `include:`, and `berth exec` does not read included files)"
+             (it may come from an `include:` that `berth exec` does not read: remote, project, template and \
+             component includes are not fetched; copy the file into the project and include it with `local:`)"
         );
     }
 
@@ -248,8 +261,8 @@ mod tests {
         assert_eq!(
             no_such_job("stages", &[], true),
             "ci.yml: there is no job `stages` to run (`stages` is a global keyword, not a job); \
-             the file defines no runnable jobs; jobs from `include:` files are not read by `berth exec`, \
-             so only jobs defined in this file can run"
+             the file defines no runnable jobs; it may come from an `include:` that `berth exec` does not read \
+             (only `include: local:` files are read; `berth exec --list` names the others)"
         );
     }
 

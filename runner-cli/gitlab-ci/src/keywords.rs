@@ -5,6 +5,7 @@ use serde_norway::Value;
 
 use crate::duration::parse_duration;
 use crate::yaml::{kind, scalar_string};
+use crate::Variable;
 
 /// Deepest nesting of lists accepted in `script`, `before_script` and `after_script`.
 const MAX_SCRIPT_NESTING: usize = 10;
@@ -80,8 +81,8 @@ pub(crate) fn commands(value: &Value) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// A `variables:` hash as name/value pairs, in order.
-pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> {
+/// A `variables:` hash as variables, in order.
+pub(crate) fn variables(value: &Value) -> Result<Vec<Variable>, String> {
     let Value::Mapping(mapping) = value else {
         return Err(format!("must be a hash of NAME: value, not {}", kind(value)));
     };
@@ -90,8 +91,14 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> 
         let name = match name {
             Value::String(name) => name.clone(),
             Value::Number(n) => n.to_string(),
+            Value::Bool(_) => {
+                return Err("a variable name is a boolean (YAML reads `on`, `off`, `yes`, `no`, `true` and \
+                     `false` so, as GitLab does); quote it"
+                    .to_owned())
+            }
             other => return Err(format!("a variable name is {}; use a string", kind(other))),
         };
+        let mut expand = true;
         let value = match value {
             Value::Mapping(fields) => {
                 if let Some(key) = fields
@@ -103,6 +110,15 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> 
                          the known keys are value, description, expand and options",
                         scalar_string(key).unwrap_or_else(|| kind(key).to_owned())
                     ));
+                }
+                // `expand: false` reaches the runner as `raw`
+                // (https://docs.gitlab.com/ci/yaml/#variablesexpand).
+                match fields.get("expand") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Bool(value)) => expand = *value,
+                    Some(other) => {
+                        return Err(format!("`expand` of variable `{name}` is {}; use true or false", kind(other)))
+                    }
                 }
                 match fields.get("value") {
                     None | Some(Value::Null) => String::new(),
@@ -118,7 +134,7 @@ pub(crate) fn variables(value: &Value) -> Result<Vec<(String, String)>, String> 
                 )
             })?,
         };
-        out.push((name, value));
+        out.push(Variable { name, value, expand });
     }
     Ok(out)
 }
@@ -176,6 +192,98 @@ pub(crate) fn allow_failure(value: &Value) -> Result<(bool, Vec<i32>), String> {
             Ok((false, codes))
         }
         other => Err(format!("must be true, false or `{{exit_codes: [...]}}`, not {}", kind(other))),
+    }
+}
+
+/// Most jobs one `parallel:` may make (GitLab's limit).
+pub(crate) const MAX_PARALLEL: usize = 200;
+
+/// One job `parallel:` makes of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Instance {
+    /// The job's name as GitLab names it.
+    pub(crate) name: String,
+    /// `CI_NODE_INDEX`, from 1.
+    pub(crate) index: usize,
+    /// `CI_NODE_TOTAL`.
+    pub(crate) total: usize,
+    /// The matrix variables of this combination.
+    pub(crate) variables: Vec<Variable>,
+}
+
+/// The jobs `parallel:` makes of the job `job`, named as GitLab names them
+/// (<https://docs.gitlab.com/ci/yaml/#parallel>, #parallelmatrix): `job 1/3`
+/// for `parallel: 3`; `job: [a, b]` for a matrix combination, its values in
+/// the order of the matrix entry (GitLab's `Normalizer::MatrixStrategy`).
+pub(crate) fn parallel(job: &str, value: &Value) -> Result<Vec<Instance>, String> {
+    match value {
+        Value::Number(n) => {
+            let total = n
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| (1..=MAX_PARALLEL).contains(n))
+                .ok_or_else(|| format!("must be a number from 1 to {MAX_PARALLEL}, not {n}"))?;
+            Ok((1..=total)
+                .map(|index| Instance { name: format!("{job} {index}/{total}"), index, total, variables: Vec::new() })
+                .collect())
+        }
+        Value::Mapping(fields) => {
+            if let Some(key) = fields.keys().find(|key| key.as_str() != Some("matrix")) {
+                return Err(format!(
+                    "the only key of a `parallel` hash is `matrix`, not `{}`",
+                    scalar_string(key).unwrap_or_else(|| kind(key).to_owned())
+                ));
+            }
+            let Some(Value::Sequence(entries)) = fields.get("matrix") else {
+                return Err("`matrix` must be a list of hashes of VARIABLE: [values]".to_owned());
+            };
+            let mut combinations: Vec<Vec<Variable>> = Vec::new();
+            for entry in entries {
+                let Value::Mapping(entry) = entry else {
+                    return Err(format!("a `matrix` entry is {}; use a hash of VARIABLE: [values]", kind(entry)));
+                };
+                let mut product: Vec<Vec<Variable>> = vec![Vec::new()];
+                for (name, values) in entry {
+                    let name = scalar_string(name).ok_or("a matrix variable name must be a string")?;
+                    let values: Vec<String> = match values {
+                        Value::Sequence(items) => items.iter().map(scalar_string).collect::<Option<_>>(),
+                        other => scalar_string(other).map(|v| vec![v]),
+                    }
+                    .ok_or_else(|| format!("matrix variable `{name}` must be a value or a list of values"))?;
+                    if values.is_empty() {
+                        return Err(format!("matrix variable `{name}` has no values"));
+                    }
+                    product = product
+                        .into_iter()
+                        .flat_map(|done| {
+                            let name = &name;
+                            values.iter().map(move |value| {
+                                let mut next = done.clone();
+                                next.push(Variable::new(name.clone(), value.clone()));
+                                next
+                            })
+                        })
+                        .collect();
+                    if product.len() + combinations.len() > MAX_PARALLEL {
+                        return Err(format!("the matrix makes more than {MAX_PARALLEL} jobs, GitLab's limit"));
+                    }
+                }
+                combinations.extend(product);
+            }
+            if combinations.is_empty() {
+                return Err("`matrix` is empty".to_owned());
+            }
+            let total = combinations.len();
+            Ok(combinations
+                .into_iter()
+                .enumerate()
+                .map(|(at, variables)| {
+                    let values: Vec<&str> = variables.iter().map(|v| v.value.as_str()).collect();
+                    Instance { name: format!("{job}: [{}]", values.join(", ")), index: at + 1, total, variables }
+                })
+                .collect())
+        }
+        other => Err(format!("must be a number or `{{matrix: [...]}}`, not {}", kind(other))),
     }
 }
 
@@ -279,9 +387,13 @@ variables:
   FLOAT: 1.10
   NEG: -3
   BOOL: true
-  OFF: false
+  OFF_: off
   QUOTED: "007"
   OCTAL: 0o17
+  MODE: 0755
+  BIG: 100_000_000_000_000_000_000.0
+  SMALL: 0.00001
+  SEP: 1_000
   DESCRIBED:
     value: v1
     description: shown in the run pipeline form
@@ -298,25 +410,31 @@ j:
     JOB: 1e3
   script: x
 "#;
-        assert_eq!(
-            job(text, "j").variables,
-            vars(&[
-                ("STR", "text"),
-                ("INT", "overridden"),
-                ("FLOAT", "1.1"),
-                ("NEG", "-3"),
-                ("BOOL", "true"),
-                ("OFF", "false"),
-                ("QUOTED", "007"),
-                ("OCTAL", "15"),
-                ("DESCRIBED", "v1"),
-                ("RAW", "$NOT_EXPANDED"),
-                ("NUMVALUE", "5"),
-                ("ONLYDOC", ""),
-                ("1234", "numeric name"),
-                ("JOB", "1000.0"),
-            ])
-        );
+        let mut want = vars(&[
+            ("STR", "text"),
+            ("INT", "overridden"),
+            ("FLOAT", "1.1"),
+            ("NEG", "-3"),
+            ("BOOL", "true"),
+            ("OFF_", "false"),
+            ("QUOTED", "007"),
+            ("OCTAL", "0o17"),
+            ("MODE", "493"),
+            ("BIG", "1.0e+20"),
+            ("SMALL", "1.0e-05"),
+            ("SEP", "1000"),
+            ("DESCRIBED", "v1"),
+            ("RAW", "$NOT_EXPANDED"),
+            ("NUMVALUE", "5"),
+            ("ONLYDOC", ""),
+            ("1234", "numeric name"),
+            ("JOB", "1e3"),
+        ]);
+        // `expand: false` (https://docs.gitlab.com/ci/yaml/#variablesexpand).
+        want[13].expand = false;
+        assert_eq!(job(text, "j").variables, want);
+        let e = error("j:\n  variables: {V: {value: x, expand: maybe}}\n  script: x\n", "j");
+        assert!(e.to_string().contains("`expand` of variable `V` is a string"), "{e}");
     }
 
     #[test]
@@ -328,6 +446,12 @@ j:
         assert!(e.to_string().contains("variable `L` is a list"), "{e}");
         let e = error("j:\n  variables: {V: {value: x, bogus: 1}}\n  script: x\n", "j");
         assert!(e.to_string().contains("unknown key `bogus`"), "{e}");
+        let e = error("variables:\n  ON: 1\nj:\n  script: x\n", "j");
+        assert!(
+            e.to_string()
+                .contains("ci.yml:1:1: job `j`: invalid `variables (top-level)`: a variable name is a boolean"),
+            "{e}"
+        );
         let e = error("variables: [A]\nj:\n  script: x\n", "j");
         assert!(matches!(&e, PipelineError::Invalid { key, .. } if key == "variables (top-level)"), "{e:?}");
     }

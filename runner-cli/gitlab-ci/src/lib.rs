@@ -12,52 +12,75 @@
 //!
 //! The file is processed in GitLab's order:
 //!
-//! 1. YAML anchors, aliases and merge keys (`<<: *anchor`, also nested and
-//!    lists of anchors);
-//! 2. `extends:` (one name or a list, recursive, deep-merging hashes, at most
+//! 1. YAML, loaded as GitLab's Ruby loader (Psych) loads it: anchors,
+//!    aliases and merge keys (`<<: *a`, lists of them, several `<<` in one
+//!    hash, a `<<` after an explicit key overriding it), a repeated key
+//!    replacing the earlier value (with a warning), YAML 1.1 scalars (`0755`
+//!    is 493, `1_000` is 1000, `yes`/`on`/`off` are booleans, `1e3` is a
+//!    string), numbers written back as Ruby writes them; unquoted dates are
+//!    refused, as GitLab refuses them; nesting deeper than 100 levels and
+//!    aliases expanding past a few megabytes stop with the position;
+//! 2. `include: local:` files (with [`load_in`]/[`list_in`]), read from the
+//!    project's root, each loaded on its own with its own includes, the
+//!    including file deep-merged over them;
+//! 3. `extends:` (one name or a list, recursive, deep-merging hashes, at most
 //!    [`MAX_EXTENDS_DEPTH`] levels, cycles rejected);
-//! 3. `!reference [entry, key, ...]` tags, anywhere in the values used
+//! 4. `!reference [entry, key, ...]` tags, anywhere in the values used
 //!    (references may point at values holding references);
-//! 4. `default:` and the legacy global `image:`, `before_script:`,
-//!    `after_script:`, honouring `inherit:default` and `inherit:variables`.
+//! 5. `default:` and the legacy global `image:`, `before_script:`,
+//!    `after_script:`, honouring `inherit:default` and `inherit:variables`;
+//! 6. `parallel: N` and `parallel: matrix:`, which replace the job by the
+//!    jobs GitLab creates (`name 1/N`, `name: [v1, v2]`), each with its node
+//!    index and matrix variables.
 //!
 //! Then each keyword a local run needs is decoded: `script:` and its
 //! neighbours (nested lists flattened), `variables:` (plain or
-//! `{value: ...}`), `image:` (a name or `{name: ...}`), `timeout:` (GitLab's
-//! duration syntax, like `1h 30m`), `allow_failure:` (also
-//! `{exit_codes: ...}` and the `when: manual` default) and `stage:`.
+//! `{value: ..., expand: false}`), `image:` (a name or `{name: ...}`),
+//! `timeout:` (GitLab's duration syntax, like `1h 30m`), `allow_failure:`
+//! (also `{exit_codes: ...}` and the `when: manual` default), `stage:` and
+//! `rules:`, which [`rules::decide`] evaluates with the variables a caller
+//! gives (`if:` expressions, `when:`, `variables:`).
+//!
+//! Variable values and the image are kept as written: the runner expands
+//! them (`$VAR`, `${VAR}`) when the job starts, with its own variables.
 //!
 //! # What it refuses
 //!
-//! Not supported: `include:` (included files are not fetched: jobs and
-//! templates defined there are unknown, and error messages say so),
-//! `spec:inputs` interpolation (a `spec:` header document is skipped),
-//! evaluation of `rules`/`only`/`except`/`needs`, `services`, `cache`,
-//! `artifacts`, `parallel`, and variable expansion (values are kept verbatim).
-//! Keywords that do not affect a local run are ignored silently. A file of
-//! several YAML documents, YAML tags other than `!reference`, trigger jobs
-//! (which have no script), hidden jobs and values of the wrong shape are
-//! refused with a [`PipelineError`] naming the file, the job and the keyword,
-//! and saying how to fix it.
+//! Not read: `include:` of other kinds (remote, project, template,
+//! component) and local includes with wildcards or variables in their path:
+//! they are listed, and messages about what may be defined there say so.
+//! Not evaluated: `rules:changes`/`rules:exists` (taken to hold, and said),
+//! `rules` of an `include`, `only`/`except`, `workflow:rules`, `needs`.
+//! Not supported: `spec:inputs` interpolation (a `spec:` header document is
+//! skipped), `services`, `cache`, `artifacts`. Keywords that do not affect a
+//! local run are ignored silently. A file of several YAML documents, YAML
+//! tags other than `!reference`, trigger jobs (which have no script), hidden
+//! jobs and values of the wrong shape are refused with a [`PipelineError`]
+//! naming the file (with the line and column where known), the job and the
+//! keyword, and saying how to fix it.
 //!
 //! # Layers
 //!
-//! `yaml` (the document, anchors and merge keys), `resolve` (the job
-//! resolver), `keywords` (one decoder per keyword), `duration` (GitLab's
-//! duration syntax) and `error` (the messages).
+//! `yaml` (the loader: events to a tree, anchors, merge keys, scalars),
+//! `include` (local includes), `resolve` (the job resolver), `keywords` (one
+//! decoder per keyword), `rules` (`rules:` and their expressions), `duration`
+//! (GitLab's duration syntax) and `error` (the messages).
 
 #![deny(missing_docs)]
 
 mod duration;
 mod error;
+mod include;
 mod keywords;
 mod resolve;
+pub mod rules;
 mod yaml;
 
 use std::path::Path;
 
 pub use error::PipelineError;
 pub use resolve::MAX_EXTENDS_DEPTH;
+pub use yaml::Position;
 
 use resolve::Resolver;
 
@@ -73,8 +96,9 @@ pub struct PipelineJob {
     pub image: Option<String>,
     /// Top-level `variables:` first, then the job's; a job variable replaces
     /// a global one of the same name in place. `{value: x, ...}` gives `x`;
-    /// numbers and booleans are written as YAML writes them.
-    pub variables: Vec<(String, String)>,
+    /// numbers and booleans are written as YAML writes them. Values are as
+    /// written: the runner expands them when the job starts.
+    pub variables: Vec<Variable>,
     /// The job's `before_script:`, else `default:before_script`, else the legacy global one.
     pub before_script: Vec<String>,
     /// The job's `script:`, nested lists flattened; never empty.
@@ -89,6 +113,48 @@ pub struct PipelineJob {
     /// The exit codes of `allow_failure: {exit_codes: ...}`: the job may fail
     /// with these codes only.
     pub allow_failure_exit_codes: Vec<i32>,
+    /// For a job `parallel:` makes: its `CI_NODE_INDEX` (from 1) and
+    /// `CI_NODE_TOTAL`. Its matrix variables are in `variables`, after (and
+    /// replacing) the job's own.
+    pub node: Option<(usize, usize)>,
+    /// The job's `rules:`, `None` without them: evaluate them with [`rules::decide`].
+    pub rules: Option<Vec<rules::Rule>>,
+    /// What loading the file had to say (repeated keys, ...), each naming the
+    /// file and position: accepted as GitLab accepts them, but worth a word.
+    pub warnings: Vec<String>,
+}
+
+/// The runnable jobs of a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobList {
+    /// The jobs' names, in file order.
+    pub jobs: Vec<String>,
+    /// The jobs defined in an `include:local` file, with that file.
+    pub included: Vec<(String, String)>,
+    /// The includes not read (remote, project, template, component, or a
+    /// local one that could not be), described with the file holding them.
+    pub unread_includes: Vec<String>,
+    /// What loading the file had to say, as [`PipelineJob::warnings`].
+    pub warnings: Vec<String>,
+}
+
+/// A variable of the job, as the pipeline file defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variable {
+    /// The name.
+    pub name: String,
+    /// The value, unexpanded.
+    pub value: String,
+    /// Whether the runner expands `$NAME` references in the value: false for
+    /// `expand: false`, which reaches the runner as a `raw` variable.
+    pub expand: bool,
+}
+
+impl Variable {
+    /// A variable that is expanded, as most are.
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Variable { name: name.into(), value: value.into(), expand: true }
+    }
 }
 
 /// Reads the pipeline file at `path` and resolves its job `job`.
@@ -97,8 +163,29 @@ pub struct PipelineJob {
 ///
 /// [`PipelineError::Read`] when the file cannot be read, else as [`parse`].
 pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
+    load_in(path, None, job)
+}
+
+/// Like [`load`], reading `include:local` files from `project`, the
+/// project's directory (`include:local` paths are relative to its root).
+///
+/// # Errors
+///
+/// As [`load`], and when an `include:local` file cannot be read or parsed.
+pub fn load_in(path: &Path, project: Option<&Path>, job: &str) -> Result<PipelineJob, PipelineError> {
     let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
-    parse(&text, path, job)
+    Resolver::new(&text, path, project)?.job(job)
+}
+
+/// The runnable jobs of the pipeline file at `path`, reading `include:local`
+/// files from `project` as [`load_in`] does.
+///
+/// # Errors
+///
+/// As [`job_names`], and when the file or an included one cannot be read.
+pub fn list_in(path: &Path, project: Option<&Path>) -> Result<JobList, PipelineError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
+    Resolver::new(&text, path, project)?.list()
 }
 
 /// Resolves the job `job` of the pipeline file `text`; `path` only names the file in errors.
@@ -109,7 +196,7 @@ pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
 /// runnable jobs, and when the job, what it extends or references, or the
 /// defaults it inherits hold a value of the wrong shape.
 pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
-    Resolver::new(text, path)?.job(job)
+    Resolver::new(text, path, None)?.job(job)
 }
 
 /// The runnable jobs of the pipeline file `text`, in file order.
@@ -121,8 +208,8 @@ pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, Pipeline
 /// # Errors
 ///
 /// When the text is not YAML or its top level is not a hash.
-pub fn job_names(text: &str, path: &Path) -> Result<Vec<String>, PipelineError> {
-    Ok(Resolver::new(text, path)?.job_names())
+pub fn job_names(text: &str, path: &Path) -> Result<JobList, PipelineError> {
+    Resolver::new(text, path, None)?.list()
 }
 
 /// What the tests of every layer share: a file name and job lookups.
@@ -130,7 +217,7 @@ pub fn job_names(text: &str, path: &Path) -> Result<Vec<String>, PipelineError> 
 mod test_support {
     use std::path::Path;
 
-    use crate::{parse, PipelineError, PipelineJob};
+    use crate::{parse, PipelineError, PipelineJob, Variable};
 
     pub(crate) fn path() -> &'static Path {
         Path::new("ci.yml")
@@ -151,8 +238,8 @@ mod test_support {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    pub(crate) fn vars(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pub(crate) fn vars(items: &[(&str, &str)]) -> Vec<Variable> {
+        items.iter().map(|(k, v)| Variable::new(*k, *v)).collect()
     }
 }
 
@@ -174,5 +261,75 @@ mod tests {
         let e = missing.unwrap_err();
         assert!(matches!(e, PipelineError::Read { .. }), "{e:?}");
         assert!(e.to_string().contains("absent.yml: check that it exists"), "{e}");
+    }
+}
+
+/// Property tests of the whole interpreter: any text gives a job or an
+/// error, never a panic, a hang or unbounded memory.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use crate::test_support::path;
+    use crate::{job_names, parse, PipelineError};
+
+    /// YAML-ish text built from the pieces pipelines are made of.
+    fn pipeline_text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("j:\n".to_owned()),
+            Just(".t: &t\n".to_owned()),
+            Just("  script: x\n".to_owned()),
+            Just("  <<: *t\n".to_owned()),
+            Just("  extends: .t\n".to_owned()),
+            Just("  image: $I\n".to_owned()),
+            Just("  variables: {A: 0755, B: yes}\n".to_owned()),
+            Just("  script: !reference [.t, script]\n".to_owned()),
+            Just("  parallel: 3\n".to_owned()),
+            Just("a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\n".to_owned()),
+            Just("c: [*b, *b, *b, *b, *b, *b]\n".to_owned()),
+            Just("- \n".to_owned()),
+            Just("  [{\n".to_owned()),
+            Just("---\n".to_owned()),
+            "[a-z:\\[\\]{}&*!<>|, \n-]{0,12}",
+        ];
+        prop::collection::vec(piece, 0..16).prop_map(|pieces| pieces.concat())
+    }
+
+    fn check(text: &str) {
+        for job in ["j", "a"] {
+            match parse(text, path(), job) {
+                Ok(_) => {}
+                Err(PipelineError::Parse { at, .. }) => assert!(at.line >= 1 || text.is_empty()),
+                Err(e) => assert!(!e.to_string().is_empty()),
+            }
+        }
+        let _ = job_names(text, path());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #[test]
+        fn generated_pipelines_resolve_or_fail_cleanly(text in pipeline_text()) {
+            check(&text);
+        }
+
+        #[test]
+        fn arbitrary_text_resolves_or_fails_cleanly(text in "\\PC{0,200}") {
+            check(&text);
+        }
+
+        /// Alias chains of any depth and width stop within the byte budget.
+        #[test]
+        fn alias_bombs_are_bounded(width in 2usize..12, levels in 1usize..14) {
+            let mut text = format!("l0: &l0 [{}]\n", vec!["xxxxxxxx"; width].join(", "));
+            for level in 1..levels {
+                let prev = level - 1;
+                text.push_str(&format!("l{level}: &l{level} [{}]\n", vec![format!("*l{prev}"); width].join(", ")));
+            }
+            text.push_str("j:\n  script: x\n");
+            let started = std::time::Instant::now();
+            check(&text);
+            prop_assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        }
     }
 }

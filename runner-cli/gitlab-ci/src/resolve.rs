@@ -6,9 +6,11 @@ use std::path::Path;
 
 use serde_norway::{Mapping, Value};
 
-use crate::keywords::{allow_failure, commands, image_name, timeout, variables, Inherit};
-use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string};
-use crate::{PipelineError, PipelineJob};
+use crate::include::merge_includes;
+use crate::keywords::{allow_failure, commands, image_name, parallel, timeout, variables, Inherit, Instance};
+use crate::rules::parse_rules;
+use crate::yaml::{is_job_or_template, is_visible_job, kind, parse_document, scalar_string, Document, Position};
+use crate::{JobList, PipelineError, PipelineJob, Variable};
 
 /// Deepest `extends` chain accepted below a job, as in GitLab.
 pub const MAX_EXTENDS_DEPTH: usize = 11;
@@ -21,7 +23,7 @@ const DEFAULT_STAGE: &str = "test";
 
 /// Deep-merges `over` into `base`: hashes merge recursively, anything else
 /// in `over` replaces what `base` holds.
-fn deep_merge(base: &mut Mapping, over: &Mapping) {
+pub(crate) fn deep_merge(base: &mut Mapping, over: &Mapping) {
     for (key, value) in over {
         match (base.get_mut(key), value) {
             (Some(Value::Mapping(inner)), Value::Mapping(value)) => deep_merge(inner, value),
@@ -37,28 +39,60 @@ fn deep_merge(base: &mut Mapping, over: &Mapping) {
 pub(crate) struct Resolver<'a> {
     path: &'a Path,
     root: Mapping,
+    /// Where the file's keys are.
+    positions: HashMap<String, Position>,
+    /// What loading the file had to say.
+    pub(crate) warnings: Vec<String>,
     includes: bool,
+    /// The top-level keys that come from included files, and which.
+    pub(crate) origins: HashMap<String, String>,
+    /// The includes not read.
+    pub(crate) unread: Vec<String>,
     /// Entries with `extends` merged, and how many levels of `extends` lie below them.
     extended: HashMap<String, (Value, usize)>,
 }
 
 impl<'a> Resolver<'a> {
-    pub(crate) fn new(text: &str, path: &'a Path) -> Result<Self, PipelineError> {
-        let root = parse_document(text, path)?;
-        let includes = root.contains_key("include");
-        Ok(Resolver { path, root, includes, extended: HashMap::new() })
+    pub(crate) fn new(text: &str, path: &'a Path, project: Option<&Path>) -> Result<Self, PipelineError> {
+        let Document { root, positions, mut warnings } = parse_document(text, path)?;
+        let merged = merge_includes(root, path, positions.get("include").copied(), project)?;
+        warnings.extend(merged.warnings);
+        let includes = !merged.unread.is_empty();
+        Ok(Resolver {
+            path,
+            root: merged.root,
+            positions,
+            warnings,
+            includes,
+            origins: merged.origins,
+            unread: merged.unread,
+            extended: HashMap::new(),
+        })
+    }
+
+    /// Where the keyword `key` (a label like `image`, `default:image` or
+    /// `variables (top-level)`) of `job` is written; else the job.
+    fn position(&self, job: &str, key: &str) -> Option<Position> {
+        let place = match key.strip_suffix(" (top-level)") {
+            Some(global) => global.to_owned(),
+            None if key.starts_with("default:") => key.to_owned(),
+            None => format!("{job}:{key}"),
+        };
+        [place, job.to_owned()].iter().find_map(|k| self.positions.get(k).copied())
     }
 
     fn invalid(&self, job: &str, key: &str, message: impl Into<String>) -> PipelineError {
         PipelineError::Invalid {
             path: self.path.to_owned(),
+            at: self.position(job, key),
             job: job.to_owned(),
             key: key.to_owned(),
             message: message.into(),
         }
     }
 
-    pub(crate) fn job_names(&mut self) -> Vec<String> {
+    /// The visible, non-trigger jobs of the file, in file order.
+    fn runnable(&mut self) -> Vec<String> {
         let candidates: Vec<String> = self
             .root
             .iter()
@@ -74,6 +108,39 @@ impl<'a> Resolver<'a> {
                 _ => true,
             })
             .collect()
+    }
+
+    /// The jobs `parallel:` makes of `name`; `None` without `parallel:`.
+    fn instances(&mut self, name: &str) -> Result<Option<Vec<Instance>>, PipelineError> {
+        let Value::Mapping(own) = self.extend(name, &mut vec![name.to_owned()])? else { return Ok(None) };
+        match self.field(&own, "parallel", name, "parallel")? {
+            None => Ok(None),
+            Some(value) => parallel(name, &value).map(Some).map_err(|message| self.invalid(name, "parallel", message)),
+        }
+    }
+
+    /// The jobs, where they come from, and what was not read.
+    pub(crate) fn list(&mut self) -> Result<JobList, PipelineError> {
+        let jobs = self.job_names();
+        let included = self
+            .runnable()
+            .into_iter()
+            .filter_map(|name| self.origins.get(&name).map(|file| (name, file.clone())))
+            .collect();
+        Ok(JobList { jobs, included, unread_includes: self.unread.clone(), warnings: self.warnings.clone() })
+    }
+
+    /// The names of the jobs GitLab would create: a job with `parallel:`
+    /// gives its instances instead of itself.
+    pub(crate) fn job_names(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        for name in self.runnable() {
+            match self.instances(&name) {
+                Ok(Some(instances)) => names.extend(instances.into_iter().map(|i| i.name)),
+                _ => names.push(name),
+            }
+        }
+        names
     }
 
     /// The entry `name` with its `extends` merged in; `chain` holds the
@@ -329,15 +396,48 @@ impl<'a> Resolver<'a> {
         Ok(None)
     }
 
+    /// The job named `name`: a job of the file, or one `parallel:` makes.
     pub(crate) fn job(&mut self, name: &str) -> Result<PipelineJob, PipelineError> {
-        if !is_visible_job(name) || !self.root.contains_key(name) {
-            return Err(PipelineError::NoSuchJob {
-                path: self.path.to_owned(),
-                job: name.to_owned(),
-                available: self.job_names(),
-                includes: self.includes,
-            });
+        let no_such_job = |this: &mut Self| PipelineError::NoSuchJob {
+            path: this.path.to_owned(),
+            job: name.to_owned(),
+            available: this.job_names(),
+            includes: this.includes,
+        };
+        if is_visible_job(name) && self.root.contains_key(name) {
+            if self.instances(name)?.is_some() {
+                // GitLab creates only the instances.
+                return Err(no_such_job(self));
+            }
+            return self.resolve(name);
         }
+        for base in self.runnable() {
+            let instances = match self.instances(&base) {
+                Ok(Some(instances)) => instances,
+                // A bad `parallel:` is worth saying when the name is one it would make.
+                Err(e) if name.starts_with(&format!("{base} ")) || name.starts_with(&format!("{base}: ")) => {
+                    return Err(e)
+                }
+                _ => continue,
+            };
+            if let Some(instance) = instances.into_iter().find(|i| i.name == name) {
+                let mut job = self.resolve(&base)?;
+                job.name = instance.name;
+                job.node = Some((instance.index, instance.total));
+                for variable in instance.variables {
+                    match job.variables.iter_mut().find(|existing| existing.name == variable.name) {
+                        Some(slot) => *slot = variable,
+                        None => job.variables.push(variable),
+                    }
+                }
+                return Ok(job);
+            }
+        }
+        Err(no_such_job(self))
+    }
+
+    /// The job `name` of the file, resolved.
+    fn resolve(&mut self, name: &str) -> Result<PipelineJob, PipelineError> {
         let own = match self.extend(name, &mut vec![name.to_owned()])? {
             Value::Mapping(own) => own,
             other => {
@@ -418,11 +518,17 @@ impl<'a> Resolver<'a> {
 
         let script = match self.field(&own, "script", name, "script")? {
             None => {
+                let hint = if self.includes {
+                    "; its template may be in an `include:` that `berth exec` does not read \
+                     (`berth exec --list` names them): copy it into the project and include it with `local:`"
+                } else {
+                    ""
+                };
                 return Err(self.invalid(
                     name,
                     "script",
-                    "the job has no `script:`; add one (or `extends:` a template that has one)",
-                ))
+                    format!("the job has no `script:`; add one (or `extends:` a template that has one){hint}"),
+                ));
             }
             Some(value) => commands(&value).map_err(|message| self.invalid(name, "script", message))?,
         };
@@ -444,21 +550,26 @@ impl<'a> Resolver<'a> {
                 }
             };
 
+        let rules = match self.field(&own, "rules", name, "rules")? {
+            None => None,
+            Some(value) => Some(parse_rules(&value).map_err(|message| self.invalid(name, "rules", message))?),
+        };
+
         let global_variables = self.global("variables", name, "variables (top-level)")?;
-        let mut all_variables: Vec<(String, String)> = match global_variables {
+        let mut all_variables: Vec<Variable> = match global_variables {
             None => Vec::new(),
             Some(value) => variables(&value)
                 .map_err(|message| self.invalid(name, "variables (top-level)", message))?
                 .into_iter()
-                .filter(|(variable, _)| inherit_variables.allows(variable))
+                .filter(|variable| inherit_variables.allows(&variable.name))
                 .collect(),
         };
         if let Some(value) = self.field(&own, "variables", name, "variables")? {
             let job_variables = variables(&value).map_err(|message| self.invalid(name, "variables", message))?;
-            for (variable, value) in job_variables {
-                match all_variables.iter_mut().find(|(existing, _)| *existing == variable) {
-                    Some(slot) => slot.1 = value,
-                    None => all_variables.push((variable, value)),
+            for variable in job_variables {
+                match all_variables.iter_mut().find(|existing| existing.name == variable.name) {
+                    Some(slot) => *slot = variable,
+                    None => all_variables.push(variable),
                 }
             }
         }
@@ -474,6 +585,9 @@ impl<'a> Resolver<'a> {
             timeout_secs,
             allow_failure,
             allow_failure_exit_codes,
+            node: None,
+            rules,
+            warnings: self.warnings.clone(),
         })
     }
 }

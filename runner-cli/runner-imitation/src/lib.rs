@@ -6,3 +6,4 @@
 
 pub mod job;
 pub mod runner;
+pub mod variables;

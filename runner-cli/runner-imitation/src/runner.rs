@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use berth_backend_api::script;
-use berth_backend_api::{Cancel, JobResponse};
+use berth_backend_api::{Cancel, JobResponse, ResponseVariable};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
@@ -285,8 +285,12 @@ pub struct JobRun {
     response: JobResponse,
     /// config's answer (after [`Driver::config`]).
     pub config: DriverConfig,
-    /// `CUSTOM_ENV_*` variables, by name without the prefix; the last value wins.
+    /// `CUSTOM_ENV_*` variables, by name without the prefix: the last value
+    /// of each name, expanded as gitlab-runner expands them.
     pub variables: BTreeMap<String, String>,
+    /// The payload's variables, then those the runner set, as given: what
+    /// [`JobRun::variables`] is expanded from.
+    given: Vec<ResponseVariable>,
     script_seq: u32,
 }
 
@@ -297,14 +301,28 @@ impl JobRun {
         let path = tmp.path().join("response.json");
         let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
         serde_json::to_writer(&mut file, response)?;
-        let mut variables = BTreeMap::new();
-        for var in &response.variables {
-            variables.insert(var.key.clone(), var.value.clone());
+        let mut given = response.variables.clone();
+        given.push(ResponseVariable::new("CI_JOB_SERVICES", ""));
+        for key in ["CI_BUILDS_DIR", "CI_PROJECT_DIR"] {
+            if !given.iter().any(|v| v.key == key) {
+                given.push(ResponseVariable::new(key, ""));
+            }
         }
-        variables.insert("CI_JOB_SERVICES".into(), String::new());
-        variables.entry("CI_BUILDS_DIR".into()).or_insert_with(String::new);
-        variables.entry("CI_PROJECT_DIR".into()).or_insert_with(String::new);
-        Ok(JobRun { tmp, response: response.clone(), config: DriverConfig::default(), variables, script_seq: 0 })
+        let mut job = JobRun {
+            tmp,
+            response: response.clone(),
+            config: DriverConfig::default(),
+            variables: BTreeMap::new(),
+            given,
+            script_seq: 0,
+        };
+        job.expand();
+        Ok(job)
+    }
+
+    /// Recomputes [`JobRun::variables`] from what was given.
+    fn expand(&mut self) {
+        self.variables = crate::variables::expand_all(&self.given).into_iter().map(|v| (v.key, v.value)).collect();
     }
 
     /// The temp dir.
@@ -323,8 +341,12 @@ impl JobRun {
     }
 
     /// Sets a job variable (what the runner would pass as `CUSTOM_ENV_KEY`).
+    /// Like gitlab-runner's own variables, it comes after the payload's, so
+    /// it wins over them, and its value is expanded.
     pub fn set_variable(&mut self, key: &str, value: &str) {
-        self.variables.insert(key.to_owned(), value.to_owned());
+        self.given.retain(|v| v.key != key);
+        self.given.push(ResponseVariable::new(key, value));
+        self.expand();
     }
 
     /// The project directory the job sees, from config's answer (§3).

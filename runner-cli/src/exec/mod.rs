@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use berth_backend_api::{Cancel, JobImage, JobInfo, JobResponse, Redactor, ResponseVariable, Step};
 use berth_runner_imitation::job::{Interrupts, JobSpec};
 use berth_runner_imitation::runner::{Driver, Hook, Log, Stream};
+use berth_runner_imitation::variables::expand_image;
 
 use crate::cli::{Cli, ExecArgs};
 use crate::config;
@@ -158,16 +159,45 @@ fn local_state_dir() -> PathBuf {
     }
 }
 
+/// Where `include: local:` files are read from: the project's root (--sources,
+/// else the git work tree around the pipeline file, else its directory).
+fn project_dir(args: &ExecArgs) -> PathBuf {
+    args.sources.clone().or_else(|| sources::work_tree(&args.file).ok()).unwrap_or_else(|| {
+        args.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned()
+    })
+}
+
+/// `berth exec --list`: the jobs on stdout, one a line; where they come
+/// from and what was not read on stderr.
+fn list(args: &ExecArgs) -> Result<Done> {
+    let list = gitlab_ci::list_in(&args.file, Some(&project_dir(args)))?;
+    for warning in &list.warnings {
+        eprintln!("WARNING: {warning}");
+    }
+    for name in &list.jobs {
+        println!("{name}");
+    }
+    for (name, file) in &list.included {
+        eprintln!("note: job {name:?} comes from `include: local: {file}`");
+    }
+    if !list.unread_includes.is_empty() {
+        eprintln!(
+            "note: these includes are not read, so their jobs are not listed and templates from them are unknown \
+             (copy the files into the project and include them with `local:`): {}",
+            list.unread_includes.join(", ")
+        );
+    }
+    if list.jobs.is_empty() {
+        bail!("{} defines no runnable jobs", args.file.display());
+    }
+    Ok(Done::Success)
+}
+
 fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     if args.list {
-        let text =
-            std::fs::read_to_string(&args.file).with_context(|| format!("failed to read {}", args.file.display()))?;
-        for name in gitlab_ci::job_names(&text, &args.file)? {
-            println!("{name}");
-        }
-        return Ok(Done::Success);
+        return list(args);
     }
-    let job = gitlab_ci::load(&args.file, args.job.as_deref().unwrap_or_default())?;
+    let job = gitlab_ci::load_in(&args.file, Some(&project_dir(args)), args.job.as_deref().unwrap_or_default())?;
     // The runner: a configured one, or an ad-hoc one for --backend.
     let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
     let (config_path, runner) = match &args.backend {
@@ -230,25 +260,77 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         ("CI_JOB_TIMEOUT", timeout.to_string()),
         ("CI_SHARED_ENVIRONMENT", "true".into()),
         ("CI_RUNNER_VERSION", format!("berth-exec {}", env!("CARGO_PKG_VERSION"))),
+        // GitLab sets CI_NODE_TOTAL for every job, CI_NODE_INDEX for those `parallel:` makes.
+        ("CI_NODE_TOTAL", job.node.map_or(1, |(_, total)| total).to_string()),
     ];
+    if let Some((index, _)) = job.node {
+        vars.push(("CI_NODE_INDEX", index.to_string()));
+    }
     if let Some(image) = &job.image {
+        // As GitLab sends it; the runner expands it with the other variables.
         vars.push(("CI_JOB_IMAGE", image.clone()));
-        response.image = Some(JobImage::new(image.clone()));
     }
     if let Some((_, dir)) = &sources {
         vars.extend(sources::git_variables(dir));
     }
+    // Lowest precedence first: the runner takes the last of a name
+    // (https://docs.gitlab.com/ci/variables/#cicd-variable-precedence).
     response.variables = vars.into_iter().map(|(k, v)| ResponseVariable::new(k, v)).collect();
-    for (key, value) in &job.variables {
-        response.variables.push(ResponseVariable::new(key.clone(), value.clone()));
+    for variable in &job.variables {
+        let mut given = ResponseVariable::new(variable.name.clone(), variable.value.clone());
+        given.raw = !variable.expand;
+        response.variables.push(given);
     }
+    let mut given = Vec::new();
     for text in &args.vars {
         let (key, value) = split_var(text)?;
-        response.variables.push(ResponseVariable::new(key, value));
+        given.push(ResponseVariable::new(key, value));
     }
     for text in &args.masked_vars {
         let (key, value) = split_var(text)?;
-        response.variables.push(ResponseVariable::new(key, value).masked());
+        given.push(ResponseVariable::new(key, value).masked());
+    }
+    let rules_note = match &job.rules {
+        None => None,
+        Some(rules) => {
+            let known: Vec<&ResponseVariable> = response.variables.iter().chain(&given).collect();
+            let lookup = |name: &str| known.iter().rev().find(|v| v.key == name).map(|v| v.value.clone());
+            let decision = gitlab_ci::rules::decide(rules, &lookup)
+                .map_err(|e| anyhow::anyhow!("{}: job `{}`: invalid `rules`: {e}", args.file.display(), job.name))?;
+            let verdict = if decision.created { "would create" } else { "would not create" };
+            let note = format!("Rules: GitLab {verdict} this job: {}", decision.reason);
+            if !decision.created && !args.ignore_rules {
+                bail!(
+                    "{}: job `{}`: {note} (with the variables given: set them with --var NAME=VALUE, \
+                     or run it anyway with --ignore-rules)",
+                    args.file.display(),
+                    job.name
+                );
+            }
+            // The deciding rule's variables replace the job's (pipeline variables still win).
+            if let Some(rule) = decision.rule.filter(|_| decision.created).and_then(|at| rules.get(at - 1)) {
+                for variable in &rule.variables {
+                    let mut set = ResponseVariable::new(variable.name.clone(), variable.value.clone());
+                    set.raw = !variable.expand;
+                    response.variables.push(set);
+                }
+            }
+            Some(note)
+        }
+    };
+    response.variables.extend(given);
+    // Said in the log when the image names variables that are not defined.
+    let mut image_note = None;
+    if let Some(image) = &job.image {
+        let expanded = expand_image(image, &response.variables);
+        if expanded.trim().is_empty() {
+            image_note = Some(format!(
+                "WARNING: the job's image `{image}` expands to nothing, so the runner's default image is used; \
+                 define the variables it names (in the file or with --var NAME=VALUE)"
+            ));
+        } else {
+            response.image = Some(JobImage::new(expanded));
+        }
     }
     let mut script = job.before_script.clone();
     script.extend(job.script.iter().cloned());
@@ -281,7 +363,10 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
         args.file.display(),
         runner.name
     ));
-    if let Some(note) = &sources_note {
+    for warning in &job.warnings {
+        log.runner(&format!("WARNING: {warning}"));
+    }
+    for note in [&rules_note, &sources_note, &image_note].into_iter().flatten() {
         log.runner(note);
     }
     let interrupts = interrupts()?;

@@ -17,6 +17,9 @@ fn minimal_job_gets_defaults() {
             timeout_secs: None,
             allow_failure: false,
             allow_failure_exit_codes: Vec::new(),
+            node: None,
+            rules: None,
+            warnings: Vec::new(),
         }
     );
 }
@@ -67,7 +70,7 @@ fn missing_or_empty_script_is_an_error() {
     }
     assert_eq!(
         e.to_string(),
-        "ci.yml: job `j`: invalid `script`: the job has no `script:`; \
+        "ci.yml:1:1: job `j`: invalid `script`: the job has no `script:`; \
              add one (or `extends:` a template that has one)"
     );
     let e = error("j:\n  script: []\n", "j");
@@ -164,7 +167,7 @@ fn extends_missing_names_the_template() {
     let with_include = format!("include: templates.yml\n{text}");
     let message = error(&with_include, "j").to_string();
     assert!(message.contains("`.a` extends `.gone`"), "{message}");
-    assert!(message.contains("does not read included files"), "{message}");
+    assert!(message.contains("an `include:` that `berth exec` does not read"), "{message}");
 }
 
 #[test]
@@ -181,7 +184,7 @@ fn extends_depth_is_limited_to_eleven() {
     // Also when the templates were extended (and cached) before the job.
     let mut text = chain(MAX_EXTENDS_DEPTH + 1);
     text.push_str("k:\n  script: !reference [.t11, script]\n");
-    let mut resolver = Resolver::new(&text, path()).unwrap();
+    let mut resolver = Resolver::new(&text, path(), None).unwrap();
     assert_eq!(resolver.job("k").unwrap().script, strings(&["deep"]));
     assert!(matches!(resolver.job("j"), Err(PipelineError::ExtendsTooDeep { .. })));
     match error(&chain(MAX_EXTENDS_DEPTH + 1), "j") {
@@ -295,7 +298,7 @@ fn bad_references() {
     let message = error(&format!("include: x.yml\n{text}"), "j").to_string();
     assert!(message.contains("`!reference [.nope, script]`"), "{message}");
     assert!(message.contains("not defined in this file"), "{message}");
-    assert!(message.contains("does not read included files"), "{message}");
+    assert!(message.contains("an `include:` that `berth exec` does not read"), "{message}");
 
     let e = error(".t:\n  image: x\nj:\n  script: !reference [.t, script]\n", "j");
     assert!(e.to_string().contains("`.t` has no such key"), "{e}");
@@ -451,8 +454,8 @@ pages:
 
 #[test]
 fn job_names_lists_runnable_jobs_in_file_order() {
-    assert_eq!(job_names(MANY_JOBS, path()).unwrap(), strings(&["build", "test", "pages"]));
-    assert_eq!(job_names("", path()).unwrap(), Vec::<String>::new());
+    assert_eq!(job_names(MANY_JOBS, path()).unwrap().jobs, strings(&["build", "test", "pages"]));
+    assert_eq!(job_names("", path()).unwrap().jobs, Vec::<String>::new());
 }
 
 #[test]
@@ -483,7 +486,7 @@ fn no_such_job_mentions_includes() {
     assert_eq!(job(text, "lint").script, strings(&["lint"]));
     let message = error(text, "build").to_string();
     assert!(message.contains("run one of: lint"), "{message}");
-    assert!(message.contains("`include:` files are not read by `berth exec`"), "{message}");
+    assert!(message.contains("an `include:` that `berth exec` does not read"), "{message}");
 }
 
 #[test]
@@ -497,5 +500,106 @@ fn trigger_jobs_cannot_run() {
 fn a_job_must_be_a_hash() {
     let e = error("j: make\n", "j");
     assert!(matches!(&e, PipelineError::Invalid { key, .. } if key.is_empty()), "{e:?}");
-    assert_eq!(e.to_string(), "ci.yml: job `j`: the job is a string, but a job is a hash of keywords like `script:`");
+    assert_eq!(
+        e.to_string(),
+        "ci.yml:1:1: job `j`: the job is a string, but a job is a hash of keywords like `script:`"
+    );
+}
+
+/// <https://docs.gitlab.com/ci/yaml/#parallel>: `parallel: N` makes jobs
+/// `name 1/N` ... `name N/N`, and only those.
+#[test]
+fn parallel_n_makes_numbered_jobs() {
+    let text = "test:\n  parallel: 3\n  script: x\nlint:\n  script: y\n";
+    assert_eq!(job_names(text, path()).unwrap().jobs, strings(&["test 1/3", "test 2/3", "test 3/3", "lint"]));
+    let second = job(text, "test 2/3");
+    assert_eq!((second.name.as_str(), second.node), ("test 2/3", Some((2, 3))));
+    assert_eq!(job(text, "lint").node, None);
+    let e = error(text, "test");
+    assert!(e.to_string().contains("run one of: test 1/3, test 2/3, test 3/3, lint"), "{e}");
+    for bad in ["0", "201", "two", "{matrix: []}", "{other: 1}"] {
+        let e = error(&format!("t:\n  parallel: {bad}\n  script: x\n"), "t 1/1");
+        assert!(
+            matches!(&e, PipelineError::Invalid { key, .. } if key == "parallel") || e.to_string().contains("no job"),
+            "{bad}: {e}"
+        );
+    }
+    let e = error("t:\n  parallel: 0\n  script: x\n", "t");
+    assert!(e.to_string().contains("ci.yml:2:3: job `t`: invalid `parallel`: must be a number from 1 to 200"), "{e}");
+}
+
+/// <https://docs.gitlab.com/ci/yaml/#parallelmatrix>: one job per combination
+/// of each entry, entries in order, named `job: [v1, v2]` with the values in
+/// the entry's order (GitLab's `Normalizer::MatrixStrategy#name`); the matrix
+/// variables replace the job's own; they come through `extends` too.
+#[test]
+fn parallel_matrix_makes_one_job_per_combination() {
+    let text = r#"
+.matrix:
+  parallel:
+    matrix:
+      - PROVIDER: aws
+        STACK: [monitoring, app1]
+      - PROVIDER: [gcp, vultr]
+        STACK: data
+test:linux:
+  extends: .matrix
+  image: $PROVIDER-image
+  variables: {STACK: own, KEEP: k}
+  script: x
+"#;
+    assert_eq!(
+        job_names(text, path()).unwrap().jobs,
+        strings(&[
+            "test:linux: [aws, monitoring]",
+            "test:linux: [aws, app1]",
+            "test:linux: [gcp, data]",
+            "test:linux: [vultr, data]"
+        ])
+    );
+    let j = job(text, "test:linux: [gcp, data]");
+    assert_eq!(j.node, Some((3, 4)));
+    assert_eq!(j.variables, vars(&[("STACK", "data"), ("KEEP", "k"), ("PROVIDER", "gcp")]));
+    assert_eq!(j.image.as_deref(), Some("$PROVIDER-image"), "expanded by the runner, not here");
+    let big = "t:\n  parallel:\n    matrix:\n      - A: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]\n        B: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]\n  script: x\n";
+    let e = error(big, "t: [1, 1]");
+    assert!(e.to_string().contains("more than 200 jobs"), "{e}");
+}
+
+/// <https://docs.gitlab.com/ci/yaml/includes/>: `include: local:` files are
+/// read from the project's root, each with its own anchors and includes;
+/// the including file is merged over them; other kinds are named, not fetched.
+#[test]
+fn local_includes_are_merged_and_other_kinds_named() {
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    std::fs::create_dir_all(dir.join("ci")).unwrap();
+    std::fs::write(
+        dir.join("ci/templates.yml"),
+        "include: ci/deeper.yml\n.base: &base\n  image: alpine\n  variables: {A: from-template, B: b}\nbuild:\n  <<: *base\n  script: make\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("ci/deeper.yml"), "lint:\n  script: lint\n").unwrap();
+    let main = "include:\n  - local: /ci/templates.yml\n  - remote: https://example.invalid/x.yml\n  - project: group/p\n    file: t.yml\nbuild:\n  variables: {A: main}\ntest:\n  extends: .base\n  script: test\n";
+    let file = dir.join(".gitlab-ci.yml");
+    std::fs::write(&file, main).unwrap();
+    let list = crate::list_in(&file, Some(dir)).unwrap();
+    assert_eq!(list.jobs, strings(&["lint", "build", "test"]));
+    assert_eq!(list.included, [("lint".to_owned(), "ci/deeper.yml".to_owned())]);
+    assert_eq!(list.unread_includes.len(), 2, "{:?}", list.unread_includes);
+    assert!(list.unread_includes[0].contains("remote: https://example.invalid/x.yml"), "{:?}", list.unread_includes);
+    let build = crate::load_in(&file, Some(dir), "build").unwrap();
+    assert_eq!(build.image.as_deref(), Some("alpine"));
+    assert_eq!(build.variables, vars(&[("A", "main"), ("B", "b")]));
+    assert_eq!(crate::load_in(&file, Some(dir), "test").unwrap().script, strings(&["test"]));
+    // Without a project directory, the local include is not read either.
+    let e = crate::load_in(&file, None, "test").unwrap_err();
+    assert!(e.to_string().contains("`.base`, which is not defined") && e.to_string().contains("`include:`"), "{e}");
+    // A job whose script lives in an unread include says so.
+    let e = error("include: {remote: 'https://x.invalid/t.yml'}\nj:\n  extends: []\n  stage: test\n", "j");
+    assert!(e.to_string().contains("its template may be in an `include:`"), "{e}");
+    // A missing local file is an error naming the include.
+    std::fs::write(&file, "include: gone.yml\nj:\n  script: x\n").unwrap();
+    let e = crate::load_in(&file, Some(dir), "j").unwrap_err();
+    assert!(e.to_string().contains(".gitlab-ci.yml:1:1: `include: local: gone.yml` cannot be read"), "{e}");
 }
