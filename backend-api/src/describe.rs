@@ -120,11 +120,75 @@ impl Description {
         self.capabilities = capabilities;
         self
     }
+
+    /// What of this description contradicts itself, one line each; berth
+    /// refuses a backend whose description has any (a declared capability
+    /// decides which conformance checks run, so a wrong one would go
+    /// unnoticed):
+    /// - isolation `none` means nothing runs, so not `executes_scripts`;
+    /// - `cancel` stops a running stage, so it needs `executes_scripts`;
+    /// - `contains_root` is a claim about where scripts run, so it needs
+    ///   `executes_scripts`, and an isolation other than `none` or `host`;
+    /// - isolation `filesystem` or stronger is a claim about running
+    ///   scripts, so it needs `executes_scripts`.
+    pub fn contradictions(&self) -> Vec<String> {
+        let caps = &self.capabilities;
+        let isolation = serde_json::to_value(self.isolation).ok();
+        let level = isolation.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+        let mut out = Vec::new();
+        if self.isolation == Isolation::None && caps.executes_scripts {
+            out.push(
+                "isolation \"none\" means nothing runs, but executes_scripts is true: scripts on the host's root, \
+                 in namespaces of their own or not, are isolation \"host\""
+                    .to_owned(),
+            );
+        }
+        if caps.cancel && !caps.executes_scripts {
+            out.push("cancel is true, but executes_scripts is false: there is no running stage to stop".to_owned());
+        }
+        if caps.contains_root && !caps.executes_scripts {
+            out.push("contains_root is true, but executes_scripts is false: no job runs to be contained".to_owned());
+        }
+        if caps.contains_root && matches!(self.isolation, Isolation::None | Isolation::Host) {
+            out.push(format!(
+                "contains_root is true with isolation \"{level}\": a job whose root is the host's cannot be contained"
+            ));
+        }
+        if !caps.executes_scripts
+            && matches!(self.isolation, Isolation::Filesystem | Isolation::Container | Isolation::VirtualMachine)
+        {
+            out.push(format!("isolation \"{level}\" separates running jobs, but executes_scripts is false"));
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contradictory_declarations_are_named_and_consistent_ones_pass() {
+        let caps = Capabilities::none;
+        let of = |isolation, caps| Description::new("x", "1", "x").isolation(isolation).capabilities(caps);
+        for (description, said) in [
+            (of(Isolation::None, caps().executes_scripts(true)), "isolation \"none\" means nothing runs"),
+            (of(Isolation::None, caps().cancel(true)), "no running stage to stop"),
+            (of(Isolation::Container, caps().contains_root(true)), "no job runs to be contained"),
+            (of(Isolation::Host, caps().executes_scripts(true).contains_root(true)), "isolation \"host\""),
+            (of(Isolation::Container, caps()), "isolation \"container\" separates running jobs"),
+        ] {
+            let found = description.contradictions();
+            assert!(found.iter().any(|line| line.contains(said)), "{description:?}: {found:?}");
+        }
+        for consistent in [
+            of(Isolation::None, caps().concurrent_jobs(true)),
+            of(Isolation::Host, caps().executes_scripts(true).cancel(true).concurrent_jobs(true)),
+            of(Isolation::Container, caps().executes_scripts(true).cancel(true).contains_root(true)),
+        ] {
+            assert_eq!(consistent.contradictions(), Vec::<String>::new(), "{consistent:?}");
+        }
+    }
 
     #[test]
     fn a_description_from_before_contains_root_still_parses_and_claims_nothing() {

@@ -91,8 +91,26 @@ fn info_backend_name(runner: &Runner) -> String {
     }
 }
 
-/// Builds the backend `runner` chose.
+/// Builds the backend `runner` chose, refusing one whose description
+/// contradicts itself ([`berth_backend_api::Description::contradictions`]).
 pub fn load(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
+    let backend = build_chosen(runner)?;
+    let contradictions = backend.describe().contradictions();
+    if !contradictions.is_empty() {
+        return Err(LoadError::Backend {
+            backend: info_backend_name(runner),
+            runner: runner.name.clone(),
+            failure: Failure::system(format!(
+                "its description contradicts itself: {}; declare what it really does \
+                 (docs/writing-a-backend.md: isolation levels and capabilities)",
+                contradictions.join("; ")
+            )),
+        });
+    }
+    Ok(backend)
+}
+
+fn build_chosen(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
     let mut info = RunnerInfo::new(runner.name.clone(), runner.state_dir.clone());
     info.builds_dir = runner.builds_dir.clone();
     info.cache_dir = runner.cache_dir.clone();

@@ -481,3 +481,28 @@ fn the_escape_probes_catch_a_plain_chroot_that_keeps_the_jobs_files_apart() {
     assert!(verdict == "fail" && detail.contains("not EPERM"), "{verdict}: {detail}");
     assert!(!std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(state.path().to_str().unwrap()));
 }
+
+/// A backend that declares isolation "none" (nothing runs) while it runs
+/// scripts would skip the isolation checks unnoticed: berth refuses it at
+/// load, and the suite fails such a declaration of any driver.
+#[test]
+fn contradictory_declarations_are_refused_at_load_and_fail_the_suite() {
+    let env = Env::new(
+        "[runners.broken]\nbackend = \"host-test\"\n[runners.broken.settings]\nfault = \"contradict-capabilities\"\n",
+    );
+    for args in [&["describe"][..], &["conformance"]] {
+        let out = env.berth("broken").args(args).output().unwrap();
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains("its description contradicts itself: isolation \"none\" means nothing runs"), "{said}");
+    }
+    let driver = format!("'{BERTH}' --config '{}' --runner host", env.config().display());
+    std::fs::write(env.config(), format!("state_dir = {:?}\n{HOST}", env.state().display().to_string())).unwrap();
+    let args = ["--driver", &driver, "--declare", "isolation=none", "--check", "capabilities.consistent"];
+    let (code, report) = foreign_report(env.dir.path(), &args);
+    let results = verdicts(&report);
+    assert_eq!(code, Some(1), "{results:?}");
+    let (_, verdict, detail) = results.iter().find(|(id, _, _)| id == "capabilities.consistent").unwrap();
+    assert_eq!(verdict, "fail");
+    assert!(detail.contains("isolation \"none\" means nothing runs, but executes_scripts is true"), "{detail}");
+}

@@ -48,7 +48,7 @@ pub enum Fault {
     LeakProcess,
     /// Declares filesystem isolation it does not provide.
     ClaimIsolation,
-    /// Declares `contains_root` but runs jobs as bash on the host: every
+    /// Declares container isolation and `contains_root` but runs jobs as bash on the host: every
     /// `containment.*` check must fail (their job scripts are harmless there).
     ClaimContainment,
     /// prepare mounts a tmpfs (at `/run/berth-leak-<job>`) that cleanup leaves mounted. Needs root.
@@ -60,6 +60,8 @@ pub enum Fault {
     /// forgets to map it does: jobs write the host's files, outside the
     /// backend's state.
     HostBuilds,
+    /// Declares isolation `none` ("nothing runs") while it executes scripts.
+    ContradictCapabilities,
 }
 
 /// `[runners.NAME.settings]` of the fixture.
@@ -118,7 +120,13 @@ fn fs_failure(what: &str, path: &Path, e: std::io::Error) -> Failure {
 
 impl Backend for HostTest {
     fn describe(&self) -> Description {
-        let isolation = if self.fault == Some(Fault::ClaimIsolation) { Isolation::Filesystem } else { Isolation::Host };
+        let isolation = match self.fault {
+            Some(Fault::ClaimIsolation) => Isolation::Filesystem,
+            Some(Fault::ContradictCapabilities) => Isolation::None,
+            // A consistent lie: the containment checks must see through it.
+            Some(Fault::ClaimContainment) => Isolation::Container,
+            _ => Isolation::Host,
+        };
         let contains_root = self.fault == Some(Fault::ClaimContainment);
         Description::new("host-test", env!("CARGO_PKG_VERSION"), "test fixture: bash on the host, no isolation")
             .isolation(isolation)

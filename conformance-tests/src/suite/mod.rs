@@ -33,6 +33,7 @@ use case::Case;
 mod cancel;
 mod case;
 mod containment;
+mod declared;
 mod isolation;
 mod jobs;
 mod protocol;
@@ -341,6 +342,7 @@ pub fn run(target: &Target, filter: &Filter) -> Result<Report, String> {
 /// Every check, in the order the suite runs and reports them (the order is
 /// behaviour: reports and `--check` filters follow it).
 const CHECKS: &[&Check] = &[
+    &declared::CAPABILITIES_CONSISTENT,
     &protocol::CONFIG_JSON,
     &state::CLEANUP_UNPREPARED,
     &state::CLEANUP_IDEMPOTENT,
@@ -381,6 +383,7 @@ mod tests {
         assert_eq!(
             ids,
             [
+                "capabilities.consistent",
                 "config.json",
                 "cleanup.unprepared",
                 "cleanup.idempotent",
