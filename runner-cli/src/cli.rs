@@ -186,6 +186,11 @@ pub struct ExecArgs {
     /// Do not copy any sources into the job.
     #[arg(long, conflicts_with = "sources")]
     pub no_sources: bool,
+    /// Copies of the files of `remote:`, `project:` and `template:` includes,
+    /// which berth does not fetch: DIR/<host>/<path> of a URL,
+    /// DIR/<project>/<file>, DIR/templates/<name>.
+    #[arg(long, value_name = "DIR")]
+    pub include_dir: Option<PathBuf>,
     /// Use this built-in backend with its default settings instead of a configured runner.
     #[arg(long)]
     pub backend: Option<String>,

@@ -346,3 +346,28 @@ deploy:
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("  TARGET=staging"), "{log}");
 }
+
+/// A `project:` include is read from its copy in `--include-dir`; without
+/// it, `--list` says where the copy goes.
+#[test]
+fn exec_reads_project_includes_from_the_include_dir() {
+    let copies = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(copies.path().join("group/ci-templates")).unwrap();
+    std::fs::write(
+        copies.path().join("group/ci-templates/build.yml"),
+        ".build:\n  image: from-template\n  script:\n    - echo built-by-template\n",
+    )
+    .unwrap();
+    let pipeline = "include:\n  - project: group/ci-templates\n    file: build.yml\nbuild:\n  extends: .build\n";
+    let dir = copies.path().to_str().unwrap();
+    let (out, log) = dry_run_exec(pipeline, &["--include-dir", dir, "build"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("echo built-by-template") && log.contains("from-template"), "{log}");
+    let (out, log) = dry_run_exec(pipeline, &["--list"]);
+    assert!(!out.status.success(), "no runnable job without the template: {log}");
+    assert!(
+        log.contains("note: job \"build\" cannot run here:") && !String::from_utf8_lossy(&out.stdout).contains("build"),
+        "{log}"
+    );
+    assert!(log.contains("put a copy at DIR/group/ci-templates/build.yml and pass --include-dir DIR"), "{log}");
+}

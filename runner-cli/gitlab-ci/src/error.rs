@@ -146,7 +146,7 @@ fn invalid_detail(key: &str, message: &str) -> String {
 fn include_hint(includes: &bool) -> &'static str {
     if *includes {
         " (it may come from an `include:` that `berth exec` does not read: remote, project, template and \
-         component includes are not fetched; copy the file into the project and include it with `local:`)"
+         component includes are not fetched; pass a copy with --include-dir, as `berth exec --list` says)"
     } else {
         ""
     }
@@ -228,7 +228,7 @@ mod tests {
             missing(true).to_string(),
             "ci.yml: `.a` extends `.gone`, which is not defined in this file; define it or fix the name \
              (it may come from an `include:` that `berth exec` does not read: remote, project, template and \
-             component includes are not fetched; copy the file into the project and include it with `local:`)"
+             component includes are not fetched; pass a copy with --include-dir, as `berth exec --list` says)"
         );
     }
 

@@ -20,9 +20,10 @@
 //!    string), numbers written back as Ruby writes them; unquoted dates are
 //!    refused, as GitLab refuses them; nesting deeper than 100 levels and
 //!    aliases expanding past a few megabytes stop with the position;
-//! 2. `include: local:` files (with [`load_in`]/[`list_in`]), read from the
-//!    project's root, each loaded on its own with its own includes, the
-//!    including file deep-merged over them;
+//! 2. `include: local:` files (with [`load_in`]/[`list_in`] and [`Files`]), read from the
+//!    project's root, and `remote:`/`project:`/`template:` includes from
+//!    copies in an include directory, each loaded on its own with its own
+//!    includes, the including file deep-merged over them;
 //! 3. `extends:` (one name or a list, recursive, deep-merging hashes, at most
 //!    [`MAX_EXTENDS_DEPTH`] levels, cycles rejected);
 //! 4. `!reference [entry, key, ...]` tags, anywhere in the values used
@@ -46,9 +47,10 @@
 //!
 //! # What it refuses
 //!
-//! Not read: `include:` of other kinds (remote, project, template,
-//! component) and local includes with wildcards or variables in their path:
-//! they are listed, and messages about what may be defined there say so.
+//! Not read: `component:` includes, `remote:`/`project:`/`template:`
+//! includes without a copy in the include directory, and local includes
+//! with wildcards or variables in their path: they are listed (with where a
+//! copy would go), and messages about what may be defined there say so.
 //! Not evaluated: `rules:changes`/`rules:exists` (taken to hold, and said),
 //! `rules` of an `include`, `only`/`except`, `workflow:rules`, `needs`.
 //! Not supported: `spec:inputs` interpolation (a `spec:` header document is
@@ -129,10 +131,11 @@ pub struct PipelineJob {
 pub struct JobList {
     /// The jobs' names, in file order.
     pub jobs: Vec<String>,
-    /// The jobs defined in an `include:local` file, with that file.
+    /// The jobs defined in an included file, with the include (`local: ci/x.yml`).
     pub included: Vec<(String, String)>,
-    /// The includes not read (remote, project, template, component, or a
-    /// local one that could not be), described with the file holding them.
+    /// The includes not read (a component, one without a copy in the
+    /// include directory, a local one with a wildcard), described with the
+    /// file holding them and what to do.
     pub unread_includes: Vec<String>,
     /// What loading the file had to say, as [`PipelineJob::warnings`].
     pub warnings: Vec<String>,
@@ -163,29 +166,39 @@ impl Variable {
 ///
 /// [`PipelineError::Read`] when the file cannot be read, else as [`parse`].
 pub fn load(path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
-    load_in(path, None, job)
+    load_in(path, Files::default(), job)
 }
 
-/// Like [`load`], reading `include:local` files from `project`, the
-/// project's directory (`include:local` paths are relative to its root).
+/// Where the files a pipeline includes are read from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Files<'a> {
+    /// The project's directory: `include:local` paths are relative to its root.
+    pub project: Option<&'a Path>,
+    /// Copies of the files of `remote:`, `project:` and `template:` includes
+    /// (`berth exec --include-dir`): `<host>/<path>` of a URL,
+    /// `<project>/<file>`, `templates/<name>`.
+    pub include_dir: Option<&'a Path>,
+}
+
+/// Like [`load`], reading included files as `files` says.
 ///
 /// # Errors
 ///
-/// As [`load`], and when an `include:local` file cannot be read or parsed.
-pub fn load_in(path: &Path, project: Option<&Path>, job: &str) -> Result<PipelineJob, PipelineError> {
+/// As [`load`], and when an included file cannot be read or parsed.
+pub fn load_in(path: &Path, files: Files<'_>, job: &str) -> Result<PipelineJob, PipelineError> {
     let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
-    Resolver::new(&text, path, project)?.job(job)
+    Resolver::new(&text, path, files)?.job(job)
 }
 
-/// The runnable jobs of the pipeline file at `path`, reading `include:local`
-/// files from `project` as [`load_in`] does.
+/// The runnable jobs of the pipeline file at `path`, reading included files
+/// as [`load_in`] does.
 ///
 /// # Errors
 ///
 /// As [`job_names`], and when the file or an included one cannot be read.
-pub fn list_in(path: &Path, project: Option<&Path>) -> Result<JobList, PipelineError> {
+pub fn list_in(path: &Path, files: Files<'_>) -> Result<JobList, PipelineError> {
     let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read { path: path.to_owned(), source })?;
-    Resolver::new(&text, path, project)?.list()
+    Resolver::new(&text, path, files)?.list()
 }
 
 /// Resolves the job `job` of the pipeline file `text`; `path` only names the file in errors.
@@ -196,7 +209,7 @@ pub fn list_in(path: &Path, project: Option<&Path>) -> Result<JobList, PipelineE
 /// runnable jobs, and when the job, what it extends or references, or the
 /// defaults it inherits hold a value of the wrong shape.
 pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, PipelineError> {
-    Resolver::new(text, path, None)?.job(job)
+    Resolver::new(text, path, Files::default())?.job(job)
 }
 
 /// The runnable jobs of the pipeline file `text`, in file order.
@@ -209,7 +222,7 @@ pub fn parse(text: &str, path: &Path, job: &str) -> Result<PipelineJob, Pipeline
 ///
 /// When the text is not YAML or its top level is not a hash.
 pub fn job_names(text: &str, path: &Path) -> Result<JobList, PipelineError> {
-    Resolver::new(text, path, None)?.list()
+    Resolver::new(text, path, Files::default())?.list()
 }
 
 /// What the tests of every layer share: a file name and job lookups.

@@ -53,9 +53,9 @@ pub(crate) struct Resolver<'a> {
 }
 
 impl<'a> Resolver<'a> {
-    pub(crate) fn new(text: &str, path: &'a Path, project: Option<&Path>) -> Result<Self, PipelineError> {
+    pub(crate) fn new(text: &str, path: &'a Path, files: crate::Files<'_>) -> Result<Self, PipelineError> {
         let Document { root, positions, mut warnings } = parse_document(text, path)?;
-        let merged = merge_includes(root, path, positions.get("include").copied(), project)?;
+        let merged = merge_includes(root, path, positions.get("include").copied(), files)?;
         warnings.extend(merged.warnings);
         let includes = !merged.unread.is_empty();
         Ok(Resolver {
@@ -520,7 +520,7 @@ impl<'a> Resolver<'a> {
             None => {
                 let hint = if self.includes {
                     "; its template may be in an `include:` that `berth exec` does not read \
-                     (`berth exec --list` names them): copy it into the project and include it with `local:`"
+                     (`berth exec --list` names them, and where to put a copy for --include-dir)"
                 } else {
                     ""
                 };

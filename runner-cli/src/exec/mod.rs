@@ -167,27 +167,41 @@ fn project_dir(args: &ExecArgs) -> PathBuf {
     })
 }
 
+/// Where the pipeline's included files are read from.
+fn files<'a>(args: &'a ExecArgs, project: &'a Path) -> gitlab_ci::Files<'a> {
+    gitlab_ci::Files { project: Some(project), include_dir: args.include_dir.as_deref() }
+}
+
 /// `berth exec --list`: the jobs on stdout, one a line; where they come
 /// from and what was not read on stderr.
 fn list(args: &ExecArgs) -> Result<Done> {
-    let list = gitlab_ci::list_in(&args.file, Some(&project_dir(args)))?;
+    let project = project_dir(args);
+    let list = gitlab_ci::list_in(&args.file, files(args, &project))?;
     for warning in &list.warnings {
         eprintln!("WARNING: {warning}");
     }
+    // A job that does not resolve (its template is in an unread include, a
+    // keyword has the wrong shape) is no runnable job: named on stderr, with why.
+    let mut runnable = 0;
     for name in &list.jobs {
-        println!("{name}");
+        match gitlab_ci::load_in(&args.file, files(args, &project), name) {
+            Ok(_) => {
+                println!("{name}");
+                runnable += 1;
+            }
+            Err(e) => eprintln!("note: job {name:?} cannot run here: {e}"),
+        }
     }
     for (name, file) in &list.included {
-        eprintln!("note: job {name:?} comes from `include: local: {file}`");
+        eprintln!("note: job {name:?} comes from `include: {file}`");
     }
     if !list.unread_includes.is_empty() {
         eprintln!(
-            "note: these includes are not read, so their jobs are not listed and templates from them are unknown \
-             (copy the files into the project and include them with `local:`): {}",
+            "note: these includes are not read, so their jobs are not listed and templates from them are unknown: {}",
             list.unread_includes.join(", ")
         );
     }
-    if list.jobs.is_empty() {
+    if runnable == 0 {
         bail!("{} defines no runnable jobs", args.file.display());
     }
     Ok(Done::Success)
@@ -197,7 +211,8 @@ fn exec(cli: &Cli, args: &ExecArgs) -> Result<Done> {
     if args.list {
         return list(args);
     }
-    let job = gitlab_ci::load_in(&args.file, Some(&project_dir(args)), args.job.as_deref().unwrap_or_default())?;
+    let project = project_dir(args);
+    let job = gitlab_ci::load_in(&args.file, files(args, &project), args.job.as_deref().unwrap_or_default())?;
     // The runner: a configured one, or an ad-hoc one for --backend.
     let adhoc = tempfile::Builder::new().prefix("berth-exec").tempdir().context("failed to create a temp dir")?;
     let (config_path, runner) = match &args.backend {

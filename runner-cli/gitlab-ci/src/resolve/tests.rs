@@ -184,7 +184,7 @@ fn extends_depth_is_limited_to_eleven() {
     // Also when the templates were extended (and cached) before the job.
     let mut text = chain(MAX_EXTENDS_DEPTH + 1);
     text.push_str("k:\n  script: !reference [.t11, script]\n");
-    let mut resolver = Resolver::new(&text, path(), None).unwrap();
+    let mut resolver = Resolver::new(&text, path(), crate::Files::default()).unwrap();
     assert_eq!(resolver.job("k").unwrap().script, strings(&["deep"]));
     assert!(matches!(resolver.job("j"), Err(PipelineError::ExtendsTooDeep { .. })));
     match error(&chain(MAX_EXTENDS_DEPTH + 1), "j") {
@@ -571,6 +571,7 @@ test:linux:
 /// the including file is merged over them; other kinds are named, not fetched.
 #[test]
 fn local_includes_are_merged_and_other_kinds_named() {
+    let in_project = |dir| crate::Files { project: Some(dir), include_dir: None };
     let project = tempfile::tempdir().unwrap();
     let dir = project.path();
     std::fs::create_dir_all(dir.join("ci")).unwrap();
@@ -583,23 +584,82 @@ fn local_includes_are_merged_and_other_kinds_named() {
     let main = "include:\n  - local: /ci/templates.yml\n  - remote: https://example.invalid/x.yml\n  - project: group/p\n    file: t.yml\nbuild:\n  variables: {A: main}\ntest:\n  extends: .base\n  script: test\n";
     let file = dir.join(".gitlab-ci.yml");
     std::fs::write(&file, main).unwrap();
-    let list = crate::list_in(&file, Some(dir)).unwrap();
+    let list = crate::list_in(&file, in_project(dir)).unwrap();
     assert_eq!(list.jobs, strings(&["lint", "build", "test"]));
-    assert_eq!(list.included, [("lint".to_owned(), "ci/deeper.yml".to_owned())]);
+    assert_eq!(list.included, [("lint".to_owned(), "local: ci/deeper.yml".to_owned())]);
     assert_eq!(list.unread_includes.len(), 2, "{:?}", list.unread_includes);
     assert!(list.unread_includes[0].contains("remote: https://example.invalid/x.yml"), "{:?}", list.unread_includes);
-    let build = crate::load_in(&file, Some(dir), "build").unwrap();
+    let build = crate::load_in(&file, in_project(dir), "build").unwrap();
     assert_eq!(build.image.as_deref(), Some("alpine"));
     assert_eq!(build.variables, vars(&[("A", "main"), ("B", "b")]));
-    assert_eq!(crate::load_in(&file, Some(dir), "test").unwrap().script, strings(&["test"]));
+    assert_eq!(crate::load_in(&file, in_project(dir), "test").unwrap().script, strings(&["test"]));
     // Without a project directory, the local include is not read either.
-    let e = crate::load_in(&file, None, "test").unwrap_err();
+    let e = crate::load_in(&file, crate::Files::default(), "test").unwrap_err();
     assert!(e.to_string().contains("`.base`, which is not defined") && e.to_string().contains("`include:`"), "{e}");
     // A job whose script lives in an unread include says so.
     let e = error("include: {remote: 'https://x.invalid/t.yml'}\nj:\n  extends: []\n  stage: test\n", "j");
     assert!(e.to_string().contains("its template may be in an `include:`"), "{e}");
     // A missing local file is an error naming the include.
     std::fs::write(&file, "include: gone.yml\nj:\n  script: x\n").unwrap();
-    let e = crate::load_in(&file, Some(dir), "j").unwrap_err();
+    let e = crate::load_in(&file, in_project(dir), "j").unwrap_err();
     assert!(e.to_string().contains(".gitlab-ci.yml:1:1: `include: local: gone.yml` cannot be read"), "{e}");
+}
+
+/// `remote:`, `project:` and `template:` includes
+/// (<https://docs.gitlab.com/ci/yaml/#include>) are read from their copies
+/// in `--include-dir`: `<host>/<path>`, `<project>/<file>`,
+/// `templates/<name>`; a missing copy is named with where to put it.
+#[test]
+fn other_includes_are_read_from_copies_in_the_include_dir() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (project, copies) = (scratch.path().join("p"), scratch.path().join("copies"));
+    for (file, text) in [
+        ("example.com/ci/remote.yml", ".remote:\n  image: from-remote\n"),
+        ("group/lib/ci/a.yml", "lib-a:\n  script: a\n"),
+        ("group/lib/ci/b.yml", "lib-b:\n  script: b\n"),
+        ("templates/Tmpl.gitlab-ci.yml", "tmpl:\n  script: t\n"),
+    ] {
+        let path = copies.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    std::fs::create_dir_all(&project).unwrap();
+    let file = project.join(".gitlab-ci.yml");
+    std::fs::write(
+        &file,
+        "include:\n  - remote: 'https://example.com/ci/remote.yml?ref=main'\n  - project: group/lib\n    file: [/ci/a.yml, ci/b.yml]\n  - template: Tmpl.gitlab-ci.yml\n  - remote: https://example.com/gone.yml\n  - component: example.com/g/c@1.0\nj:\n  extends: .remote\n  script: x\n",
+    )
+    .unwrap();
+    let files = crate::Files { project: Some(&project), include_dir: Some(&copies) };
+    let list = crate::list_in(&file, files).unwrap();
+    assert_eq!(list.jobs, strings(&["lib-a", "lib-b", "tmpl", "j"]));
+    assert!(
+        list.included.iter().any(|(job, from)| job == "lib-a" && from.contains("project: group/lib")),
+        "{:?}",
+        list.included
+    );
+    assert_eq!(list.unread_includes.len(), 2, "{:?}", list.unread_includes);
+    assert!(
+        list.unread_includes[0].contains("put a copy at DIR/example.com/gone.yml and pass --include-dir DIR"),
+        "{:?}",
+        list.unread_includes
+    );
+    assert!(
+        list.unread_includes[1].contains("component: example.com/g/c@1.0")
+            && list.unread_includes[1].contains("not supported"),
+        "{:?}",
+        list.unread_includes
+    );
+    assert_eq!(crate::load_in(&file, files, "j").unwrap().image.as_deref(), Some("from-remote"));
+    // Without the directory, each is named with where its copy goes.
+    let list = crate::list_in(&file, crate::Files { project: Some(&project), include_dir: None }).unwrap();
+    assert!(list.unread_includes.iter().any(|u| u.contains("DIR/group/lib/ci/b.yml")), "{:?}", list.unread_includes);
+    assert!(
+        list.unread_includes.iter().any(|u| u.contains("DIR/templates/Tmpl.gitlab-ci.yml")),
+        "{:?}",
+        list.unread_includes
+    );
+    // A copy path never leaves the directory.
+    let outside = serde_norway::Value::String("https://h/../../etc/passwd".into());
+    assert_eq!(crate::include::copy_paths(&outside), Vec::<std::path::PathBuf>::new());
 }
