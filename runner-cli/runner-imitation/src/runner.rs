@@ -466,7 +466,7 @@ impl Driver {
         // stdout and stderr, and the log keeps the order they were written in.
         // config's stdout is its answer and cleanup's streams go to two loggers.
         let shared = match hook {
-            Hook::Prepare | Hook::Run => match nix::unistd::pipe() {
+            Hook::Prepare | Hook::Run => match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                 Ok((read, write)) => match write.try_clone() {
                     Ok(write2) => {
                         cmd.stdout(Stdio::from(write)).stderr(Stdio::from(write2));
@@ -697,5 +697,30 @@ mod tests {
         let (result, config) = driver.config(&mut job, &(Arc::new(Quiet) as Arc<dyn Log>));
         assert_eq!(result.exit, Exit::Success);
         assert!(config.unwrap().driver.is_none());
+    }
+
+    /// prepare's and run's one pipe reaches the hook as stdout and stderr
+    /// only: a daemon it starts with its own output elsewhere holds no copy
+    /// of it, so the job log is released when the hook exits.
+    #[test]
+    fn a_hooks_log_pipe_is_not_inherited_beyond_its_stdout_and_stderr() {
+        let daemon = "exec 1>/dev/null 2>&1 </dev/null; sleep 30 & echo $! > \"$0\"";
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("daemon.pid");
+        let mut driver = Driver::new("/bin/true", Vec::new()).with_hook(
+            Hook::Prepare,
+            HookExec::Command {
+                program: "/bin/sh".into(),
+                args: vec!["-c".into(), daemon.into(), pid_file.clone().into()],
+            },
+        );
+        driver.timeouts.log_release = Duration::from_secs(2);
+        let job = JobRun::new(&JobResponse::new(8)).unwrap();
+        let result = driver.call(&job, Hook::Prepare, &[], None, None, &(Arc::new(Quiet) as Arc<dyn Log>));
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        assert_eq!(result.exit, Exit::Success);
+        assert!(result.log_released_after.is_some(), "the daemon holds the job log: the pipe leaked into it");
     }
 }
