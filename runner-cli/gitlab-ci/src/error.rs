@@ -66,13 +66,16 @@ pub enum PipelineError {
     },
     /// `extends` loops back to an entry already being extended.
     #[error(
-        "{}: job `{job}`: `extends` forms a cycle ({}); remove one of the links",
+        "{}{}: job `{job}`: `extends` forms a cycle ({}); remove one of the links",
         .path.display(),
+        at_suffix(.at),
         .chain.join(" -> ")
     )]
     ExtendsCycle {
         /// The file.
         path: PathBuf,
+        /// Where the job's `extends` is written, when known.
+        at: Option<Position>,
         /// The job being resolved.
         job: String,
         /// The entries extended, ending with the one seen twice.
@@ -80,14 +83,17 @@ pub enum PipelineError {
     },
     /// `extends` chains more than [`MAX_EXTENDS_DEPTH`] levels.
     #[error(
-        "{}: job `{job}`: `extends` nests deeper than {MAX_EXTENDS_DEPTH} levels ({}); \
+        "{}{}: job `{job}`: `extends` nests deeper than {MAX_EXTENDS_DEPTH} levels ({}); \
          flatten the template chain",
         .path.display(),
+        at_suffix(.at),
         .chain.join(" -> ")
     )]
     ExtendsTooDeep {
         /// The file.
         path: PathBuf,
+        /// Where the job's `extends` is written, when known.
+        at: Option<Position>,
         /// The job being resolved.
         job: String,
         /// The entries extended.
@@ -95,14 +101,17 @@ pub enum PipelineError {
     },
     /// `extends` names an entry the file does not define.
     #[error(
-        "{}: `{job}` extends `{missing}`, which is not defined in this file; \
+        "{}{}: `{job}` extends `{missing}`, which is not defined in this file; \
          define it or fix the name{}",
         .path.display(),
+        at_suffix(.at),
         include_hint(.includes)
     )]
     ExtendsMissing {
         /// The file.
         path: PathBuf,
+        /// Where the `extends` naming it is written, when known.
+        at: Option<Position>,
         /// The job or template whose `extends` names the missing entry.
         job: String,
         /// The missing entry.
@@ -112,14 +121,17 @@ pub enum PipelineError {
     },
     /// A `!reference` tag points nowhere, or into a cycle.
     #[error(
-        "{}: job `{job}`: `!reference [{}]` {message}{}",
+        "{}{}: job `{job}`: `!reference [{}]` {message}{}",
         .path.display(),
+        at_suffix(.at),
         .reference.join(", "),
         include_hint(.includes)
     )]
     BadReference {
         /// The file.
         path: PathBuf,
+        /// Where the keyword holding the reference is written, when known.
+        at: Option<Position>,
         /// The job being resolved.
         job: String,
         /// The path of the reference: an entry, then keys.
@@ -209,12 +221,14 @@ mod tests {
 
     #[test]
     fn extends_messages() {
-        let too_deep = PipelineError::ExtendsTooDeep { path: path(), job: "j".into(), chain: names(&["j", ".a"]) };
+        let too_deep =
+            PipelineError::ExtendsTooDeep { path: path(), at: None, job: "j".into(), chain: names(&["j", ".a"]) };
         assert_eq!(
             too_deep.to_string(),
             "ci.yml: job `j`: `extends` nests deeper than 11 levels (j -> .a); flatten the template chain"
         );
         let missing = |includes| PipelineError::ExtendsMissing {
+            at: None,
             path: path(),
             job: ".a".into(),
             missing: ".gone".into(),
@@ -235,6 +249,7 @@ mod tests {
     #[test]
     fn bad_reference_message() {
         let e = PipelineError::BadReference {
+            at: None,
             path: path(),
             job: "j".into(),
             reference: names(&[".t", "script"]),

@@ -29,6 +29,10 @@ pub(crate) struct Merged {
     /// The includes not read, described like `remote: <https://...`> (and where).
     pub(crate) unread: Vec<String>,
     pub(crate) warnings: Vec<String>,
+    /// The included files read, with where their keys are written.
+    pub(crate) files: Vec<(PathBuf, HashMap<String, Position>)>,
+    /// The top-level keys that come from an included file: its index in `files`.
+    pub(crate) key_files: HashMap<String, usize>,
 }
 
 struct Includer<'a> {
@@ -118,7 +122,10 @@ impl Includer<'_> {
                 self.merged.warnings.extend(document.warnings);
                 let own: Vec<String> = document.root.keys().filter_map(Value::as_str).map(str::to_owned).collect();
                 let included = self.expand(document.root, &file, None, depth + 1)?;
+                let index = self.merged.files.len();
+                self.merged.files.push((file.clone(), document.positions));
                 for key in own.into_iter().filter(|key| key != "include") {
+                    self.merged.key_files.insert(key.clone(), index);
                     self.merged.origins.insert(key, label.clone());
                 }
                 deep_merge(&mut base, &included);
@@ -127,6 +134,7 @@ impl Includer<'_> {
         for key in root.keys().filter_map(Value::as_str) {
             if depth == 0 {
                 self.merged.origins.remove(key);
+                self.merged.key_files.remove(key);
             }
         }
         deep_merge(&mut base, &root);

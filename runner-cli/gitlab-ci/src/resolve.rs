@@ -2,7 +2,7 @@
 //! applied in GitLab's order, giving one [`PipelineJob`].
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_norway::{Mapping, Value};
 
@@ -48,6 +48,10 @@ pub(crate) struct Resolver<'a> {
     pub(crate) origins: HashMap<String, String>,
     /// The includes not read.
     pub(crate) unread: Vec<String>,
+    /// The included files read, with where their keys are written, and which
+    /// top-level keys each defines.
+    files: Vec<(PathBuf, HashMap<String, Position>)>,
+    key_files: HashMap<String, usize>,
     /// Entries with `extends` merged, and how many levels of `extends` lie below them.
     extended: HashMap<String, (Value, usize)>,
 }
@@ -66,29 +70,33 @@ impl<'a> Resolver<'a> {
             includes,
             origins: merged.origins,
             unread: merged.unread,
+            files: merged.files,
+            key_files: merged.key_files,
             extended: HashMap::new(),
         })
     }
 
     /// Where the keyword `key` (a label like `image`, `default:image` or
     /// `variables (top-level)`) of `job` is written; else the job.
-    fn position(&self, job: &str, key: &str) -> Option<Position> {
+    /// The file the keyword `key` of `job` is written in (an included one,
+    /// for a job or template defined there), and where in it.
+    fn located(&self, job: &str, key: &str) -> (PathBuf, Option<Position>) {
         let place = match key.strip_suffix(" (top-level)") {
             Some(global) => global.to_owned(),
             None if key.starts_with("default:") => key.to_owned(),
             None => format!("{job}:{key}"),
         };
-        [place, job.to_owned()].iter().find_map(|k| self.positions.get(k).copied())
+        let top = place.split(':').next().unwrap_or(job);
+        let (path, positions) = match self.key_files.get(top).and_then(|i| self.files.get(*i)) {
+            Some((path, positions)) => (path.as_path(), positions),
+            None => (self.path, &self.positions),
+        };
+        (path.to_owned(), [place.as_str(), job].iter().find_map(|k| positions.get(*k).copied()))
     }
 
     fn invalid(&self, job: &str, key: &str, message: impl Into<String>) -> PipelineError {
-        PipelineError::Invalid {
-            path: self.path.to_owned(),
-            at: self.position(job, key),
-            job: job.to_owned(),
-            key: key.to_owned(),
-            message: message.into(),
-        }
+        let (path, at) = self.located(job, key);
+        PipelineError::Invalid { path, at, job: job.to_owned(), key: key.to_owned(), message: message.into() }
     }
 
     /// The visible, non-trigger jobs of the file, in file order.
@@ -149,11 +157,8 @@ impl<'a> Resolver<'a> {
         if let Some((done, height)) = self.extended.get(name) {
             // A cached entry skips the walk below it: check its depth here.
             if chain.len() - 1 + height > MAX_EXTENDS_DEPTH {
-                return Err(PipelineError::ExtendsTooDeep {
-                    path: self.path.to_owned(),
-                    job: chain[0].clone(),
-                    chain: chain.clone(),
-                });
+                let (path, at) = self.located(&chain[0], "extends");
+                return Err(PipelineError::ExtendsTooDeep { path, at, job: chain[0].clone(), chain: chain.clone() });
             }
             return Ok(done.clone());
         }
@@ -188,8 +193,10 @@ impl<'a> Resolver<'a> {
         for base in bases {
             let exists = is_job_or_template(&base) && self.root.contains_key(base.as_str());
             if !exists {
+                let (path, at) = self.located(name, "extends");
                 return Err(PipelineError::ExtendsMissing {
-                    path: self.path.to_owned(),
+                    path,
+                    at,
                     job: name.to_owned(),
                     missing: base,
                     includes: self.includes,
@@ -198,19 +205,13 @@ impl<'a> Resolver<'a> {
             if chain.contains(&base) {
                 let mut cycle = chain.clone();
                 cycle.push(base);
-                return Err(PipelineError::ExtendsCycle {
-                    path: self.path.to_owned(),
-                    job: chain[0].clone(),
-                    chain: cycle,
-                });
+                let (path, at) = self.located(&chain[0], "extends");
+                return Err(PipelineError::ExtendsCycle { path, at, job: chain[0].clone(), chain: cycle });
             }
             chain.push(base.clone());
             if chain.len() > MAX_EXTENDS_DEPTH + 1 {
-                return Err(PipelineError::ExtendsTooDeep {
-                    path: self.path.to_owned(),
-                    job: chain[0].clone(),
-                    chain: chain.clone(),
-                });
+                let (path, at) = self.located(&chain[0], "extends");
+                return Err(PipelineError::ExtendsTooDeep { path, at, job: chain[0].clone(), chain: chain.clone() });
             }
             let extended = self.extend(&base, chain)?;
             chain.pop();
@@ -260,8 +261,10 @@ impl<'a> Resolver<'a> {
                 .ok_or_else(|| {
                     self.invalid(job, key, "`!reference` must be a list of names, like `!reference [.setup, script]`")
                 })?;
+                let (path, at) = self.located(job, key);
                 let bad = |message: &str, includes: bool| PipelineError::BadReference {
-                    path: self.path.to_owned(),
+                    path: path.clone(),
+                    at,
                     job: job.to_owned(),
                     reference: reference.clone(),
                     message: message.to_owned(),
@@ -309,8 +312,10 @@ impl<'a> Resolver<'a> {
         key: &str,
         stack: &mut Vec<Vec<String>>,
     ) -> Result<Value, PipelineError> {
+        let (path, at) = self.located(job, key);
         let bad = |message: String, includes: bool| PipelineError::BadReference {
-            path: self.path.to_owned(),
+            path: path.clone(),
+            at,
             job: job.to_owned(),
             reference: reference.to_vec(),
             message,

@@ -150,7 +150,7 @@ fn extends_cycle_is_an_error() {
         other => panic!("{other:?}"),
     }
     let e = error("j:\n  extends: j\n  script: x\n", "j");
-    assert_eq!(e.to_string(), "ci.yml: job `j`: `extends` forms a cycle (j -> j); remove one of the links");
+    assert_eq!(e.to_string(), "ci.yml:2:3: job `j`: `extends` forms a cycle (j -> j); remove one of the links");
 }
 
 #[test]
@@ -662,4 +662,24 @@ fn other_includes_are_read_from_copies_in_the_include_dir() {
     // A copy path never leaves the directory.
     let outside = serde_norway::Value::String("https://h/../../etc/passwd".into());
     assert_eq!(crate::include::copy_paths(&outside), Vec::<std::path::PathBuf>::new());
+}
+
+/// A refusal about a job or template an included file defines names that
+/// file and the keyword's position in it, not the including file.
+#[test]
+fn refusals_about_included_jobs_name_the_included_file_and_position() {
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    std::fs::write(
+        dir.join("jobs.yml"),
+        "# jobs\nbroken:\n  script: x\n  image: [not, a, name]\ngone:\n  extends: .nowhere\n",
+    )
+    .unwrap();
+    let file = dir.join(".gitlab-ci.yml");
+    std::fs::write(&file, "include: jobs.yml\nfine:\n  script: x\n").unwrap();
+    let files = crate::Files { project: Some(dir), include_dir: None };
+    let e = crate::load_in(&file, files, "broken").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:4:3: job `broken`", dir.join("jobs.yml").display())), "{e}");
+    let e = crate::load_in(&file, files, "gone").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:6:3: `gone` extends `.nowhere`", dir.join("jobs.yml").display())), "{e}");
 }
