@@ -187,8 +187,8 @@ pub struct ExecArgs {
     #[arg(long, conflicts_with = "sources")]
     pub no_sources: bool,
     /// Copies of the files of `remote:`, `project:` and `template:` includes,
-    /// which berth does not fetch: DIR/<host>/<path> of a URL,
-    /// DIR/<project>/<file>, DIR/templates/<name>.
+    /// which berth does not fetch: DIR/HOST/PATH of a URL,
+    /// DIR/PROJECT/FILE, DIR/templates/NAME.
     #[arg(long, value_name = "DIR")]
     pub include_dir: Option<PathBuf>,
     /// Use this built-in backend with its default settings instead of a configured runner.
