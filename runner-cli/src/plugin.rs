@@ -21,6 +21,8 @@ pub struct PluginBackend {
     table: *const BerthPlugin,
     instance: *mut c_void,
     description: Description,
+    /// The runner served, for the job documents.
+    runner: RunnerInfo,
     path: PathBuf,
     // Last: the library stays loaded until the instance is destroyed.
     _library: libloading::Library,
@@ -316,6 +318,7 @@ impl PluginBackend {
             table,
             instance: std::ptr::null_mut(),
             description: Description::new("plugin", "0", ""),
+            runner: runner.clone(),
             path: path.to_owned(),
             _library: library,
         };
@@ -399,7 +402,7 @@ impl Backend for PluginBackend {
     }
 
     fn config(&self, job: &JobContext) -> Result<ConfigOutput, Failure> {
-        let doc = json(&JobDoc::from_env(job.key().runner()))?;
+        let doc = json(&JobDoc::of(job, &self.runner))?;
         let f = self.table().config;
         let instance = self.instance;
         // SAFETY: per the ABI; inputs outlive the call.
@@ -412,7 +415,7 @@ impl Backend for PluginBackend {
     }
 
     fn prepare(&self, job: &JobContext, state: &JobState, cancel: &Cancel) -> Result<(), Failure> {
-        let (job, state) = (json(&JobDoc::from_env(job.key().runner()))?, json(&StateDoc::of(state))?);
+        let (job, state) = (json(&JobDoc::of(job, &self.runner))?, json(&StateDoc::of(state))?);
         let f = self.table().prepare;
         let instance = self.instance;
         // SAFETY: per the ABI; inputs outlive the call.
@@ -428,7 +431,7 @@ impl Backend for PluginBackend {
         stage: &str,
         cancel: &Cancel,
     ) -> Result<(), Failure> {
-        let (job, state) = (json(&JobDoc::from_env(job.key().runner()))?, json(&StateDoc::of(state))?);
+        let (job, state) = (json(&JobDoc::of(job, &self.runner))?, json(&StateDoc::of(state))?);
         let script = script.to_str().ok_or_else(|| Failure::system("the script path is not UTF-8"))?;
         let f = self.table().run;
         let instance = self.instance;

@@ -88,11 +88,26 @@ fn a_plugin_built_for_a_later_minor_version_loads() {
 }
 
 #[test]
+fn a_plugin_built_for_abi_1_0_loads_and_passes() {
+    // Its table says 1.0, and its SDK reads only `runner` and `vars` of the
+    // job document, as before 1.1 added `context`.
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let mut args = vec!["--plugin", lib.to_str().unwrap(), "--json"];
+    for check in ["job.success", "job.failure", "identity.trusted", "secrets.masked", "variables.exact"] {
+        args.extend(["--check", check]);
+    }
+    let out = conformance(&args, &[("BERTH_TEST_PLUGIN_ABI", "minor-0")]);
+    let report = report(&out);
+    assert_eq!(report["results"].as_array().unwrap().len(), 5, "{}", text(&out));
+    assert!(not_passed(&report).is_empty(), "{}", not_passed(&report).join("\n"));
+}
+
+#[test]
 fn incompatible_or_unsafe_libraries_are_refused_with_a_system_failure() {
     let Some(lib) = plugin("berth_backend_host_test") else { return };
     let lib = lib.to_str().unwrap();
     for (variant, message) in [
-        ("major-2", "built for backend ABI 2.0; this berth speaks 1.0"),
+        ("major-2", "built for backend ABI 2.0; this berth speaks 1.1"),
         ("truncated", "its table is truncated"),
         ("null", "returned no table"),
     ] {
