@@ -218,3 +218,42 @@ fn a_plugin_in_a_directory_others_can_change_is_refused() {
     let out = run(&shared.join("backend.so"));
     assert!(text(&out).contains(&format!("its directory {} is writable", base.path().display())), "{}", text(&out));
 }
+
+#[test]
+fn a_plugins_bad_setting_is_reported_with_the_file_the_key_and_its_line() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    for (settings, line, key, why) in [
+        // Line 1 is state_dir.
+        ("root = \"/tmp/x\"\nfualt = \"leak-state\"\n", 6, "fualt", "unknown field `fualt`, expected one of `root`"),
+        ("root = 5\n", 5, "root", "invalid type: integer `5`"),
+        ("fault = \"sometimes\"\n", 5, "fault", "unknown variant `sometimes`"),
+    ] {
+        let env = Env::new(&format!(
+            "[runners.p]\nplugin = {:?}\n[runners.p.settings]\n{settings}",
+            lib.display().to_string()
+        ));
+        let job = env.job_with_id("job", 720_003);
+        let out = job.hook(&env, "p", &["config"]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let want = format!(
+            "invalid configuration {}, line {line}: key `runners.p.settings.{key}`: {why}",
+            env.config().display()
+        );
+        assert!(text(&out).contains(&want) && !text(&out).contains("column"), "{want}\n{}", text(&out));
+    }
+}
+
+#[test]
+fn a_file_that_is_no_library_is_refused_with_dlopens_reason() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("notes.so");
+    std::fs::write(&path, "these are notes, not a shared library; ".repeat(4)).unwrap();
+    let out = conformance(&["--plugin", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("refusing to load it: it cannot be loaded: invalid ELF header")
+            && !text(&out).contains("/proc/self/fd"),
+        "{}",
+        text(&out)
+    );
+}
