@@ -257,3 +257,63 @@ fn a_file_that_is_no_library_is_refused_with_dlopens_reason() {
         text(&out)
     );
 }
+
+/// `backends/example-c` built as its Makefile does, with `cc` and the header only.
+fn example_c() -> Option<(tempfile::TempDir, PathBuf)> {
+    // Below target/, whose directories only root (or this user) can write.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lib = dir.path().join("libberth_example_c.so");
+    let source = repo().join("backends/example-c");
+    let include = repo().join("backend-api/include");
+    let built = std::process::Command::new("cc")
+        .args(["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-I"])
+        .arg(&include)
+        .arg("-o")
+        .arg(&lib)
+        .arg(source.join("plugin.c"))
+        .output();
+    let built = match built {
+        Ok(out) => out,
+        Err(e) => {
+            prerequisite(Some(format!("no C compiler to build backends/example-c ({e}; apt-get install gcc)")));
+            return None;
+        }
+    };
+    assert!(built.status.success(), "backends/example-c does not build: {}", text(&built));
+    std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    Some((dir, lib))
+}
+
+#[test]
+fn the_c_example_plugin_passes_every_check_its_capabilities_turn_on() {
+    let Some((_dir, lib)) = example_c() else { return };
+    let out = conformance(&["--plugin", lib.to_str().unwrap(), "--json"], &[]);
+    let report = report(&out);
+    assert_eq!(report["backend"], "example-c", "{}", text(&out));
+    let results = report["results"].as_array().unwrap();
+    let passed = results.iter().filter(|r| r["verdict"] == "pass").count();
+    // Host isolation: jobs share the host, so only isolation.concurrent and
+    // the containment section (no contains_root) are skipped.
+    let bad: Vec<String> =
+        not_passed(&report).into_iter().filter(|line| !line.starts_with("\"isolation.concurrent\" \"skip\"")).collect();
+    assert!(bad.is_empty() && passed >= 17, "{passed} passed:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn the_c_example_plugin_reports_a_bad_setting_with_its_key_and_line() {
+    let Some((_dir, lib)) = example_c() else { return };
+    for (setting, why) in [
+        ("grace_seconds = 90", "must be a whole number of seconds from 0 to 60"),
+        ("grace = 1", "unknown setting; example-c takes only grace_seconds"),
+    ] {
+        let key = setting.split(' ').next().unwrap();
+        let env = Env::new(&format!(
+            "[runners.c]\nplugin = {:?}\n[runners.c.settings]\n{setting}\n",
+            lib.display().to_string()
+        ));
+        let job = env.job_with_id("job", 720_004);
+        let out = job.hook(&env, "c", &["config"]);
+        let want = format!("{}, line 5: key `runners.c.settings.{key}`: {why}", env.config().display());
+        assert!(out.status.code() == Some(2) && text(&out).contains(&want), "{want}\n{}", text(&out));
+    }
+}
