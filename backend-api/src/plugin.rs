@@ -6,7 +6,7 @@
 //! berth_backend_api::export_backend!(MyBackend);
 //! ```
 //!
-//! # The ABI, version 1.0 (C declarations in `include/berth_backend.h`)
+//! # The ABI, version 1.1 (C declarations in `include/berth_backend.h`)
 //!
 //! - The library exports one symbol, `berth_backend_v1`, a function returning
 //!   a pointer to a static [`BerthPlugin`] table of function pointers.
@@ -19,7 +19,11 @@
 //! - Inputs are JSON documents passed as [`BerthBytes`] the caller owns for the
 //!   duration of the call. Outputs (JSON, messages, exit codes) are handed back
 //!   through host callbacks that copy them: no memory is ever freed by the
-//!   side that did not allocate it.
+//!   side that did not allocate it. Every document has a JSON Schema in the
+//!   crate's `schema/` directory, checked by tests against what this crate
+//!   writes: the description, config's output ([`ConfigDoc`]), the job
+//!   ([`JobDoc`]), the state ([`StateDoc`]), the settings and the runner
+//!   ([`RunnerInfo`]) given to `create`, the known jobs and reap's output.
 //! - Every operation returns a [`Status`] code.
 //! - The job log is the process's stdout and stderr, which the plugin writes
 //!   to directly; runner-side diagnostics go through [`BerthHost::log`].
@@ -32,23 +36,38 @@
 //! meanings never change, and new operations are new trailing table entries
 //! that an older host does not call.
 //!
+//! ## What each minor version added
+//!
+//! - **1.0**: the table, the host callbacks, the documents.
+//! - **1.1**: the job document's `context` ([`ContextDoc`]): the job as the
+//!   host's [`JobContext`] describes it (the trusted key and id, the payload's
+//!   `job_info`, the image, the timeout, the variables with their masked,
+//!   file and raw flags, `job_env`, the strings to redact, the runner's
+//!   `builds_dir`/`cache_dir`, the runner's tmpdir and exit-code file), so a
+//!   plugin not written in Rust needs not re-read the job payload. A host of
+//!   1.1 sends it to every plugin (a 1.0 plugin ignores it); config's output
+//!   may leave out `output` or `warnings`. No struct or table changed.
+//!
 //! # Safety
 //!
 //! All `unsafe` of the plugin side is in this module; the host side is in
 //! `berth`'s `plugin` module.
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Backend, Cancel, ConfigOutput, Failure, JobContext, JobKey, JobRecord, JobState, NewBackend, RunnerInfo};
+use crate::{
+    Backend, Cancel, ConfigOutput, Failure, JobContext, JobInfo, JobKey, JobRecord, JobState, NewBackend, RunnerInfo,
+};
 
 /// The ABI major version this crate implements.
 pub const ABI_MAJOR: u16 = 1;
 /// The ABI minor version this crate implements.
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
 /// The entry symbol a plugin exports (NUL-terminated).
 pub const ENTRY_SYMBOL: &[u8] = b"berth_backend_v1\0";
 
@@ -180,17 +199,69 @@ pub struct BerthPlugin {
     pub reap_orphans: unsafe extern "C" fn(instance: *mut c_void, host: *const BerthHost, known: BerthBytes) -> i32,
 }
 
-/// The job, as passed to a plugin: the runner's name and the hook's
-/// environment variables berth's job context is built from.
+/// The job, as passed to a plugin (`schema/job.schema.json`): the runner's
+/// name and the hook's environment variables berth's job context is built
+/// from (ABI 1.0), and that context itself (ABI 1.1).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobDoc {
     /// The runner's name.
     pub runner: String,
     /// `CUSTOM_ENV_*` and the runner's own variables (`JOB_RESPONSE_FILE`, ...).
     pub vars: Vec<(String, String)>,
+    /// ABI 1.1: the job as the host's [`JobContext`] describes it. A host of
+    /// ABI 1.0 sends none; a plugin of ABI 1.0 ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextDoc>,
 }
 
-/// A job's state, as passed to a plugin (the host holds the lock).
+/// The job as berth's [`JobContext`] describes it (ABI 1.1), for plugins that
+/// do not build a [`JobContext`] themselves: the trusted identity, the
+/// variables with their flags, what to redact, the runner's directories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextDoc {
+    /// [`JobContext::key`]: trusted, from the job payload.
+    pub key: JobKey,
+    /// GitLab's job id ([`JobKey::id`]).
+    pub id: u64,
+    /// The payload's `job_info`; `None` without a payload.
+    pub job: Option<JobInfo>,
+    /// [`JobContext::image`]: untrusted.
+    pub image: Option<String>,
+    /// [`JobContext::timeout`], in seconds.
+    pub timeout_secs: Option<u64>,
+    /// [`JobContext::variables`], with the payload's flags.
+    pub variables: Vec<VariableDoc>,
+    /// [`JobContext::job_env`].
+    pub job_env: BTreeMap<String, String>,
+    /// [`crate::Redactor::forms`]: every string to replace with [`crate::MASK`].
+    pub redact: Vec<String>,
+    /// [`RunnerInfo::builds_dir`]: the runner's TOML override, as the job sees it.
+    pub builds_dir: Option<String>,
+    /// [`RunnerInfo::cache_dir`]: the runner's TOML override, as the job sees it.
+    pub cache_dir: Option<String>,
+    /// [`JobContext::tmpdir`].
+    pub tmpdir: Option<PathBuf>,
+    /// [`JobContext::build_exit_code_file`].
+    pub build_exit_code_file: Option<PathBuf>,
+}
+
+/// One job variable in a [`ContextDoc`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariableDoc {
+    /// The name, without `CUSTOM_ENV_`.
+    pub key: String,
+    /// The value (user-controlled).
+    pub value: String,
+    /// Masked: never write the value to a log or a file.
+    pub masked: bool,
+    /// A file-type variable.
+    pub file: bool,
+    /// Not expanded by the runner.
+    pub raw: bool,
+}
+
+/// A job's state, as passed to a plugin (the host holds the lock;
+/// `schema/state.schema.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateDoc {
     /// The job.
@@ -201,23 +272,60 @@ pub struct StateDoc {
     pub record: Option<JobRecord>,
 }
 
-/// config's output, as passed back by a plugin.
+/// config's output, as passed back by a plugin (`schema/config.schema.json`):
+/// either member may be left out.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigDoc {
     /// What to tell the runner.
+    #[serde(default)]
     pub output: ConfigOutput,
     /// [`ConfigOutput::warnings`].
+    #[serde(default)]
     pub warnings: Vec<String>,
 }
 
 impl JobDoc {
-    /// The document of `job`'s hook environment (taken from this process).
-    pub fn from_env(runner: &str) -> JobDoc {
+    /// The document of `job`, served by `runner`: the context as `job`
+    /// describes it, and the hook environment it was built from (taken from
+    /// this process, as [`JobContext::from_env`] does) for plugins of ABI 1.0.
+    pub fn of(job: &JobContext, runner: &RunnerInfo) -> JobDoc {
         let vars = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| k.starts_with("CUSTOM_ENV_") || crate::context::RUNNER_KEYS.contains(&k.as_str()))
             .collect();
-        JobDoc { runner: runner.to_owned(), vars }
+        JobDoc { runner: job.key().runner().to_owned(), vars, context: Some(ContextDoc::of(job, runner)) }
+    }
+}
+
+impl ContextDoc {
+    /// The document of `job`, served by `runner`.
+    pub fn of(job: &JobContext, runner: &RunnerInfo) -> ContextDoc {
+        let response = job.response();
+        let raw = |key: &str| response.is_some_and(|r| r.variables.iter().any(|v| v.key == key && v.raw));
+        ContextDoc {
+            key: job.key().clone(),
+            id: job.key().id(),
+            job: response.map(|r| r.job_info.clone()),
+            image: job.image().map(str::to_owned),
+            timeout_secs: job.timeout(),
+            variables: job
+                .variables()
+                .iter()
+                .map(|v| VariableDoc {
+                    key: v.key.clone(),
+                    value: v.value.clone(),
+                    masked: v.masked,
+                    file: v.file,
+                    raw: raw(&v.key),
+                })
+                .collect(),
+            job_env: job.job_env().clone(),
+            redact: job.redactor().forms().to_vec(),
+            builds_dir: runner.builds_dir.clone(),
+            cache_dir: runner.cache_dir.clone(),
+            tmpdir: job.tmpdir().map(Path::to_owned),
+            build_exit_code_file: job.build_exit_code_file().map(Path::to_owned),
+        }
     }
 }
 
@@ -653,3 +761,6 @@ macro_rules! export_backend {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod schema_tests;

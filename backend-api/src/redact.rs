@@ -44,6 +44,13 @@ impl Redactor {
         Redactor { forms }
     }
 
+    /// Every form [`Redactor::redact`] hides, longest first: what a plugin
+    /// not written in Rust replaces with [`MASK`] (ABI 1.1's job document
+    /// carries them).
+    pub fn forms(&self) -> &[String] {
+        &self.forms
+    }
+
     /// `text` with every form of every secret replaced by `[MASKED]`.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut hidden: Vec<(usize, usize)> = Vec::new();

@@ -7,6 +7,7 @@ use berth_backend_host_test::HostTest;
 use berth_backend_nspawn::Nspawn;
 
 use crate::config::{BackendChoice, ConfigError, Runner};
+use crate::plugin::LoadFailure;
 
 /// Why a runner's backend could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +133,8 @@ fn build_chosen(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
         }
         BackendChoice::Plugin(path) => match crate::plugin::PluginBackend::load(path, &info, &runner.settings) {
             Ok(plugin) => Ok(Box::new(plugin)),
-            Err(failure) => {
+            Err(LoadFailure::Setting { key, message }) => Err(runner.settings_error(&key, message).into()),
+            Err(LoadFailure::Other(failure)) => {
                 Err(LoadError::Backend { backend: path.display().to_string(), runner: runner.name.clone(), failure })
             }
         },

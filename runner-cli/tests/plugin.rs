@@ -88,11 +88,26 @@ fn a_plugin_built_for_a_later_minor_version_loads() {
 }
 
 #[test]
+fn a_plugin_built_for_abi_1_0_loads_and_passes() {
+    // Its table says 1.0, and its SDK reads only `runner` and `vars` of the
+    // job document, as before 1.1 added `context`.
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    let mut args = vec!["--plugin", lib.to_str().unwrap(), "--json"];
+    for check in ["job.success", "job.failure", "identity.trusted", "secrets.masked", "variables.exact"] {
+        args.extend(["--check", check]);
+    }
+    let out = conformance(&args, &[("BERTH_TEST_PLUGIN_ABI", "minor-0")]);
+    let report = report(&out);
+    assert_eq!(report["results"].as_array().unwrap().len(), 5, "{}", text(&out));
+    assert!(not_passed(&report).is_empty(), "{}", not_passed(&report).join("\n"));
+}
+
+#[test]
 fn incompatible_or_unsafe_libraries_are_refused_with_a_system_failure() {
     let Some(lib) = plugin("berth_backend_host_test") else { return };
     let lib = lib.to_str().unwrap();
     for (variant, message) in [
-        ("major-2", "built for backend ABI 2.0; this berth speaks 1.0"),
+        ("major-2", "built for backend ABI 2.0; this berth speaks 1.1"),
         ("truncated", "its table is truncated"),
         ("null", "returned no table"),
     ] {
@@ -202,4 +217,103 @@ fn a_plugin_in_a_directory_others_can_change_is_refused() {
     std::fs::set_permissions(base.path(), std::os::unix::fs::PermissionsExt::from_mode(0o775)).unwrap();
     let out = run(&shared.join("backend.so"));
     assert!(text(&out).contains(&format!("its directory {} is writable", base.path().display())), "{}", text(&out));
+}
+
+#[test]
+fn a_plugins_bad_setting_is_reported_with_the_file_the_key_and_its_line() {
+    let Some(lib) = plugin("berth_backend_host_test") else { return };
+    for (settings, line, key, why) in [
+        // Line 1 is state_dir.
+        ("root = \"/tmp/x\"\nfualt = \"leak-state\"\n", 6, "fualt", "unknown field `fualt`, expected one of `root`"),
+        ("root = 5\n", 5, "root", "invalid type: integer `5`"),
+        ("fault = \"sometimes\"\n", 5, "fault", "unknown variant `sometimes`"),
+    ] {
+        let env = Env::new(&format!(
+            "[runners.p]\nplugin = {:?}\n[runners.p.settings]\n{settings}",
+            lib.display().to_string()
+        ));
+        let job = env.job_with_id("job", 720_003);
+        let out = job.hook(&env, "p", &["config"]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let want = format!(
+            "invalid configuration {}, line {line}: key `runners.p.settings.{key}`: {why}",
+            env.config().display()
+        );
+        assert!(text(&out).contains(&want) && !text(&out).contains("column"), "{want}\n{}", text(&out));
+    }
+}
+
+#[test]
+fn a_file_that_is_no_library_is_refused_with_dlopens_reason() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("notes.so");
+    std::fs::write(&path, "these are notes, not a shared library; ".repeat(4)).unwrap();
+    let out = conformance(&["--plugin", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("refusing to load it: it cannot be loaded: invalid ELF header")
+            && !text(&out).contains("/proc/self/fd"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `backends/example-c` built as its Makefile does, with `cc` and the header only.
+fn example_c() -> Option<(tempfile::TempDir, PathBuf)> {
+    // Below target/, whose directories only root (or this user) can write.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lib = dir.path().join("libberth_example_c.so");
+    let source = repo().join("backends/example-c");
+    let include = repo().join("backend-api/include");
+    let built = std::process::Command::new("cc")
+        .args(["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-I"])
+        .arg(&include)
+        .arg("-o")
+        .arg(&lib)
+        .arg(source.join("plugin.c"))
+        .output();
+    let built = match built {
+        Ok(out) => out,
+        Err(e) => {
+            prerequisite(Some(format!("no C compiler to build backends/example-c ({e}; apt-get install gcc)")));
+            return None;
+        }
+    };
+    assert!(built.status.success(), "backends/example-c does not build: {}", text(&built));
+    std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    Some((dir, lib))
+}
+
+#[test]
+fn the_c_example_plugin_passes_every_check_its_capabilities_turn_on() {
+    let Some((_dir, lib)) = example_c() else { return };
+    let out = conformance(&["--plugin", lib.to_str().unwrap(), "--json"], &[]);
+    let report = report(&out);
+    assert_eq!(report["backend"], "example-c", "{}", text(&out));
+    let results = report["results"].as_array().unwrap();
+    let passed = results.iter().filter(|r| r["verdict"] == "pass").count();
+    // Host isolation: jobs share the host, so only isolation.concurrent and
+    // the containment section (no contains_root) are skipped.
+    let bad: Vec<String> =
+        not_passed(&report).into_iter().filter(|line| !line.starts_with("\"isolation.concurrent\" \"skip\"")).collect();
+    assert!(bad.is_empty() && passed >= 17, "{passed} passed:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn the_c_example_plugin_reports_a_bad_setting_with_its_key_and_line() {
+    let Some((_dir, lib)) = example_c() else { return };
+    for (setting, why) in [
+        ("grace_seconds = 90", "must be a whole number of seconds from 0 to 60"),
+        ("grace = 1", "unknown setting; example-c takes only grace_seconds"),
+    ] {
+        let key = setting.split(' ').next().unwrap();
+        let env = Env::new(&format!(
+            "[runners.c]\nplugin = {:?}\n[runners.c.settings]\n{setting}\n",
+            lib.display().to_string()
+        ));
+        let job = env.job_with_id("job", 720_004);
+        let out = job.hook(&env, "c", &["config"]);
+        let want = format!("{}, line 5: key `runners.c.settings.{key}`: {why}", env.config().display());
+        assert!(out.status.code() == Some(2) && text(&out).contains(&want), "{want}\n{}", text(&out));
+    }
 }

@@ -264,8 +264,9 @@ impl Backend for HostTest {
 
 /// The fixture as a plugin (`plugin = ".../libberth_backend_host_test.so"`).
 /// `BERTH_TEST_PLUGIN_ABI` makes it export a deliberately incompatible table,
-/// to prove berth refuses it: `null`, `major-2`, `truncated`, or
-/// `future-minor` (a table of a later minor version, which must load).
+/// to prove berth refuses it: `null`, `major-2`, `truncated`; or one that
+/// must load: `future-minor` (a table of a later minor version), `minor-0`
+/// (a table of ABI 1.0, built before the job document had a context).
 pub mod plugin {
     use berth_backend_api::plugin::{entry, BerthPlugin};
 
@@ -281,8 +282,11 @@ pub mod plugin {
     }
 
     static CURRENT: BerthPlugin = TABLE;
-    static MAJOR_2: BerthPlugin = BerthPlugin { abi_major: 2, ..TABLE };
+    static MAJOR_2: BerthPlugin = BerthPlugin { abi_major: 2, abi_minor: 0, ..TABLE };
     static TRUNCATED: BerthPlugin = BerthPlugin { size: 16, ..TABLE };
+    // 1.0 and 1.1 have the same table; the SDK reads only `runner` and `vars`
+    // of the job document, as plugins built for 1.0 do.
+    static MINOR_0: BerthPlugin = BerthPlugin { abi_minor: 0, ..TABLE };
     static FUTURE: Future = Future {
         base: BerthPlugin { size: std::mem::size_of::<Future>() as u32, abi_minor: 99, ..TABLE },
         added_in_a_later_minor: 0,
@@ -296,6 +300,7 @@ pub mod plugin {
             Ok("major-2") => &MAJOR_2,
             Ok("truncated") => &TRUNCATED,
             Ok("future-minor") => &FUTURE.base,
+            Ok("minor-0") => &MINOR_0,
             _ => &CURRENT,
         }
     }
