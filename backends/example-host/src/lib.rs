@@ -169,3 +169,9 @@ berth_backend_api::export_backend!(ExampleHost);
 
 #[cfg(test)]
 mod tests;
+
+/// The guide's Rust code blocks, compiled (warnings denied) and run as
+/// doc-tests, so that the guide cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/writing-a-backend.md")]
+pub struct Guide;
