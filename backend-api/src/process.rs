@@ -240,8 +240,9 @@ impl Starter {
 /// [`Failure::Cancelled`] when `cancel` fired (the group got SIGTERM, then
 /// SIGKILL after `grace`), and [`Failure::System`] when the command could
 /// not be started, or, for a [`StageCommand::wrapped`] stage, when the
-/// wrapper ended before the script started.
-pub fn run_stage(stage: &mut StageCommand, cancel: &Cancel, grace: Duration) -> Result<(), Failure> {
+/// wrapper ended before the script started. A stage runs once: it is
+/// consumed.
+pub fn run_stage(mut stage: StageCommand, cancel: &Cancel, grace: Duration) -> Result<(), Failure> {
     let program = stage.cmd.get_program().to_string_lossy().into_owned();
     let starter = match stage.wrapped {
         true => Some(
@@ -454,8 +455,8 @@ mod tests {
         let grace = Duration::from_secs(1);
         for (body, want) in [("exit 0", None), ("exit 3", Some(3)), ("kill -9 $$", Some(137))] {
             let script = script(dir.path(), body);
-            let plain = run_stage(&mut StageCommand::new(&script), &cancel, grace);
-            let wrapped = run_stage(&mut StageCommand::wrapped(exec_wrapper(":"), &script), &cancel, grace);
+            let plain = run_stage(StageCommand::new(&script), &cancel, grace);
+            let wrapped = run_stage(StageCommand::wrapped(exec_wrapper(":"), &script), &cancel, grace);
             for result in [plain, wrapped] {
                 match (result, want) {
                     (Ok(()), None) => {}
@@ -482,7 +483,7 @@ mod tests {
         ] {
             let mut stage = StageCommand::wrapped(exec_wrapper(setup), &script);
             stderr_of(&mut stage, &log);
-            let err = run_stage(&mut stage, &cancel, Duration::from_secs(1)).unwrap_err();
+            let err = run_stage(stage, &cancel, Duration::from_secs(1)).unwrap_err();
             let said = setup.split('\'').nth(1).unwrap();
             assert!(matches!(err, Failure::System { .. }), "{setup}: {err:?}");
             let message = err.to_string();
@@ -496,11 +497,11 @@ mod tests {
         // A wrapper that does not pass the descriptors on cannot say the script started.
         let mut stage = StageCommand::wrapped(exec_wrapper("exec 100>&-"), &script);
         stderr_of(&mut stage, &log);
-        let err = run_stage(&mut stage, &cancel, Duration::from_secs(1)).unwrap_err();
+        let err = run_stage(stage, &cancel, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, Failure::System { .. }) && !ran.exists(), "{err:?}");
         // Nor can a program that is not there start.
         let err = run_stage(
-            &mut StageCommand::wrapped(Command::new("/nonexistent/wrapper"), &script),
+            StageCommand::wrapped(Command::new("/nonexistent/wrapper"), &script),
             &cancel,
             Duration::from_secs(1),
         )
@@ -518,7 +519,7 @@ mod tests {
         let mut stage = StageCommand::wrapped(exec_wrapper("echo 'wrapper: chatter' >&2"), &script);
         stage.command().stdout(std::fs::File::create(&out).unwrap());
         stderr_of(&mut stage, &err);
-        let result = run_stage(&mut stage, &cancel, Duration::from_secs(1));
+        let result = run_stage(stage, &cancel, Duration::from_secs(1));
         assert!(
             matches!(result, Err(Failure::Script { code: 4 })),
             "{result:?}: {}",
@@ -534,7 +535,7 @@ mod tests {
         let script = script(dir.path(), "sleep 300\n");
         for wrapped in [false, true] {
             let (cancel, trigger) = Cancel::pair().unwrap();
-            let mut stage = match wrapped {
+            let stage = match wrapped {
                 true => StageCommand::wrapped(exec_wrapper(":"), &script),
                 false => StageCommand::new(&script),
             };
@@ -543,7 +544,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(200));
                 trigger.fire();
             });
-            let result = run_stage(&mut stage, &cancel, Duration::from_secs(2));
+            let result = run_stage(stage, &cancel, Duration::from_secs(2));
             thread.join().unwrap();
             assert!(matches!(result, Err(Failure::Cancelled)), "{result:?}");
             assert!(started.elapsed() < Duration::from_secs(5));

@@ -141,7 +141,7 @@ impl Backend for ExampleHost {
             .env("HOME", &prepared.home)
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null());
-        process::run_stage(&mut stage, cancel, GRACE)
+        process::run_stage(stage, cancel, GRACE)
     }
 
     fn cleanup(&self, _state: &JobState) -> Result<(), Failure> {

@@ -226,7 +226,7 @@ impl Backend for HostTest {
         } else {
             cancel
         };
-        match (process::run_stage(&mut stage, cancel, Duration::from_secs(2)), self.fault) {
+        match (process::run_stage(stage, cancel, Duration::from_secs(2)), self.fault) {
             (Err(Failure::Script { .. }), Some(Fault::LoseExitCode)) => Err(Failure::script(1)),
             (Err(Failure::Script { code }), Some(Fault::SystemForBuild)) => {
                 Err(Failure::system(format!("script exited {code}")))
