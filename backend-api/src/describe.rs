@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 pub enum Isolation {
     /// Nothing runs (dry-run).
     None,
-    /// Scripts run on the host with no separation (test fixtures only).
+    /// Scripts run on the host's filesystem, in namespaces of their own or
+    /// none (`unshare`, plain bash): jobs can see the host's files and each
+    /// other's, so no filesystem-isolation check applies to them.
     Host,
     /// A private root filesystem and process namespace, shared kernel and devices (chroot, bwrap).
     Filesystem,
@@ -32,7 +34,9 @@ pub struct Capabilities {
     pub reap: bool,
     /// Jobs choose among admin-provided images with `image:`.
     pub images: bool,
-    /// Two jobs can run at the same time without seeing each other.
+    /// Two jobs can run at the same time; with an isolation of
+    /// [`Isolation::Filesystem`] or stronger, without seeing each other's
+    /// files or processes (the conformance suite's `isolation.concurrent`).
     pub concurrent_jobs: bool,
     /// A job running as root cannot act as root on the host: its root is an
     /// unprivileged user of the host, it cannot reach host devices, kernel

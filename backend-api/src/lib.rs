@@ -44,7 +44,9 @@ mod status;
 pub mod testing;
 mod tree;
 
-pub use backend::{child_path, Backend, ConfigOutput, NewBackend, RunnerInfo, LOGS_DIR};
+pub use backend::{
+    child_path, Backend, ConfigOutput, HostDirs, MappedDir, NewBackend, RunnerInfo, BUILDS_SCRATCH, LOGS_DIR,
+};
 pub use cancel::{Cancel, CancelTrigger};
 pub use check::{Finding, Level};
 pub use context::{

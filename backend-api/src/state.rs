@@ -8,6 +8,8 @@
 //!   stage           the step a hook started last ([`Stage`]), for `berth ps`:
 //!                   a symbolic link whose target is `<started_unix> <name>`
 //!   status.json     the job's environment as its backend describes it ([`JobStatus`])
+//!   scratch/<name>/ the backend's scratch directories ([`JobState::scratch`])
+//! logs/             records meant to outlive their job ([`RunnerInfo::logs_dir`](crate::RunnerInfo::logs_dir))
 //! ```
 //!
 //! Every operation on a job holds its lock, so a cleanup that arrives while a
@@ -37,6 +39,14 @@ const RECORD: &str = "job.json";
 const STAGE: &str = "stage";
 /// The backend's description of the job's environment.
 const STATUS: &str = "status.json";
+/// The directory of the backend's scratch directories.
+const SCRATCH: &str = "scratch";
+
+/// The directory of job `key`'s scratch directories under the state
+/// directory `root` ([`JobState::scratch`]).
+pub(crate) fn scratch_root(root: &Path, key: &JobKey) -> PathBuf {
+    StateDir::new(root).jobs.join(key.to_string()).join(SCRATCH)
+}
 
 /// Now, in seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
@@ -402,6 +412,40 @@ impl JobState {
         }
     }
 
+    /// The job's scratch directory `name` (`<dir>/scratch/<name>`, mode
+    /// 0700), created with its parents if missing: where a backend puts the
+    /// files and directories it makes for the job (a writable layer, a
+    /// builds directory, a home, sockets, copies of scripts). It is part of
+    /// the job's state, so it is removed with it after cleanup, whatever the
+    /// job left in it ([`JobState::remove`]); nothing of it outlives the
+    /// job. Records meant to outlive the job (transcripts, boot logs) go to
+    /// [`RunnerInfo::logs_dir`](crate::RunnerInfo::logs_dir) instead.
+    ///
+    /// `name` is a plain file name (no `/`, not hidden). Every hook may
+    /// call it: prepare to make the directory, run to find it again. An
+    /// existing directory is kept as it is (a backend may have given it to
+    /// the job's user); anything else in its place is an error. Its
+    /// path is known before the job has state:
+    /// [`RunnerInfo::host_dirs`](crate::RunnerInfo::host_dirs) gives the
+    /// builds directory's (scratch `builds`) to `config`.
+    pub fn scratch(&self, name: &str) -> Result<PathBuf, StateError> {
+        let parent = self.dir.join(SCRATCH);
+        let dir = crate::child_path(&parent, name).ok_or_else(|| StateError::BadName(name.to_owned()))?;
+        mkdir_private(&self.dir)?;
+        mkdir_private(&parent)?;
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let meta = fs::symlink_metadata(&dir).map_err(io_err("inspect", &dir))?;
+                match meta.is_dir() {
+                    true => Ok(dir),
+                    false => Err(io_err("use", &dir)(io::Error::other("it is not a directory"))),
+                }
+            }
+            Err(e) => Err(io_err("create", &dir)(e)),
+        }
+    }
+
     /// Records what the backend made for the job (`status.json`), for
     /// `berth ps`: a backend calls it once the job's environment exists.
     pub fn set_status(&self, status: &JobStatus) -> Result<(), StateError> {
@@ -581,6 +625,30 @@ mod tests {
         assert!(again.record().is_none());
         again.remove().unwrap();
         assert_eq!(fs::read_dir(root.path().join("jobs")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn scratch_directories_are_private_found_again_and_removed_with_the_state() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let states = StateDir::new(root.path());
+        let state = states.create(JobRecord::new(key(7), "fake")).unwrap();
+        let builds = state.scratch("builds").unwrap();
+        assert_eq!(builds, root.path().join("jobs/demo-7/scratch/builds"));
+        assert_eq!(builds, scratch_root(root.path(), &key(7)).join("builds"), "known before the state is");
+        assert_eq!(fs::metadata(&builds).unwrap().mode() & 0o777, 0o700);
+        fs::write(builds.join("file"), "x").unwrap();
+        // Given to the job: found again as it is.
+        fs::set_permissions(&builds, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(state.scratch("builds").unwrap(), builds);
+        assert!(builds.join("file").exists() && fs::metadata(&builds).unwrap().mode() & 0o777 == 0o755);
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(matches!(state.scratch(bad), Err(StateError::BadName(_))), "{bad:?}");
+        }
+        std::os::unix::fs::symlink("/", builds.parent().unwrap().join("link")).unwrap();
+        assert!(state.scratch("link").unwrap_err().to_string().contains("failed to use"));
+        state.remove().unwrap();
+        assert!(!root.path().join("jobs/demo-7").exists());
     }
 
     #[test]

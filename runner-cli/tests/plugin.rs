@@ -1,5 +1,6 @@
-//! Backends loaded as plugins through the ABI: the fixture and the bwrap
-//! backend pass the conformance suite across it; incompatible or unsafe
+//! Backends loaded as plugins through the ABI: the fixture, the host-level
+//! example of the backend author's guide and the bwrap backend pass the
+//! conformance suite across it; incompatible or unsafe
 //! libraries are refused with a clear message and a system failure.
 
 use std::path::{Path, PathBuf};
@@ -159,6 +160,26 @@ fn a_plugins_tracing_events_reach_the_runner_side_log() {
             && log.contains("[berth_backend_host_test] host-test: removed the job's directory job=p-720002"),
         "{log}"
     );
+}
+
+#[test]
+fn the_host_level_example_plugin_passes_every_check_that_applies() {
+    let Some(lib) = plugin("berth_backend_example_host") else { return };
+    let missing = "the example-host plugin runs stages under unshare, which needs root";
+    if !prerequisite((!nix::unistd::Uid::effective().is_root()).then(|| missing.to_owned())) {
+        return;
+    }
+    let out = conformance(&["--plugin", lib.to_str().unwrap(), "--json"], &[]);
+    let report = report(&out);
+    assert_eq!(report["backend"], "example-host");
+    // Isolation `host`, honestly: the isolation check does not apply, nor
+    // does the containment section (not counted by `not_passed`).
+    let skipped = "\"isolation.concurrent\" \"skip\": \"the backend declares no isolation between jobs\"";
+    let bad: Vec<String> = not_passed(&report).into_iter().filter(|line| line != skipped).collect();
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    let passed = report["results"].as_array().unwrap().iter().filter(|r| r["verdict"] == "pass").count();
+    assert!(passed >= 17, "every check that applies ran and passed: {passed}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 #[test]

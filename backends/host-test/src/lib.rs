@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use berth_backend_api::process::{self, Ended};
+use berth_backend_api::process::{self, StageCommand};
 use berth_backend_api::{
     Backend, Cancel, Capabilities, ConfigOutput, Description, Failure, Isolation, JobContext, JobState, NewBackend,
     RunnerInfo,
@@ -218,8 +218,9 @@ impl Backend for HostTest {
             std::fs::create_dir_all(&builds).map_err(|e| fs_failure("create", &builds, e))?;
         }
         let _ = std::io::stdout().flush();
-        let mut cmd = Command::new("bash");
-        cmd.arg(script)
+        let mut stage = StageCommand::new(script);
+        stage
+            .command()
             .current_dir(&dir)
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -233,14 +234,12 @@ impl Backend for HostTest {
         } else {
             cancel
         };
-        let ended = process::run(&mut cmd, cancel, Duration::from_secs(2))
-            .map_err(|e| Failure::system_with(format!("failed to run bash {}", script.display()), e))?;
-        match (ended, self.fault) {
-            (Ended::Exited(0), _) => Ok(()),
-            (Ended::Exited(_), Some(Fault::LoseExitCode)) => Err(Failure::script(1)),
-            (Ended::Exited(code), Some(Fault::SystemForBuild)) => Err(Failure::system(format!("script exited {code}"))),
-            (Ended::Exited(code), _) => Err(Failure::script(code)),
-            (Ended::Cancelled, _) => Err(Failure::Cancelled),
+        match (process::run_stage(stage, cancel, Duration::from_secs(2)), self.fault) {
+            (Err(Failure::Script { .. }), Some(Fault::LoseExitCode)) => Err(Failure::script(1)),
+            (Err(Failure::Script { code }), Some(Fault::SystemForBuild)) => {
+                Err(Failure::system(format!("script exited {code}")))
+            }
+            (result, _) => result,
         }
     }
 
