@@ -3,7 +3,8 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use nix::unistd::pipe;
+use nix::fcntl::OFlag;
+use nix::unistd::pipe2;
 
 /// The runner's request to stop: becomes readable (and stays readable) once
 /// the process received SIGTERM.
@@ -32,15 +33,16 @@ impl Cancel {
         Cancel { read, _keep: None }
     }
 
-    /// A cancel signal and the trigger that fires it.
+    /// A cancel signal and the trigger that fires it. Neither end is
+    /// inherited by a program this process starts (close-on-exec).
     pub fn pair() -> std::io::Result<(Cancel, CancelTrigger)> {
-        let (read, write) = pipe()?;
+        let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
         Ok((Cancel { read, _keep: None }, CancelTrigger { write }))
     }
 
     /// A cancel signal that never fires.
     pub fn never() -> std::io::Result<Cancel> {
-        let (read, write) = pipe()?;
+        let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
         Ok(Cancel { read, _keep: Some(write) })
     }
 
@@ -89,6 +91,16 @@ mod tests {
         assert!(cancel.is_cancelled());
         assert!(cancel.is_cancelled());
         assert!(cancel.wait(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn no_program_started_inherits_a_cancel_pipe() {
+        let (cancel, trigger) = Cancel::pair().unwrap();
+        let never = Cancel::never().unwrap();
+        for (what, fd) in [("cancel", &cancel.read), ("trigger", &trigger.write), ("never", &never.read)] {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert!(flags & libc::FD_CLOEXEC != 0, "the {what} pipe would leak into a started program");
+        }
     }
 
     #[test]
