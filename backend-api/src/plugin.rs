@@ -381,6 +381,25 @@ fn parse<T: for<'de> Deserialize<'de>>(bytes: BerthBytes, what: &str) -> Result<
     serde_json::from_slice(slice).map_err(|e| Failure::system(format!("plugin: the host sent an invalid {what}: {e}")))
 }
 
+/// The settings table, or the refusal of the setting it holds wrong in the
+/// convention of berth's built-in backends, `settings.KEY: why`
+/// (`settings: why` about the table itself), which berth reports with the
+/// configuration file, the key and its line.
+fn settings_of<T: for<'de> Deserialize<'de>>(bytes: BerthBytes) -> Result<T, Failure> {
+    // SAFETY: the host passes bytes valid for the duration of the call.
+    let slice = unsafe { bytes.as_slice() };
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(slice)).map_err(|e| {
+        let path = e.path().to_string();
+        // The position is in berth's JSON, not in the admin's file: berth gives the file's.
+        let why = e.into_inner().to_string();
+        let why = why.rsplit_once(" at line ").map_or(why.as_str(), |(why, _)| why);
+        match path.as_str() {
+            "." => Failure::system(format!("settings: {why}")),
+            key => Failure::system(format!("settings.{key}: {why}")),
+        }
+    })
+}
+
 fn job_of(doc: JobDoc) -> Result<JobContext, Failure> {
     JobContext::from_vars(&doc.runner, doc.vars).map_err(|e| Failure::system_with("job context", e))
 }
@@ -582,7 +601,7 @@ pub mod entry {
                 if instance.is_null() {
                     return Err(Failure::system("plugin: null instance pointer"));
                 }
-                let settings: B::Settings = parse(settings, "settings table")?;
+                let settings: B::Settings = settings_of(settings)?;
                 let runner: RunnerInfo = parse(runner, "runner")?;
                 let backend: Box<dyn Backend> = Box::new(B::new(settings, &runner)?);
                 *instance = Box::into_raw(Box::new(backend)).cast();

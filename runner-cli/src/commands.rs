@@ -144,10 +144,7 @@ fn tool(cli: &Cli) -> Result<Done, Error> {
 /// (what a host-wide timer runs), each in turn; one that fails does not keep
 /// the others from being reaped.
 fn reap(cli: &Cli, args: &ReapArgs) -> Result<Done, Error> {
-    let runners = match &cli.runner {
-        Some(_) => vec![config::load(&cli.config, cli.runner.as_deref())],
-        None => config::load_all(&cli.config)?,
-    };
+    let runners = config::load_all(&cli.config, cli.runner.as_deref())?;
     let count = runners.len();
     let mut failed = 0;
     for runner in runners {
@@ -174,10 +171,7 @@ fn reap(cli: &Cli, args: &ReapArgs) -> Result<Done, Error> {
 /// Under `berth backends`: the backend of each runner of the configuration
 /// (or of `--runner`), when there is a configuration to read.
 fn configured_backends(cli: &Cli) {
-    let runners = match &cli.runner {
-        Some(name) => vec![config::load(&cli.config, Some(name))],
-        None => config::load_all(&cli.config).unwrap_or_default(),
-    };
+    let runners = config::load_all(&cli.config, cli.runner.as_deref()).unwrap_or_default();
     let runners: Vec<Runner> = runners.into_iter().flatten().collect();
     if runners.is_empty() {
         return;
@@ -206,13 +200,10 @@ fn describe(cli: &Cli, args: &DescribeArgs) -> Result<Done> {
             "supports:    executes scripts: {}, cancel: {}, reap: {}, images: {}, concurrent jobs: {}, contains root: {}",
             caps.executes_scripts, caps.cancel, caps.reap, caps.images, caps.concurrent_jobs, caps.contains_root
         );
-        let findings = crate::doctor::checks(backend.as_ref(), &runner);
-        let count = |level| findings.iter().filter(|f| f.level == level).count();
-        let (errors, warnings) = (count(berth_backend_api::Level::Error), count(berth_backend_api::Level::Warning));
+        let (errors, warnings) = crate::doctor::tally(crate::doctor::checks(backend.as_ref(), &runner).iter());
         if errors + warnings > 0 {
-            let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
-            let (errors, warnings) = (plural(errors, "error"), plural(warnings, "warning"));
-            println!("host:        {errors}, {warnings}: see `berth --runner {} doctor`", runner.name);
+            let summary = crate::doctor::summary(errors, warnings);
+            println!("host:        {summary}: see `berth --runner {} doctor`", runner.name);
         }
     }
     Ok(Done::Success)

@@ -83,7 +83,10 @@ impl Runner {
         ConfigError::Key {
             path: self.path.clone(),
             line,
-            key: format!("runners.{}.settings.{key}", self.name),
+            key: match key {
+                "" => format!("runners.{}.settings", self.name),
+                key => format!("runners.{}.settings.{key}", self.name),
+            },
             message: message.into(),
         }
     }
@@ -125,10 +128,14 @@ pub fn write_adhoc(dir: &Path, state_dir: &Path, name: &str, runner: toml::Table
     Ok(path)
 }
 
-/// Reads `path` and resolves every runner it defines, in name order (each
-/// validated, or its error).
-pub fn load_all(path: &Path) -> Result<Vec<Result<Runner, ConfigError>>, ConfigError> {
+/// Reads `path` and resolves the runner `only`, else every runner it
+/// defines, in name order (each validated, or its error): what commands
+/// that serve the whole host (`reap`, `doctor`, `ps`) work on.
+pub fn load_all(path: &Path, only: Option<&str>) -> Result<Vec<Result<Runner, ConfigError>>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+    if only.is_some() {
+        return Ok(vec![parse(&text, path, only)]);
+    }
     let raw = parse_raw(&text, path)?;
     if raw.runners.is_empty() {
         return Err(ConfigError::NoRunners { path: path.to_owned() });

@@ -48,41 +48,27 @@ pub fn main(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<Done> {
             "install gitlab-runner (https://docs.gitlab.com/runner/install/linux-repository/)",
         ),
     });
-    let runners = match &cli.runner {
-        Some(name) => vec![config::load(&cli.config, Some(name))],
-        None => match config::load_all(&cli.config) {
-            Ok(runners) => runners,
-            Err(e) => {
-                host.push(Finding::error("configuration", e.to_string(), "fix the file (README: Configuration)"));
-                Vec::new()
-            }
-        },
-    };
+    let runners = config::load_all(&cli.config, cli.runner.as_deref()).unwrap_or_else(|e| {
+        host.push(Finding::error("configuration", e.to_string(), "fix the file (README: Configuration)"));
+        Vec::new()
+    });
     let gitlab = gitlab_runner_config(Path::new(GITLAB_RUNNER_CONFIG));
     let mut reports = Vec::new();
     for runner in runners {
         match runner {
             Ok(runner) => reports.push(check_runner(&runner, gitlab.as_ref())),
-            Err(e) => {
-                let named = match &cli.runner {
-                    Some(name) => name.clone(),
-                    None => "?".to_owned(),
-                };
-                host.push(Finding::error(
-                    "configuration",
-                    e.to_string(),
-                    format!("fix runner {named} in {}", cli.config.display()),
-                ));
-            }
+            Err(e) => host.push(Finding::error(
+                "configuration",
+                e.to_string(),
+                format!("fix the runner in {}", cli.config.display()),
+            )),
         }
     }
     if !host.iter().any(|f| f.check == "configuration") {
         let names: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
         host.insert(0, Finding::ok("configuration", format!("{}: runners {}", cli.config.display(), names.join(", "))));
     }
-    let all = || host.iter().chain(reports.iter().flat_map(|r| r.findings.iter()));
-    let errors = all().filter(|f| f.level == Level::Error).count();
-    let warnings = all().filter(|f| f.level == Level::Warning).count();
+    let (errors, warnings) = tally(host.iter().chain(reports.iter().flat_map(|r| r.findings.iter())));
     let report = Report { config: cli.config.display().to_string(), host, runners: reports, errors, warnings };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -134,6 +120,21 @@ pub fn checks(backend: &dyn Backend, runner: &Runner) -> Vec<Finding> {
     findings
 }
 
+/// How many errors and warnings `findings` hold.
+pub fn tally<'a>(findings: impl Iterator<Item = &'a Finding>) -> (usize, usize) {
+    findings.fold((0, 0), |(errors, warnings), f| match f.level {
+        Level::Error => (errors + 1, warnings),
+        Level::Warning => (errors, warnings + 1),
+        _ => (errors, warnings),
+    })
+}
+
+/// `1 error, 2 warnings`.
+pub fn summary(errors: usize, warnings: usize) -> String {
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    format!("{}, {}", plural(errors, "error"), plural(warnings, "warning"))
+}
+
 /// The errors of `findings`, as lines for a refusal.
 pub fn errors(findings: &[Finding]) -> Vec<String> {
     findings
@@ -153,8 +154,7 @@ fn table(report: &Report) -> String {
         out.push_str(&format!("\nrunner {} (backend {})\n", runner.name, runner.backend));
         lines(&mut out, &runner.findings);
     }
-    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
-    out.push_str(&format!("\n{}, {}", plural(report.errors, "error"), plural(report.warnings, "warning")));
+    out.push_str(&format!("\n{}", summary(report.errors, report.warnings)));
     out.push_str(if report.errors > 0 { ": jobs would fail until the errors are fixed\n" } else { "\n" });
     out
 }

@@ -104,7 +104,7 @@ pub fn main(cli: &Cli, args: &ImageArgs) -> Result<Done> {
         }
         ImageCommand::List => list(&images)?,
         ImageCommand::Prune => {
-            for line in images.prune() {
+            for line in images.prune(false) {
                 println!("removed {line}");
             }
         }

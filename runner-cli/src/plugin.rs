@@ -90,121 +90,6 @@ fn refuse(_path: &Path, reason: impl Into<String>) -> Failure {
     Failure::system(format!("refusing to load it: {}", reason.into()))
 }
 
-/// Why a plugin could not be loaded.
-#[derive(Debug)]
-pub enum LoadFailure {
-    /// The plugin refused a setting: `key` as TOML writes it below the
-    /// settings table (`images_dir`, `limits.memory`, `mounts[1].from`;
-    /// empty: the table itself, e.g. a missing key), and why.
-    Setting { key: String, message: String },
-    /// Anything else: the library, its table, its create or describe.
-    Other(Failure),
-}
-
-impl From<Failure> for LoadFailure {
-    fn from(failure: Failure) -> Self {
-        LoadFailure::Other(failure)
-    }
-}
-
-/// The settings table as the JSON document `create` gets, and where each
-/// setting lies in it, to find the key a plugin's parse error points at.
-struct SettingsDoc {
-    json: Vec<u8>,
-    /// (key as TOML writes it, first byte, one past the last byte) of every
-    /// setting, nested ones and array items included.
-    spans: Vec<(String, usize, usize)>,
-}
-
-impl SettingsDoc {
-    /// Encodes `table` exactly as `serde_json::to_vec` does, recording spans.
-    fn new(table: &toml::Table) -> Result<SettingsDoc, Failure> {
-        let mut doc = SettingsDoc { json: Vec::new(), spans: Vec::new() };
-        doc.table(table, "")?;
-        Ok(doc)
-    }
-
-    fn table(&mut self, table: &toml::Table, prefix: &str) -> Result<(), Failure> {
-        self.json.push(b'{');
-        for (i, (key, value)) in table.iter().enumerate() {
-            if i > 0 {
-                self.json.push(b',');
-            }
-            let start = self.json.len();
-            self.json.extend(json(key)?);
-            self.json.push(b':');
-            let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            let key = if bare { key.clone() } else { format!("{key:?}") };
-            let path = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
-            self.value(value, &path)?;
-            self.spans.push((path, start, self.json.len()));
-        }
-        self.json.push(b'}');
-        Ok(())
-    }
-
-    fn value(&mut self, value: &toml::Value, path: &str) -> Result<(), Failure> {
-        match value {
-            toml::Value::Table(table) => self.table(table, path),
-            toml::Value::Array(items) => {
-                self.json.push(b'[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        self.json.push(b',');
-                    }
-                    let start = self.json.len();
-                    let path = format!("{path}[{i}]");
-                    self.value(item, &path)?;
-                    self.spans.push((path, start, self.json.len()));
-                }
-                self.json.push(b']');
-                Ok(())
-            }
-            scalar => {
-                self.json.extend(json(scalar)?);
-                Ok(())
-            }
-        }
-    }
-
-    /// The setting at 1-based `column` of the (one-line) document: the
-    /// innermost one whose text holds it; empty for the table itself.
-    fn key_at(&self, column: usize) -> String {
-        self.spans
-            .iter()
-            .filter(|(_, start, end)| *start < column && column <= *end)
-            .max_by_key(|(_, start, _)| *start)
-            .map(|(key, _, _)| key.clone())
-            .unwrap_or_default()
-    }
-
-    /// The setting a refusal of `create` is about, and why: a message
-    /// `settings.KEY: why` (or `settings: why`), the convention of built-in
-    /// backends, which C plugins follow too; or the parse error of the Rust
-    /// SDK, `... invalid settings table: why at line 1 column N`, whose
-    /// column lies in this document.
-    fn refused_setting(&self, failure: &Failure) -> Option<(String, String)> {
-        let message = match failure {
-            Failure::System { message, .. } | Failure::Refused { message } => message.trim_end(),
-            _ => return None,
-        };
-        if let Some(rest) = message.strip_prefix("settings") {
-            if let Some(why) = rest.strip_prefix(": ") {
-                return Some((String::new(), why.to_owned()));
-            }
-            let (key, why) = rest.strip_prefix('.')?.split_once(": ")?;
-            return Some((key.to_owned(), why.to_owned()));
-        }
-        let (_, error) = message.split_once("invalid settings table: ")?;
-        let (why, position) = error.rsplit_once(" at line ")?;
-        let (line, column) = position.split_once(" column ")?;
-        if line != "1" {
-            return None;
-        }
-        Some((self.key_at(column.parse().ok()?), why.to_owned()))
-    }
-}
-
 /// The text of a failed `dlopen` (libloading keeps it as the error's
 /// source), naming the library as the admin did rather than the descriptor
 /// it was loaded through.
@@ -386,7 +271,7 @@ impl PluginBackend {
     /// way and the file itself checked on what was opened), and that very
     /// file is loaded through its descriptor: replacing the path after the
     /// check cannot change what runs.
-    pub fn load(path: &Path, runner: &RunnerInfo, settings: &toml::Table) -> Result<PluginBackend, LoadFailure> {
+    pub fn load(path: &Path, runner: &RunnerInfo, settings: &toml::Table) -> Result<PluginBackend, Failure> {
         let file = open_checked(path)?;
         Self::load_opened(&file, path, runner, settings)
     }
@@ -398,7 +283,7 @@ impl PluginBackend {
         path: &Path,
         runner: &RunnerInfo,
         settings: &toml::Table,
-    ) -> Result<PluginBackend, LoadFailure> {
+    ) -> Result<PluginBackend, Failure> {
         let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
         // SAFETY: loading a library runs its initialisers; the admin chose it
         // in berth's configuration, and the file opened (the one loaded,
@@ -412,7 +297,7 @@ impl PluginBackend {
         // SAFETY: calling the entry point per the ABI.
         let table = unsafe { entry() };
         if table.is_null() {
-            return Err(refuse(path, "its berth_backend_v1 returned no table").into());
+            return Err(refuse(path, "its berth_backend_v1 returned no table"));
         }
         // SAFETY: every ABI version starts the table with size, major and minor
         // (8 bytes); nothing else is read before they are checked.
@@ -421,8 +306,7 @@ impl PluginBackend {
             return Err(refuse(
                 path,
                 format!("it was built for backend ABI {major}.{minor}; this berth speaks {ABI_MAJOR}.{ABI_MINOR}"),
-            )
-            .into());
+            ));
         }
         if (size as usize) < std::mem::size_of::<BerthPlugin>() {
             return Err(refuse(
@@ -431,8 +315,7 @@ impl PluginBackend {
                     "its table is truncated ({size} bytes; ABI {major}.{minor} needs at least {})",
                     std::mem::size_of::<BerthPlugin>()
                 ),
-            )
-            .into());
+            ));
         }
         if minor > ABI_MINOR {
             tracing::debug!(
@@ -448,21 +331,17 @@ impl PluginBackend {
             path: path.to_owned(),
             _library: library,
         };
-        let settings = SettingsDoc::new(settings)?;
+        let settings =
+            serde_json::to_vec(settings).map_err(|e| Failure::system_with("failed to encode the settings", e))?;
         let runner = json(runner)?;
         let mut instance: *mut c_void = std::ptr::null_mut();
         let create = plugin.table().create;
-        plugin
-            .call(None, |host| {
-                // SAFETY: per the ABI; the inputs outlive the call.
-                unsafe { create(host, BerthBytes::new(&settings.json), BerthBytes::new(&runner), &mut instance) }
-            })
-            .map_err(|failure| match settings.refused_setting(&failure) {
-                Some((key, message)) => LoadFailure::Setting { key, message },
-                None => LoadFailure::Other(failure),
-            })?;
+        plugin.call(None, |host| {
+            // SAFETY: per the ABI; the inputs outlive the call.
+            unsafe { create(host, BerthBytes::new(&settings), BerthBytes::new(&runner), &mut instance) }
+        })?;
         if instance.is_null() {
-            return Err(refuse(path, "its create returned no instance").into());
+            return Err(refuse(path, "its create returned no instance"));
         }
         plugin.instance = instance;
         let describe = plugin.table().describe;
@@ -636,97 +515,12 @@ mod tests {
         let runner = RunnerInfo::new("swap", state.path());
         let plugin = PluginBackend::load_opened(&opened, &path, &runner, &toml::Table::new()).unwrap();
         assert_eq!(plugin.describe().name, "host-test", "the library checked is the one that runs");
-        let Err(LoadFailure::Other(err)) = PluginBackend::load(&path, &runner, &toml::Table::new()) else {
+        let Err(err) = PluginBackend::load(&path, &runner, &toml::Table::new()) else {
             panic!("a file that is no library loads")
         };
         // dlopen's own words, about the path given rather than the descriptor.
         let err = err.to_string();
         assert!(err.contains("it cannot be loaded: file too short") && !err.contains("/proc/self/fd"), "{err}");
-    }
-
-    #[test]
-    fn the_settings_document_is_what_serde_json_writes() {
-        let table: toml::Table = toml::from_str(
-            "a = 1\nb = [1.5, true, \"x\"]\n\"dotted.key\" = \"v\"\nwhen = 1979-05-27T07:32:00Z\n[t]\nu = { v = [] }\n[[m]]\nx = 1\n",
-        )
-        .unwrap();
-        let doc = SettingsDoc::new(&table).unwrap();
-        assert_eq!(String::from_utf8(doc.json).unwrap(), serde_json::to_string(&table).unwrap());
-        let keys: Vec<&str> = doc.spans.iter().map(|(key, _, _)| key.as_str()).collect();
-        for key in ["a", "b[0]", "b[2]", "b", "\"dotted.key\"", "t.u.v", "t.u", "t", "m[0].x", "m[0]", "m"] {
-            assert!(keys.contains(&key), "{key} in {keys:?}");
-        }
-    }
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[expect(dead_code, reason = "only parsed, to make serde's errors")]
-    struct Settings {
-        name: String,
-        pool: Option<bool>,
-        limits: Option<Limits>,
-        #[serde(default)]
-        mounts: Vec<Mount>,
-    }
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[expect(dead_code, reason = "only parsed, to make serde's errors")]
-    struct Limits {
-        pids: u32,
-    }
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[expect(dead_code, reason = "only parsed, to make serde's errors")]
-    struct Mount {
-        from: String,
-    }
-
-    #[test]
-    fn a_plugins_parse_error_names_the_setting_it_is_about() {
-        for (toml, key, why) in [
-            ("name = \"x\"\ncolour = \"red\"", "colour", "unknown field `colour`"),
-            ("colour = \"red\"\nname = \"x\"", "colour", "unknown field `colour`"),
-            ("name = \"x\"\npool = \"yes\"", "pool", "invalid type: string \"yes\", expected a boolean"),
-            ("name = 5", "name", "invalid type: integer `5`, expected a string"),
-            ("name = \"x\"\n[limits]\npids = -1", "limits.pids", "invalid value: integer `-1`"),
-            ("name = \"x\"\n[limits]\npids = 1\nmemory = 2", "limits.memory", "unknown field `memory`"),
-            ("name = \"x\"\n[limits]", "limits", "missing field `pids`"),
-            (
-                "name = \"x\"\n[[mounts]]\nfrom = \"/a\"\n[[mounts]]\nfrom = 5",
-                "mounts[1].from",
-                "invalid type: integer",
-            ),
-            ("name = \"x\"\nmounts = [{ from = \"/a\" }, 7]", "mounts[1]", "invalid type: integer `7`"),
-            ("pool = true", "", "missing field `name`"),
-        ] {
-            let table: toml::Table = toml::from_str(toml).unwrap();
-            let doc = SettingsDoc::new(&table).unwrap();
-            let error = serde_json::from_slice::<Settings>(&doc.json).unwrap_err();
-            // As the Rust SDK words it.
-            let failure = Failure::system(format!("plugin: the host sent an invalid settings table: {error}"));
-            let (found, message) = doc.refused_setting(&failure).unwrap_or_else(|| panic!("{toml}: {failure}"));
-            assert_eq!(found, key, "{toml}: {error}");
-            assert!(message.starts_with(why) && !message.contains("column"), "{toml}: {message}");
-        }
-    }
-
-    #[test]
-    fn a_plugins_refusal_in_the_settings_convention_names_its_key() {
-        let doc = SettingsDoc::new(&toml::Table::new()).unwrap();
-        let refused = |failure: Failure| doc.refused_setting(&failure);
-        assert_eq!(
-            refused(Failure::system("settings.limits.pids: must be at least 16")),
-            Some(("limits.pids".into(), "must be at least 16".into()))
-        );
-        assert_eq!(
-            refused(Failure::refused("settings: images_dir is required")),
-            Some((String::new(), "images_dir is required".into()))
-        );
-        assert_eq!(refused(Failure::system("settingsfoo: x")), None);
-        assert_eq!(refused(Failure::system("cannot reach the images: no such directory")), None);
-        assert_eq!(refused(Failure::Cancelled), None);
     }
 
     #[test]

@@ -97,10 +97,8 @@ struct Listing<'a> {
 
 /// `berth ps`.
 pub fn main(cli: &Cli, args: &PsArgs) -> Result<Done, Error> {
-    let runners = match &cli.runner {
-        Some(name) => vec![config::load(&cli.config, Some(name))?],
-        None => config::load_all(&cli.config)?.into_iter().collect::<Result<_, _>>()?,
-    };
+    let runners: Vec<Runner> =
+        config::load_all(&cli.config, cli.runner.as_deref())?.into_iter().collect::<Result<_, _>>()?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (rows, notes) = collect(&runners, now)?;
     let text = if args.json {

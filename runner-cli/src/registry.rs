@@ -7,7 +7,6 @@ use berth_backend_host_test::HostTest;
 use berth_backend_nspawn::Nspawn;
 
 use crate::config::{BackendChoice, ConfigError, Runner};
-use crate::plugin::LoadFailure;
 
 /// Why a runner's backend could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +74,17 @@ fn build<B: NewBackend + 'static>(runner: &Runner, info: &RunnerInfo) -> Result<
     Ok(Box::new(backend))
 }
 
-/// A built-in backend's refusal of a setting's value, which says
-/// `settings.KEY: why` (their convention), as an error naming the file, the
+/// A backend's refusal of a setting, which says `settings.KEY: why`
+/// (`settings: why` about the table as a whole) in the convention of the
+/// built-in backends and of the plugin SDK, as an error naming the file, the
 /// key and its line, like a type error of the same setting.
 fn bad_setting(runner: &Runner, failure: &Failure) -> Option<ConfigError> {
-    let Failure::System { message, .. } = failure else { return None };
-    let (key, why) = message.strip_prefix("settings.")?.split_once(": ")?;
+    let (Failure::System { message, .. } | Failure::Refused { message }) = failure else { return None };
+    let rest = message.strip_prefix("settings")?;
+    if let Some(why) = rest.strip_prefix(": ") {
+        return Some(runner.settings_error("", why));
+    }
+    let (key, why) = rest.strip_prefix('.')?.split_once(": ")?;
     let top = key.split(['.', '[']).next()?;
     runner.settings.contains_key(top).then(|| runner.settings_error(key, why))
 }
@@ -133,10 +137,36 @@ fn build_chosen(runner: &Runner) -> Result<Box<dyn Backend>, LoadError> {
         }
         BackendChoice::Plugin(path) => match crate::plugin::PluginBackend::load(path, &info, &runner.settings) {
             Ok(plugin) => Ok(Box::new(plugin)),
-            Err(LoadFailure::Setting { key, message }) => Err(runner.settings_error(&key, message).into()),
-            Err(LoadFailure::Other(failure)) => {
-                Err(LoadError::Backend { backend: path.display().to_string(), runner: runner.name.clone(), failure })
-            }
+            Err(failure) => Err(match bad_setting(runner, &failure) {
+                Some(error) => LoadError::Config(error),
+                None => {
+                    LoadError::Backend { backend: path.display().to_string(), runner: runner.name.clone(), failure }
+                }
+            }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_in_the_settings_convention_names_its_key_file_and_line() {
+        let text = "[runners.p]\nplugin = \"/x.so\"\n[runners.p.settings]\nimages = \"/i\"\n[runners.p.settings.limits]\npids = 3\n";
+        let runner = crate::config::parse(text, std::path::Path::new("c.toml"), None).unwrap();
+        let refused = |failure: Failure| bad_setting(&runner, &failure).map(|e| e.to_string());
+        assert_eq!(
+            refused(Failure::system("settings.limits.pids: must be at least 16")).as_deref(),
+            Some("invalid configuration c.toml, line 5: key `runners.p.settings.limits.pids`: must be at least 16")
+        );
+        assert_eq!(
+            refused(Failure::refused("settings: images_dir is required")).as_deref(),
+            Some("invalid configuration c.toml, line 1: key `runners.p.settings`: images_dir is required")
+        );
+        assert_eq!(refused(Failure::system("settings.gone: x")), None, "a key the file does not hold");
+        assert_eq!(refused(Failure::system("settingsfoo: x")), None);
+        assert_eq!(refused(Failure::system("cannot reach the images: no such directory")), None);
+        assert_eq!(refused(Failure::Cancelled), None);
     }
 }

@@ -67,3 +67,52 @@ fn events_reach_the_host_only_on_the_calls_thread_and_during_the_call() {
         assert_eq!(lines.len(), 1, "trace is not formatted at the default level: {lines:?}");
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "only parsed, to make serde's errors")]
+struct Settings {
+    name: String,
+    pool: Option<bool>,
+    limits: Option<Limits>,
+    #[serde(default)]
+    mounts: Vec<Mount>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "only parsed, to make serde's errors")]
+struct Limits {
+    pids: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "only parsed, to make serde's errors")]
+struct Mount {
+    from: String,
+}
+
+/// A setting the SDK cannot parse is refused as `settings.KEY: why`, the
+/// built-in backends' convention, which berth reports with the file, the key
+/// and its line; the position in berth's JSON is left out.
+#[test]
+fn a_plugins_parse_error_names_the_setting_it_is_about() {
+    for (json, key, why) in [
+        (r#"{"name":"x","colour":"red"}"#, "settings.colour", "unknown field `colour`"),
+        (r#"{"colour":"red","name":"x"}"#, "settings.colour", "unknown field `colour`"),
+        (r#"{"name":"x","pool":"yes"}"#, "settings.pool", "invalid type: string \"yes\", expected a boolean"),
+        (r#"{"name":5}"#, "settings.name", "invalid type: integer `5`, expected a string"),
+        (r#"{"name":"x","limits":{"pids":-1}}"#, "settings.limits.pids", "invalid value: integer `-1`"),
+        (r#"{"name":"x","limits":{"pids":1,"memory":2}}"#, "settings.limits.memory", "unknown field `memory`"),
+        (r#"{"name":"x","limits":{}}"#, "settings.limits", "missing field `pids`"),
+        (r#"{"name":"x","mounts":[{"from":"/a"},{"from":5}]}"#, "settings.mounts[1].from", "invalid type: integer"),
+        (r#"{"name":"x","mounts":[{"from":"/a"},7]}"#, "settings.mounts[1]", "invalid type: integer `7`"),
+        (r#"{"pool":true}"#, "settings", "missing field `name`"),
+    ] {
+        let failure = settings_of::<Settings>(BerthBytes::new(json.as_bytes())).unwrap_err().to_string();
+        let (found, message) = failure.split_once(": ").unwrap();
+        assert_eq!(found, key, "{json}: {failure}");
+        assert!(message.starts_with(why) && !message.contains("column"), "{json}: {failure}");
+    }
+}

@@ -191,11 +191,11 @@ impl Backend for Bwrap {
     }
 
     fn reap_orphans(&self, _known: &[JobKey]) -> Result<Vec<String>, Failure> {
-        Ok(self.sandbox.reap_orphans())
+        Ok(self.sandbox.reap_orphans(false))
     }
 
     fn orphans(&self, _known: &[JobKey]) -> Result<Option<Vec<String>>, Failure> {
-        Ok(Some(self.sandbox.orphans()))
+        Ok(Some(self.sandbox.reap_orphans(true)))
     }
 
     fn check(&self) -> Vec<Finding> {

@@ -273,19 +273,16 @@ pub fn disk(limits: &Limits) -> Vec<Finding> {
 
 /// The host's cgroup layout and the controllers berth sets limits with.
 pub fn cgroups() -> Finding {
-    use crate::cgroup::Controller;
-    let root = Path::new("/sys/fs/cgroup");
-    let layout = if root.join("cgroup.controllers").exists() {
+    use crate::host::Host;
+    let root = crate::host::System.cgroup_root();
+    let layout = if crate::cgroup::unified(&root) {
         "cgroup2"
     } else if root.join("unified/cgroup.procs").exists() {
         "hybrid (cgroup v1 controllers, cgroup2 for systemd)"
     } else {
         "cgroup v1"
     };
-    let missing: Vec<String> = [Controller::Memory, Controller::Pids, Controller::Cpu]
-        .into_iter()
-        .filter_map(|c| c.unavailable_because())
-        .collect();
+    let missing: Vec<String> = crate::cgroup::CONTROLLERS.into_iter().filter_map(|c| c.unavailable_in(&root)).collect();
     if missing.is_empty() {
         Finding::ok("cgroups", format!("{layout}; memory, pids and cpu controllers usable"))
     } else {

@@ -277,17 +277,9 @@ impl Images {
     }
 
     /// Removes generations that are neither current nor in use, and drafts
-    /// left by builds that died. Returns one line per removal.
-    pub fn prune(&self) -> Vec<String> {
-        self.sweep(false)
-    }
-
-    /// What [`Images::prune`] would remove now, removing nothing.
-    pub fn prunable(&self) -> Vec<String> {
-        self.sweep(true)
-    }
-
-    fn sweep(&self, dry_run: bool) -> Vec<String> {
+    /// left by builds that died (`dry_run`: only says what it would
+    /// remove). Returns one line per removal.
+    pub fn prune(&self, dry_run: bool) -> Vec<String> {
         let mut removed = Vec::new();
         for name in self.names() {
             let Ok(lock) = self.try_lock(&name) else { continue };
@@ -430,7 +422,7 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("marker")).unwrap(), "2");
         assert_eq!(fs::read_to_string(first.join("marker")).unwrap(), "1", "old generations are untouched");
         drop(lock);
-        assert_eq!(images.prune(), vec!["image deb: old generation 1".to_owned()]);
+        assert_eq!(images.prune(false), vec!["image deb: old generation 1".to_owned()]);
         assert!(!first.exists());
         let info = images.info("deb").unwrap();
         assert_eq!((info.generation, info.generations), (Some(2), vec![2]));

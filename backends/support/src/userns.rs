@@ -143,17 +143,9 @@ impl Allocator {
     }
 
     /// Releases the ranges of owners under `jobs_dir` that no longer exist
-    /// (their job's state is gone); says what it released.
-    pub fn reclaim(&self, jobs_dir: &Path) -> Vec<String> {
-        self.sweep(jobs_dir, false)
-    }
-
-    /// What [`Allocator::reclaim`] would release now, releasing nothing.
-    pub fn reclaimable(&self, jobs_dir: &Path) -> Vec<String> {
-        self.sweep(jobs_dir, true)
-    }
-
-    fn sweep(&self, jobs_dir: &Path, dry_run: bool) -> Vec<String> {
+    /// (their job's state is gone); says what it released (`dry_run`: what
+    /// it would release, releasing nothing).
+    pub fn reclaim(&self, jobs_dir: &Path, dry_run: bool) -> Vec<String> {
         let mut released = Vec::new();
         for (name, owner) in self.claims.orphans("", jobs_dir) {
             if dry_run || self.claims.release(&name, &owner).is_ok() {
@@ -529,7 +521,7 @@ mod tests {
         assert!(!alloc.holds(ra, &a));
         // Reclaiming: owners under jobs/ that do not exist any more (c's job is gone, b's is not).
         std::fs::create_dir_all(&b).unwrap();
-        let released = alloc.reclaim(&jobs);
+        let released = alloc.reclaim(&jobs, false);
         assert_eq!(released.len(), 1, "{released:?}");
         assert_eq!(alloc.taken(), vec![(rb, b.clone())]);
         assert_eq!(rb.nspawn_arg(), format!("{}:65536", rb.base));

@@ -379,44 +379,41 @@ pub(super) fn reap(backend: &Nspawn, dry_run: bool) -> Vec<String> {
         let Some(name) = entry.file_name().to_str().map(str::to_owned).filter(|n| valid_name(n)) else { continue };
         let pool = Pool { dir: entry.path() };
         let image = (backend.settings.pool_size > 0).then(|| backend.images.resolve(Some(&name)).ok()).flatten();
-        if dry_run {
+        let _locks = if dry_run {
             // A pool that stays and is being filled now is left to the next reap, as below.
             if image.is_some() && !matches!(pool.lock(FILL, false), Ok(Some(_))) {
                 continue;
             }
-            for (slot, container) in pool.slots() {
-                if !image.as_ref().is_some_and(|image| usable(backend, &slot, container.as_ref(), image)) {
-                    let machine = container.as_ref().map_or_else(String::new, |c| c.machine.clone());
-                    removed.push(format!("warm container {machine} of image {name} ({})", slot.display()));
-                }
+            None
+        } else {
+            let stop = pool.dir.join(STOP);
+            let filling = match image {
+                // A running filler keeps a pool that stays; the next reap sees to it.
+                Some(_) => pool.lock(FILL, false),
+                // A pool to empty: its filler (started with the old settings)
+                // stops before its next boot, and is waited for.
+                None => match fs::write(&stop, b"") {
+                    Ok(()) => pool.lock(FILL, true),
+                    Err(e) => Err(Failure::system_with(format!("failed to create {}", stop.display()), e)),
+                },
+            };
+            // Whether the filler was waited for or the lock failed: a stale
+            // request would keep every later filler from working.
+            if image.is_none() {
+                let _ = fs::remove_file(&stop);
             }
-            continue;
-        }
-        let stop = pool.dir.join(STOP);
-        let filling = match image {
-            // A running filler keeps a pool that stays; the next reap sees to it.
-            Some(_) => pool.lock(FILL, false),
-            // A pool to empty: its filler (started with the old settings)
-            // stops before its next boot, and is waited for.
-            None => match fs::write(&stop, b"") {
-                Ok(()) => pool.lock(FILL, true),
-                Err(e) => Err(Failure::system_with(format!("failed to create {}", stop.display()), e)),
-            },
+            let Ok(Some(filling)) = filling else { continue };
+            let Ok(Some(take)) = pool.lock(TAKE, true) else { continue };
+            Some((filling, take))
         };
-        // Whether the filler was waited for or the lock failed: a stale
-        // request would keep every later filler from working.
-        if image.is_none() {
-            let _ = fs::remove_file(&stop);
-        }
-        let Ok(Some(_filling)) = filling else { continue };
-        let Ok(Some(_lock)) = pool.lock(TAKE, true) else { continue };
         for (slot, container) in pool.slots() {
             if image.as_ref().is_some_and(|image| usable(backend, &slot, container.as_ref(), image)) {
                 continue;
             }
             let machine = container.as_ref().map_or_else(String::new, |c| c.machine.clone());
-            match destroy(backend, &slot, container.as_ref()) {
-                Ok(()) => removed.push(format!("warm container {machine} of image {name} ({})", slot.display())),
+            let line = format!("warm container {machine} of image {name} ({})", slot.display());
+            match if dry_run { Ok(()) } else { destroy(backend, &slot, container.as_ref()) } {
+                Ok(()) => removed.push(line),
                 Err(e) => warn!(slot = %slot.display(), "failed to remove a warm container: {e}"),
             }
         }
@@ -438,10 +435,6 @@ pub(super) fn reap(backend: &Nspawn, dry_run: bool) -> Vec<String> {
             removed.push(format!("warm container {machine} (its slot {} is gone)", owner.display()));
         }
     }
-    if dry_run {
-        removed.extend(Allocator::host().reclaimable(&runner_dir(backend)));
-    } else {
-        removed.extend(Allocator::host().reclaim(&runner_dir(backend)));
-    }
+    removed.extend(Allocator::host().reclaim(&runner_dir(backend), dry_run));
     removed
 }

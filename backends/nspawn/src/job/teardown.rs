@@ -245,13 +245,7 @@ pub(crate) fn reap_orphans(backend: &Nspawn, _known: &[JobKey], dry_run: bool) -
             removed.push(format!("cgroup of container {machine} (no job state, no process)"));
         }
     }
-    let images = berth_backend_support::generations::Images::new(backend.images.dir());
-    if dry_run {
-        removed.extend(Allocator::host().reclaimable(&jobs));
-        removed.extend(images.prunable());
-    } else {
-        removed.extend(Allocator::host().reclaim(&jobs));
-        removed.extend(images.prune());
-    }
+    removed.extend(Allocator::host().reclaim(&jobs, dry_run));
+    removed.extend(berth_backend_support::generations::Images::new(backend.images.dir()).prune(dry_run));
     Ok(removed)
 }

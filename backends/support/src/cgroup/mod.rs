@@ -49,7 +49,7 @@ pub enum Controller {
     Cpu,
 }
 
-const CONTROLLERS: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+pub(crate) const CONTROLLERS: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
 
 impl Controller {
     /// The controller's name in cgroupfs.

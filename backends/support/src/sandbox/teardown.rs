@@ -28,18 +28,9 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Sandboxes whose job's state is gone, uid ranges of such jobs, and
-    /// image generations no job uses.
-    pub fn reap_orphans(&self) -> Vec<String> {
-        self.sweep(false)
-    }
-
-    /// What [`Sandbox::reap_orphans`] would remove now, removing nothing.
-    pub fn orphans(&self) -> Vec<String> {
-        self.sweep(true)
-    }
-
-    fn sweep(&self, dry_run: bool) -> Vec<String> {
+    /// Removes sandboxes whose job's state is gone, uid ranges of such jobs,
+    /// and image generations no job uses (`dry_run`: only says what).
+    pub fn reap_orphans(&self, dry_run: bool) -> Vec<String> {
         let jobs = self.runner.state_dir.join("jobs");
         let mut removed = Vec::new();
         let claims = Claims::host(NAMES);
@@ -51,15 +42,8 @@ impl Sandbox {
                 removed.push(format!("sandbox {name} (its job's state {} is gone)", owner.display()));
             }
         }
-        let allocator = Allocator::host();
-        let images = crate::generations::Images::new(self.images.dir());
-        if dry_run {
-            removed.extend(allocator.reclaimable(&jobs));
-            removed.extend(images.prunable());
-        } else {
-            removed.extend(allocator.reclaim(&jobs));
-            removed.extend(images.prune());
-        }
+        removed.extend(Allocator::host().reclaim(&jobs, dry_run));
+        removed.extend(crate::generations::Images::new(self.images.dir()).prune(dry_run));
         removed
     }
 }
